@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine:
+#   make sweep   - create .venv if missing, install stridelab, run the main job
+#   make test    - same set-up, then the test suite
+# The venv is rebuilt only when pyproject.toml changes (a stamp file named after its hash).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install sweep test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -c "import torch, torchvision, cleanfid.fid, diffusers, ray, optuna, mlflow, pyarrow"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+sweep: $(STAMP)
+	$(VENV)/bin/stridelab evaluate --model gmm:ring8 --nfe 5,10,20 --num-samples 512 --out results/evaluate.csv
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,63 @@
+"""In-process evaluation of schedules on a model: the reference the Ray pool must reproduce.
+
+Every schedule is evaluated on the same seeds: sample i starts from the same x_T (seed i) under every
+schedule, so differences are the schedule's alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.ddim import ddim_sample
+from pipeline.metrics import inversion_errors, recon_errors
+from pipeline.models import LoadedModel
+from pipeline.schedules import Schedule, uniform
+from pipeline.seeds import initial_noise
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Many-step DDIM outputs for a fixed seed set: the target of the recon metric.
+
+    Attributes:
+        seeds: the seeds, in order.
+        x_T: starting noise [B, ...] (seed i -> row i).
+        x0: teacher outputs [B, ...].
+        nfe: teacher steps (uniform stride).
+    """
+
+    seeds: tuple[int, ...]
+    x_T: torch.Tensor
+    x0: torch.Tensor
+    nfe: int
+
+
+def make_teacher(model: LoadedModel, seeds: Sequence[int], nfe: int | None = None, batch_size: int = 512) -> Teacher:
+    """Run the teacher (uniform DDIM with `nfe` steps, default every training timestep)."""
+    T = model.num_train_timesteps
+    nfe = T if nfe is None else nfe
+    ts = uniform(nfe, model.alphas_cumprod).timesteps
+    x_T, _ = initial_noise(seeds, model.sample_shape)
+    outs = [
+        ddim_sample(model.denoiser, x_T[i : i + batch_size], ts, model.alphas_cumprod)
+        for i in range(0, len(seeds), batch_size)
+    ]
+    return Teacher(tuple(int(s) for s in seeds), x_T, torch.cat(outs), nfe)
+
+
+def evaluate_schedule(
+    model: LoadedModel,
+    schedule: Schedule,
+    teacher: Teacher,
+    data_x0: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Mean recon MSE vs the teacher (and inversion round-trip MSE when data is given), [0, 1] scale."""
+    rec = recon_errors(model.denoiser, teacher.x_T, schedule.timesteps, model.alphas_cumprod, teacher.x0, model.to_unit)
+    out = {"recon": rec.mean().item(), "recon_sem": (rec.std() / rec.numel() ** 0.5).item() if rec.numel() > 1 else 0.0}
+    if data_x0 is not None:
+        inv = inversion_errors(model.denoiser, data_x0, schedule.timesteps, model.alphas_cumprod, model.to_unit)
+        out["inversion"] = inv.mean().item()
+    return out
