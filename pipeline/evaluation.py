@@ -61,3 +61,59 @@ def evaluate_schedule(
         inv = inversion_errors(model.denoiser, data_x0, schedule.timesteps, model.alphas_cumprod, model.to_unit)
         out["inversion"] = inv.mean().item()
     return out
+
+
+@dataclass(frozen=True)
+class ScheduleResult:
+    """Metrics of one schedule on one seed set.
+
+    Attributes:
+        schedule: the schedule evaluated.
+        recon: per-seed recon MSE vs the teacher, shape [B] (same seed order as the teacher), [0,1] scale.
+        inversion: per-seed inversion round-trip MSE [B], or None when the model cannot draw data.
+        seconds: wall time spent sampling.
+        extra: other metrics (e.g. "fid", "kid") as floats.
+    """
+
+    schedule: Schedule
+    recon: torch.Tensor
+    inversion: torch.Tensor | None = None
+    seconds: float = 0.0
+    extra: dict[str, float] | None = None
+
+    def summary(self) -> dict[str, float]:
+        out = {"recon": self.recon.mean().item()}
+        if self.inversion is not None:
+            out["inversion"] = self.inversion.mean().item()
+        out.update(self.extra or {})
+        return out
+
+
+class InProcessEvaluator:
+    """Evaluates schedules in this process on a fixed seed set; the reference for distributed evaluators.
+
+    Any evaluator (this one, the Ray actor pool) has the same method:
+    ``evaluate(schedules) -> list[ScheduleResult]``, results in the order of `schedules`, each computed
+    on the evaluator's seeds against its teacher.
+    """
+
+    def __init__(self, model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, inversion: bool = False):
+        self.model = model
+        self.teacher = make_teacher(model, seeds, teacher_nfe)
+        sample_data = getattr(model.denoiser, "sample_data", None)
+        self.data = sample_data(seeds) if (inversion and sample_data is not None) else None
+
+    def evaluate(self, schedules: Sequence[Schedule]) -> list[ScheduleResult]:
+        import time
+
+        out = []
+        for s in schedules:
+            t0 = time.perf_counter()
+            rec = recon_errors(self.model.denoiser, self.teacher.x_T, s.timesteps, self.model.alphas_cumprod,
+                               self.teacher.x0, self.model.to_unit)
+            inv = None
+            if self.data is not None:
+                inv = inversion_errors(self.model.denoiser, self.data, s.timesteps, self.model.alphas_cumprod,
+                                       self.model.to_unit)
+            out.append(ScheduleResult(s, rec, inv, time.perf_counter() - t0))
+        return out
