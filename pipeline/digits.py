@@ -1,0 +1,85 @@
+"""scikit-learn's 8x8 handwritten digits (``load_digits``), as a tiny offline image data set.
+
+The data ships inside scikit-learn (1,797 images, grey levels 0..16), so nothing is downloaded.
+
+Notation:
+
+=========  =========================================================
+``x``      images in the model range [-1, 1], shape [N, 1, 8, 8]
+``u``      the same images on the unit range [0, 1] (``to_unit``)
+``y``      integer class labels 0..9, shape [N]
+=========  =========================================================
+
+The train/test split is fixed: 80/20, stratified by label, ``random_state=0`` (360 test images).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+
+Split = Literal["all", "train", "test"]
+SPLITS: tuple[str, ...] = ("all", "train", "test")
+
+IMAGE_SIZE = 8
+MAX_GREY = 16.0
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+@lru_cache(maxsize=1)
+def _raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return (images [N,8,8] float32 in 0..16, labels [N], train_idx, test_idx); cached."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)
+    labels = bunch.target.astype(np.int64)
+    idx = np.arange(len(labels))
+    train_idx, test_idx = train_test_split(
+        idx, test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
+    )
+    return images, labels, np.sort(train_idx), np.sort(test_idx)
+
+
+def _indices(split: Split) -> np.ndarray:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    images, _, train_idx, test_idx = _raw()
+    if split == "all":
+        return np.arange(len(images))
+    return train_idx if split == "train" else test_idx
+
+
+def load_digits_images(split: Split = "all") -> torch.Tensor:
+    """Digit images of one split as float32 [N, 1, 8, 8] in [-1, 1] (grey / 16 * 2 - 1).
+
+    Args:
+        split: ``"all"`` (1,797), ``"train"`` (1,437) or ``"test"`` (360).
+
+    Returns:
+        A new tensor (safe to modify).
+    """
+    images = _raw()[0][_indices(split)]
+    x = torch.from_numpy(images.copy()).unsqueeze(1)
+    return x / MAX_GREY * 2.0 - 1.0
+
+
+def load_digits_labels(split: Split = "all") -> torch.Tensor:
+    """Integer labels 0..9 as int64 [N], in the same order as ``load_digits_images(split)``."""
+    labels = _raw()[1][_indices(split)]
+    return torch.from_numpy(labels.copy())
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Map model range [-1, 1] to [0, 1], clamping what falls outside."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def from_unit(u: torch.Tensor) -> torch.Tensor:
+    """Map [0, 1] to the model range [-1, 1]."""
+    return u * 2.0 - 1.0
