@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate"]
+COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train"]
 
 DESCRIPTION = """\
 stridelab learns where a DDIM sampler should place its steps.

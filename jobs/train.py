@@ -1,0 +1,134 @@
+"""``stridelab train digits|features``: train the bundled digits DDPM or the digits FID feature net.
+
+Both write their output atomically (temporary file/dir beside the target, then rename).
+Run standalone with ``python -m jobs.train digits ...`` as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from pipeline.errors import StridelabError
+
+log = logging.getLogger(__name__)
+
+
+def _command_line(argv_tail: list[str]) -> str:
+    return "stridelab train " + " ".join(shlex.quote(a) for a in argv_tail)
+
+
+def run_digits(args: argparse.Namespace) -> int:
+    """Train the DDPM on the digits and save it (EMA weights, safetensors) to ``args.out``."""
+    import torch
+
+    from pipeline.training import DEFAULT_DDPM_DIR, TrainConfig, save_ddpm, train_ddpm, training_record
+
+    try:
+        cfg = TrainConfig(
+            seed=args.seed,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            max_minutes=args.max_minutes if args.max_minutes > 0 else None,
+        )
+    except ValueError as exc:
+        raise StridelabError(str(exc)) from exc
+    torch.set_num_threads(args.threads)
+    out = args.out or DEFAULT_DDPM_DIR
+    unet, history = train_ddpm(cfg)
+    command = _command_line(
+        ["digits", "--steps", str(args.steps), "--max-minutes", str(args.max_minutes), "--seed", str(args.seed),
+         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads)]
+        + (["--out", str(args.out)] if args.out else [])
+    )
+    path = save_ddpm(unet, out, training_record(cfg, history, command))
+    print(
+        f"saved {path}: {history['steps']} steps in {history['wall_s']:.0f} s "
+        f"(stopped by {history['stopped_by']}), smoothed loss {history['loss_ema']:.4f}, "
+        f"{history['params']:,} params"
+    )
+    return 0
+
+
+def run_features(args: argparse.Namespace) -> int:
+    """Train the digits feature CNN on the train split, report test accuracy, save to ``args.out``."""
+    import torch
+
+    from pipeline.features import DEFAULT_FEATURES_DIR, FeatureTrainConfig, save_feature_net, train_feature_net
+
+    try:
+        cfg = FeatureTrainConfig(seed=args.seed, epochs=args.epochs, lr=args.lr)
+    except ValueError as exc:
+        raise StridelabError(str(exc)) from exc
+    torch.set_num_threads(args.threads)
+    net, report = train_feature_net(cfg)
+    if report["test_accuracy"] < args.min_accuracy:
+        raise StridelabError(
+            f"test accuracy {report['test_accuracy']:.4f} < --min-accuracy {args.min_accuracy}; not saved"
+        )
+    command = _command_line(
+        ["features", "--epochs", str(args.epochs), "--seed", str(args.seed), "--lr", str(args.lr)]
+        + (["--out", str(args.out)] if args.out else [])
+    )
+    path = save_feature_net(net, args.out or DEFAULT_FEATURES_DIR, {**report, "command": command})
+    print(f"saved {path}: test accuracy {report['test_accuracy']:.4f} ({report['test_size']} images)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train`` with its ``digits`` and ``features`` sub-commands."""
+    train = subparsers.add_parser(
+        "train",
+        help="train the bundled digits DDPM or FID feature net",
+        description="Train the small models bundled under pipeline/assets/digits/.",
+    )
+    sub = train.add_subparsers(dest="train_target", metavar="{digits,features}", required=True)
+
+    d = sub.add_parser(
+        "digits",
+        help="train the 8x8 digits DDPM (EMA weights, safetensors)",
+        description="Train a UNet2DModel DDPM (linear betas, T=1000, eps) on sklearn's load_digits().",
+    )
+    d.add_argument("--steps", type=int, default=3600, help="optimiser steps (default: %(default)s)")
+    d.add_argument("--max-minutes", type=float, default=22.0,
+                   help="wall-clock budget; the LR schedule anneals to it; 0 = none (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    d.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    d.add_argument("--out", default=None, help="output directory (default: pipeline/assets/digits/ddpm)")
+    d.set_defaults(func=run_digits)
+
+    f = sub.add_parser(
+        "features",
+        help="train the 8x8 digits feature CNN used for FID/KID",
+        description="Train a small CNN classifier on the digits train split; its penultimate layer gives FID features.",
+    )
+    f.add_argument("--epochs", type=int, default=60, help="(default: %(default)s)")
+    f.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    f.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default: %(default)s)")
+    f.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    f.add_argument("--min-accuracy", type=float, default=0.97,
+                   help="refuse to save below this test accuracy (default: %(default)s)")
+    f.add_argument("--out", default=None, help="output directory (default: pipeline/assets/digits/features)")
+    f.set_defaults(func=run_features)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m jobs.train digits|features ...``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m jobs.train")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except StridelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`stridelab train digits|features`: outputs, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+
+from jobs.cli import main
+
+
+def test_train_features_writes_loadable_net(tmp_path, capsys):
+    from pipeline.features import load_feature_net
+
+    out = tmp_path / "features"
+    assert main(["train", "features", "--epochs", "1", "--min-accuracy", "0", "--threads", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["command"].startswith("stridelab train features --epochs 1")
+    assert load_feature_net(out).feature_dim == cfg["feature_dim"]
+    assert "test accuracy" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["features"]  # no temp dirs left behind
+
+
+def test_train_features_refuses_low_accuracy(tmp_path, capsys):
+    out = tmp_path / "features"
+    rc = main(["train", "features", "--epochs", "1", "--min-accuracy", "1.01", "--threads", "1", "--out", str(out)])
+    assert rc == 2 and not out.exists() and list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "not saved" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["train", "digits", "--steps", "0", "--out", str(tmp_path / "m")]) == 2
+    assert main(["train", "features", "--epochs", "0", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["stridelab train: error: steps must be >= 1, got 0", "stridelab train: error: epochs must be >= 1, got 0"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_digits_writes_pipeline(tmp_path):
+    out = tmp_path / "ddpm"
+    rc = main(["train", "digits", "--steps", "2", "--batch-size", "4", "--max-minutes", "0", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    rec = json.loads((out / "TRAINING.json").read_text())
+    assert rec["steps"] == 2 and rec["weights"] == "EMA" and rec["config"]["max_minutes"] is None
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
