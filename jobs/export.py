@@ -1,0 +1,53 @@
+"""`stridelab export`: write a sweep's learned schedule as JSON (and every trial as Parquet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a sweep's best schedule as JSON",
+        description=(
+            "Export the best schedule of a sweep, from its MLflow parent run (--run) or its Optuna study "
+            "(--study, --storage). The JSON has timesteps (descending), sigmas (n+1, ending in 0), "
+            "num_train_timesteps, nfe, the model id and a sha256 of its alphas_cumprod, metrics and "
+            "provenance; `Schedule.load` reads it back."
+        ),
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default=None, help="the sweep's MLflow parent run id")
+    src.add_argument("--study", default=None, help="Optuna study name (with --storage)")
+    p.add_argument("--storage", default="results/sweep/optuna.journal",
+                   help="Optuna storage of --study: journal file or RDB URL (default %(default)s)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of --run (default sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--out", default="schedule.json", help="output JSON (default %(default)s)")
+    p.add_argument("--table", default=None, help="also write every trial of --study as a Parquet table here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.errors import StridelabError
+    from search import export
+
+    if args.run:
+        if args.table:
+            raise StridelabError("--table needs --study (the trials live in the Optuna study)")
+        from search.tracking import default_tracking_uri
+
+        path = export.export_from_run(args.run, args.out, args.tracking_uri or default_tracking_uri())
+    else:
+        import optuna
+
+        from search.study import make_storage, study_exists
+
+        storage = make_storage(args.storage)
+        if not study_exists(storage, args.study):
+            raise StridelabError(f"no study named {args.study!r} in {args.storage}")
+        study = optuna.load_study(study_name=args.study, storage=storage)
+        path = export.export_from_study(study, args.out, args.storage)
+        if args.table:
+            print(f"wrote {export.write_trials_parquet(study, args.table)}")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,77 @@
+"""`stridelab sweep`: learn where DDIM should place its steps (Optuna over an evaluator, MLflow tracking)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs.common import name_list
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from types import SimpleNamespace
+
+    from search.defaults import DEFAULT_MODEL, DEFAULTS
+
+    d = SimpleNamespace(**DEFAULTS)
+    p = sub.add_parser(
+        "sweep",
+        help="search step placements with Optuna; export the learned schedule",
+        description=(
+            "Search where a DDIM sampler should place its steps. Every baseline schedule and a dynamic-"
+            "programming placement are added to the study first; trials are asked in batches of --parallel "
+            "and evaluated together (Ray actor pool, or in this process with --actors 0); hopeless trials "
+            "are pruned on a seed subset. The best schedule and the baselines are re-evaluated on held-out "
+            "seeds and printed as a table; the schedule is exported as JSON and everything is tracked in MLflow."
+        ),
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
+    p.add_argument("--nfe", type=int, default=d.nfe, help="steps of the learned schedule (default %(default)s)")
+    p.add_argument("--trials", type=int, default=d.trials,
+                   help="trials in the study in total, warm starts included (default %(default)s)")
+    p.add_argument("--parallel", type=int, default=d.parallel, help="trials asked and evaluated together (default %(default)s)")
+    p.add_argument("--sampler", default=d.sampler, help="tpe, gp, cmaes, nsga2 or random (default %(default)s)")
+    p.add_argument("--space", default=d.space, help="warp (4 parameters), free (log sigma gaps) or free_t (default %(default)s)")
+    p.add_argument("--objective", default=d.objective,
+                   help="recon, fid, recon+fid (log recon + w log fid) or recon,fid (Pareto) (default %(default)s)")
+    p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
+    p.add_argument("--num-seeds", "--seeds", dest="num_seeds", type=int, default=d.num_seeds,
+                   help="tuning seeds: --seed .. --seed + N - 1 (default %(default)s)")
+    p.add_argument("--holdout-seeds", type=int, default=d.holdout_seeds,
+                   help="held-out seeds for the final table, a disjoint range (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="first tuning seed and sampler seed (default %(default)s)")
+    p.add_argument("--baselines", type=name_list, default=None,
+                   help="comma-separated warm-start schedules (default: every baseline schedule and dp)")
+    p.add_argument("--no-prune", dest="prune", action="store_false", help="evaluate every trial on all tuning seeds")
+    p.add_argument("--screen-seeds", type=int, default=d.screen_seeds,
+                   help="seeds of the pruning screen (default: a quarter of the tuning seeds, at least 8)")
+    p.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: every training timestep)")
+    p.add_argument("--study-name", default=None, help="Optuna study name (default: model, nfe, space, objective, time)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: a journal file path or an RDB URL such as sqlite:///s.db or "
+                        "postgresql://user@host/db (default <out-dir>/optuna.journal)")
+    p.add_argument("--resume", action="store_true", help="continue --study-name up to --trials trials in total")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default stridelab-sweep)")
+    p.add_argument("--no-mlflow", dest="track", action="store_false", help="do not track in MLflow")
+    p.add_argument("--out-dir", default="results/sweep", help="outputs go to <out-dir>/<study-name>/ (default %(default)s)")
+    p.add_argument("--actors", type=int, default=d.actors, help="Ray actors per seed set; 0 evaluates in this process (default %(default)s)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.errors import StridelabError
+    from search.sweep import DEFAULT_BASELINES, SweepConfig, run_sweep
+
+    if args.actors < 0:
+        raise StridelabError(f"--actors must be >= 0, got {args.actors}")
+    cfg = SweepConfig(
+        model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.sampler,
+        space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
+        holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.baselines or DEFAULT_BASELINES), prune=args.prune,
+        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe,
+    )
+    run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
+              tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,
+              ray_address=args.ray_address)
+    return 0

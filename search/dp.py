@@ -1,0 +1,163 @@
+"""Dynamic-programming step placement against the teacher trajectory (in the spirit of GITS, Chen et al.
+2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling", and OSS, optimal step size).
+
+1. Run the teacher (uniform DDIM over `teacher_nfe` steps, the same teacher as
+   `pipeline.evaluation.make_teacher`) from the seeds' x_T and record its state x_t at every point of a
+   candidate grid (a subset of the teacher's own timesteps, so the recorded states are exact).
+2. cost[i, j] = per-dimension MSE on the [0, 1] scale, averaged over the seeds, between one DDIM jump
+   from the teacher state at grid point i to grid point j and the teacher state at j. Column G (one past
+   the grid) is the final jump to abar = 1, compared with the teacher's x_0. One denoiser call per grid
+   point; the jumps themselves are arithmetic.
+3. The n-step path from the noisiest grid point (where x_T lives) to clean that minimises the summed
+   cost: cheapest[k][j] = min_i cheapest[k-1][i] + cost[i, j], O(n G^2).
+
+The accumulated one-jump error is a proxy (errors compound along a real n-step trajectory), which is
+why the result is also a warm start for the search rather than the final answer.
+
+Example:
+    >>> from pipeline.models import load_model
+    >>> model = load_model("gmm:ring8")
+    >>> sched = dp_schedule(model, 10, seeds=range(32), teacher_nfe=250)
+    >>> sched.nfe, sched.name
+    (10, 'dp')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.ddim import ddim_sample
+from pipeline.errors import StridelabError
+from pipeline.models import LoadedModel
+from pipeline.noise import log_snr_from_abar
+from pipeline.schedules import Schedule, check_nfe, uniform
+from pipeline.seeds import initial_noise
+
+
+@dataclass(frozen=True)
+class TeacherTrajectory:
+    """Teacher states on a grid of timesteps.
+
+    Attributes:
+        grid: decreasing timesteps [G], grid[0] = the teacher's first (noisiest) timestep.
+        states: x at each grid timestep, [G, B, ...] (states[0] = x_T).
+        x0: the teacher's output [B, ...].
+    """
+
+    grid: tuple[int, ...]
+    states: torch.Tensor
+    x0: torch.Tensor
+
+
+def candidate_grid(teacher_ts: Sequence[int], alphas_cumprod: torch.Tensor, size: int) -> tuple[int, ...]:
+    """About `size` points of the teacher's timesteps: half even in t, half even in logSNR (dense where the
+    clean end needs it), always including the teacher's first timestep."""
+    ts = np.asarray(teacher_ts, dtype=np.int64)  # decreasing
+    if size >= ts.size:
+        return tuple(int(v) for v in ts)
+    lam = log_snr_from_abar(torch.as_tensor(alphas_cumprod, dtype=torch.float64)[ts]).numpy()  # increasing
+    half = max(size // 2, 2)
+    even_t = np.linspace(0, ts.size - 1, half).round().astype(int)
+    targets = np.linspace(lam[0], lam[-1], half)
+    even_lam = np.clip(np.searchsorted(lam, targets), 0, ts.size - 1)
+    idx = np.unique(np.concatenate([[0], even_t, even_lam]))
+    return tuple(int(v) for v in ts[idx])
+
+
+@torch.no_grad()
+def teacher_trajectory(
+    model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, grid_size: int = 160
+) -> TeacherTrajectory:
+    """Run the teacher once and keep its states on a `candidate_grid` of `grid_size` points."""
+    T = model.num_train_timesteps
+    teacher_ts = uniform(T if teacher_nfe is None else teacher_nfe, model.alphas_cumprod).timesteps
+    grid = candidate_grid(teacher_ts, model.alphas_cumprod, grid_size)
+    keep = set(grid)
+    x_T, _ = initial_noise(list(seeds), model.sample_shape)
+    states = {teacher_ts[0]: x_T.clone()}
+
+    def record(info: dict) -> None:
+        if info["t_next"] in keep:
+            states[info["t_next"]] = info["x"].clone()
+
+    x0 = ddim_sample(model.denoiser, x_T, teacher_ts, model.alphas_cumprod, callback=record)
+    return TeacherTrajectory(grid, torch.stack([states[t] for t in grid]), x0)
+
+
+@torch.no_grad()
+def jump_costs(model: LoadedModel, traj: TeacherTrajectory) -> np.ndarray:
+    """cost [G, G + 1]: mean per-dimension MSE ([0, 1] scale) of one DDIM jump from grid i to grid j > i
+    (column G: to clean) against the teacher; inf where j <= i."""
+    G = len(traj.grid)
+    abar = model.alphas_cumprod
+    scale = 1.0 / (model.data_range[1] - model.data_range[0]) ** 2  # MSE on the [0, 1] scale
+    targets = torch.cat([traj.states, traj.x0[None]]).double()  # [G + 1, B, ...]
+    a_next = [abar[t].item() for t in traj.grid] + [1.0]
+    cost = np.full((G, G + 1), np.inf)
+    a_all = torch.tensor(a_next, dtype=torch.float64)
+    for i, t in enumerate(traj.grid):
+        x = traj.states[i]
+        eps = model.denoiser(x, torch.full((x.shape[0],), t, dtype=torch.long)).double()
+        x, a_t = x.double(), abar[t].item()
+        # Every jump i -> j > i at once: DDIM eta = 0, x_j = sqrt(abar_j) x0_pred + sqrt(1 - abar_j) eps
+        # (the same update as `pipeline.ddim.ddim_step`; a test pins one entry to it).
+        x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        a_j = a_all[i + 1 :].reshape(-1, *([1] * x.ndim))
+        x_j = a_j.sqrt() * x0_pred + (1 - a_j).sqrt() * eps
+        cost[i, i + 1 :] = ((x_j - targets[i + 1 :]) ** 2).flatten(1).mean(1).numpy() * scale
+    return cost
+
+
+def best_path(cost: np.ndarray, n: int) -> tuple[list[int], float]:
+    """Grid indices [n] of the cheapest n-jump path 0 -> ... -> clean (column G), and its total cost."""
+    G = cost.shape[0]
+    if not 1 <= n <= G:
+        raise StridelabError(f"cannot place {n} steps on a grid of {G} points")
+    # best[k, j]: cheapest way to stand on grid point j after k jumps from point 0.
+    best = np.full((n, G), np.inf)
+    back = np.zeros((n, G), dtype=np.int64)
+    best[0, 0] = 0.0
+    for k in range(1, n):
+        tot = best[k - 1][:, None] + cost[:, :G]  # [from, to]
+        back[k] = tot.argmin(0)
+        best[k] = tot.min(0)
+    final = best[n - 1] + cost[:, G]
+    j = int(final.argmin())
+    total = float(final[j])
+    path = [j]
+    for k in range(n - 1, 0, -1):
+        j = int(back[k, j])
+        path.append(j)
+    return path[::-1], total
+
+
+def dp_schedule(
+    model: LoadedModel,
+    nfe: int,
+    seeds: Sequence[int] = range(64),
+    teacher_nfe: int | None = None,
+    grid_size: int = 160,
+    traj: TeacherTrajectory | None = None,
+) -> Schedule:
+    """The n-step schedule minimising the accumulated one-jump error against the teacher (see module doc).
+
+    Args:
+        model: the model (its denoiser is called once per grid point).
+        nfe: steps n.
+        seeds: seeds of the teacher trajectories (tuning seeds: never the held-out ones).
+        teacher_nfe: teacher steps (uniform DDIM), as the evaluator's teacher; default every timestep.
+        grid_size: candidate timesteps (about); the schedule is a subset of them.
+        traj: a precomputed trajectory (to place several NFEs from one teacher run).
+    Returns:
+        Schedule named ``"dp"`` with ``params`` recording the grid size and the path's total cost.
+    """
+    T = model.num_train_timesteps
+    nfe = check_nfe(nfe, T)
+    traj = traj if traj is not None else teacher_trajectory(model, seeds, teacher_nfe, grid_size)
+    path, total = best_path(jump_costs(model, traj), nfe)
+    ts = tuple(traj.grid[i] for i in path)
+    return Schedule(ts, T, "dp", {"grid_size": len(traj.grid), "path_cost": total})

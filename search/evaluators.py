@@ -1,0 +1,167 @@
+"""Evaluators for a sweep and the objective values read from their results.
+
+An evaluator is anything with ``evaluate(schedules) -> list[ScheduleResult]`` on a fixed seed set (the
+contract of `pipeline.evaluation.InProcessEvaluator`). `EvaluatorFactory` makes one per seed set:
+the Ray actor pool `pipeline.distributed.SamplerPool` (``actors=0`` runs its worker in this process),
+or `InProcessEvaluator` where the pool is not importable. The model stays resident in the pool's
+actors (or in this process) for the whole sweep: trials never load it.
+
+Objectives (`Objective`):
+    ``recon``      mean per-seed recon MSE vs the teacher ([0, 1] scale)
+    ``fid``        ``ScheduleResult.extra["fid"]``
+    ``recon+fid``  log(recon) + fid_weight * log(fid): a weighted sum that needs no unit conversion
+    ``recon,fid``  two objectives (recon, fid); the study keeps a Pareto front
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pipeline.errors import StridelabError
+from pipeline.evaluation import ScheduleResult
+from pipeline.models import LoadedModel
+from pipeline.schedules import Schedule
+
+OBJECTIVES = ("recon", "fid", "recon+fid", "recon,fid")
+
+
+class Evaluator(Protocol):
+    def evaluate(self, schedules: Sequence[Schedule]) -> list[ScheduleResult]: ...
+
+
+class TrialFailed(Exception):
+    """A schedule's metrics are unusable (NaN, missing): the trial is recorded FAIL, the sweep goes on."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a trial minimises, read from a `ScheduleResult`."""
+
+    name: str = "recon"
+    fid_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OBJECTIVES:
+            raise StridelabError(f"unknown objective {self.name!r}; choose one of {', '.join(OBJECTIVES)}")
+        if not (math.isfinite(self.fid_weight) and self.fid_weight >= 0):
+            raise StridelabError(f"fid weight must be a finite number >= 0, got {self.fid_weight}")
+
+    @property
+    def multi(self) -> bool:
+        return self.name == "recon,fid"
+
+    @property
+    def needs_fid(self) -> bool:
+        return "fid" in self.name
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize", "minimize"] if self.multi else ["minimize"]
+
+    def metrics(self, result: ScheduleResult) -> dict[str, float]:
+        """recon (and fid when present) as floats; raises `TrialFailed` on NaN or a missing FID."""
+        m = {"recon": float(result.recon.double().mean())}
+        extra = result.extra or {}
+        if self.needs_fid:
+            if "fid" not in extra:
+                raise StridelabError("objective needs FID but the evaluator returned none (no feature extractor?)")
+        if "fid" in extra:
+            m["fid"] = float(extra["fid"])
+        bad = [k for k, v in m.items() if not math.isfinite(v)]
+        if bad:
+            raise TrialFailed(f"non-finite {', '.join(bad)}")
+        return m
+
+    def values(self, metrics: dict[str, float]) -> list[float]:
+        if self.name == "recon":
+            return [metrics["recon"]]
+        if self.name == "fid":
+            return [metrics["fid"]]
+        if self.name == "recon,fid":
+            return [metrics["recon"], metrics["fid"]]
+        if metrics["recon"] <= 0 or metrics["fid"] <= 0:
+            raise TrialFailed("recon+fid needs positive recon and fid (log scale)")
+        return [math.log(metrics["recon"]) + self.fid_weight * math.log(metrics["fid"])]
+
+
+def fid_inputs(model: LoadedModel) -> tuple[str, Any]:
+    """(feature extractor spec, reference) for FID on `model`: the digits CNN against the digits data for
+    8x8 images, raw pixels against exact data draws for analytic models."""
+    from pipeline import fid
+
+    features = fid.default_features(model.sample_shape)
+    if tuple(model.sample_shape) == (1, 8, 8) and model.spec.startswith("bundled:digits"):
+        return features, fid.digits_reference("all", features)
+    sample_data = getattr(model.denoiser, "sample_data", None)
+    if sample_data is None:
+        raise StridelabError(f"no FID reference for {model.spec}: it is neither bundled:digits nor an analytic model")
+    data = sample_data(range(10_000_000, 10_002_000))
+    return features, fid.model_reference(model.to_unit(data), features)
+
+
+class EvaluatorFactory:
+    """Makes the evaluators of one sweep (one per seed set), all on the same model and teacher.
+
+    Args:
+        model: the loaded model (used in-process; the pool's actors load ``model.spec`` themselves).
+        actors: Ray actors per pool; 0 = in this process.
+        ray_address: an existing cluster (default: ``$RAY_ADDRESS``, else a local Ray).
+        teacher_nfe: teacher steps (default every training timestep).
+        fid: also compute FID (``extra["fid"]``).
+    """
+
+    def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
+                 teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print):
+        self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
+        self._made: list[Any] = []
+        self._owns_ray = False
+        self._fid_inputs = fid_inputs(model) if fid else None
+        try:
+            from pipeline.distributed import SamplerPool, init_ray  # noqa: F401
+
+            self._pool_cls = SamplerPool
+        except ImportError:
+            self._pool_cls = None
+        if self.actors > 0:
+            if self._pool_cls is None:
+                log("the Ray actor pool (pipeline.distributed) is not available: evaluating in this process")
+                self.actors = 0
+            else:
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                from pipeline.distributed import init_ray
+
+                # Ray is started here, not by the first pool, so closing one pool never stops the others.
+                self._owns_ray = init_ray(ray_address)
+        self.kind = f"ray actor pool ({self.actors} actors per seed set)" if self.actors else "in-process"
+
+    def __call__(self, seeds: Sequence[int]) -> Evaluator:
+        seeds = [int(s) for s in seeds]
+        if self._pool_cls is not None and (self.actors > 0 or self.fid):
+            kw: dict[str, Any] = {}
+            if self._fid_inputs is not None:
+                kw = dict(extra_metrics=("fid",), features=self._fid_inputs[0], reference=self._fid_inputs[1])
+            ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, **kw)
+        else:
+            if self.fid:
+                raise StridelabError("FID needs the evaluator of pipeline.distributed, which is not available")
+            from pipeline.evaluation import InProcessEvaluator
+
+            ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe)
+        self._made.append(ev)
+        return ev
+
+    def close(self) -> None:
+        for ev in reversed(self._made):
+            close = getattr(ev, "close", None)
+            if close is not None:
+                close()
+        self._made = []
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+            self._owns_ray = False

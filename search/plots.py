@@ -1,0 +1,136 @@
+"""Figures of a sweep (matplotlib, Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.schedules import Schedule
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def steps_plot(schedules: Mapping[str, Schedule], alphas_cumprod: torch.Tensor, path: str | os.PathLike,
+               highlight: str = "learned") -> Path:
+    """Timestep and log sigma per step index for every schedule; `highlight` drawn bold."""
+    from pipeline.noise import sigmas_of
+
+    plt = _plt()
+    log_sig = sigmas_of(alphas_cumprod).log().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, s in schedules.items():
+        ts = np.array(s.timesteps)
+        bold = name == highlight or name.startswith(highlight)
+        kw = dict(lw=2.8, color="black", zorder=5) if bold else dict(lw=1.0, alpha=0.75)
+        kw2 = dict(kw, marker="o", ms=4 if bold else 2)
+        axes[0].plot(range(len(ts)), ts, label=name, **kw2)
+        axes[1].plot(range(len(ts)), log_sig[ts], label=name, **kw2)
+    axes[0].set(xlabel="step i", ylabel="timestep t_i", title="timesteps")
+    axes[1].set(xlabel="step i", ylabel="log sigma(t_i)", title="log sigma per step")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def history_plot(trials: Sequence[Any], path: str | os.PathLike, multi: bool = False) -> Path:
+    """Objective per trial (complete / pruned / warm start) and best-so-far; for two objectives the Pareto plot."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    if multi:
+        pts = np.array([t.values for t in done]) if done else np.zeros((0, 2))
+        base = [t.user_attrs.get("kind") == "baseline" for t in done]
+        front = np.ones(len(pts), dtype=bool)
+        for i in range(len(pts)):
+            front[i] = not any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in range(len(pts)))
+        ax.scatter(pts[:, 0], pts[:, 1], s=12, c="tab:blue", label="trials")
+        if any(base):
+            b = np.array(base)
+            ax.scatter(pts[b, 0], pts[b, 1], s=30, marker="s", c="tab:orange", label="warm starts")
+        f = pts[front][np.argsort(pts[front][:, 0])]
+        ax.plot(f[:, 0], f[:, 1], "k-o", ms=4, label="Pareto front")
+        ax.set(xscale="log", xlabel="recon", ylabel="fid", title="Pareto front")
+    else:
+        xs = [t.number for t in done]
+        ys = [t.values[0] for t in done]
+        warm = [t.user_attrs.get("kind") == "baseline" for t in done]
+        ax.scatter([x for x, w in zip(xs, warm) if not w], [y for y, w in zip(ys, warm) if not w], s=12, label="search")
+        ax.scatter([x for x, w in zip(xs, warm) if w], [y for y, w in zip(ys, warm) if w], s=30, marker="s",
+                   label="warm starts (baselines, dp)")
+        pruned = [t for t in trials if t.state.name == "PRUNED" and t.user_attrs.get("screen_recon") is not None]
+        if pruned:
+            ax.scatter([t.number for t in pruned], [t.user_attrs["screen_recon"] for t in pruned], s=12, marker="x",
+                       c="gray", label="pruned (screen mean)")
+        if ys:
+            order = np.argsort(xs)
+            best = np.minimum.accumulate(np.array(ys)[order])
+            ax.step(np.array(xs)[order], best, where="post", c="k", label="best so far")
+        if ys and min(ys) > 0:
+            ax.set_yscale("log")
+        ax.set(xlabel="trial", ylabel="objective", title="optimisation history")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _tile(images01: torch.Tensor, cols: int, upscale: int) -> np.ndarray:
+    """[B, C, H, W] in [0, 1] -> one [rows*H*up, cols*W*up] (or RGB) array, nearest-neighbour upscaled."""
+    x = images01.clamp(0, 1).float()
+    if upscale > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=upscale, mode="nearest")
+    B, C, H, W = x.shape
+    rows = math.ceil(B / cols)
+    pad = torch.zeros(rows * cols - B, C, H, W)
+    x = torch.cat([x, pad]).reshape(rows, cols, C, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, C)
+    return x[..., 0].numpy() if C == 1 else x.numpy()
+
+
+def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[int], path: str | os.PathLike,
+                reference: torch.Tensor | None = None) -> Path:
+    """Samples of each schedule from the same x_T (same seeds), side by side; images as grids
+    (via ``model.to_unit``, 8x8 digits upscaled x4), other data as a 2-D scatter."""
+    from pipeline.ddim import ddim_sample
+    from pipeline.seeds import initial_noise
+
+    plt = _plt()
+    x_T, _ = initial_noise(list(seeds), model.sample_shape)
+    outs = {name: model.to_unit(ddim_sample(model.denoiser, x_T, s.timesteps, model.alphas_cumprod))
+            for name, s in schedules.items()}
+    panels = list(outs.items()) + ([("reference", reference)] if reference is not None else [])
+    is_image = len(model.sample_shape) == 3
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))
+    axes = np.atleast_1d(axes)
+    for ax, (name, x) in zip(axes, panels):
+        nfe = schedules[name].nfe if name in schedules else None
+        title = f"{name} ({nfe} steps)" if nfe else name
+        if is_image:
+            cols = int(math.ceil(math.sqrt(x.shape[0])))
+            up = 4 if max(model.sample_shape[1:]) <= 16 else 1
+            ax.imshow(_tile(x.cpu(), cols, up), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.axis("off")
+        else:
+            flat = x.reshape(x.shape[0], -1).cpu().numpy()
+            ax.scatter(flat[:, 0], flat[:, 1] if flat.shape[1] > 1 else np.zeros(len(flat)), s=4)
+            ax.set_aspect("equal")
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

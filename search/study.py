@@ -1,0 +1,121 @@
+"""Optuna plumbing for sweeps: samplers by name, storage from a URL or path, create/resume a study.
+
+Storage (`make_storage`):
+    - a path (default ``<out-dir>/optuna.journal``): ``JournalStorage(JournalFileBackend(path))``, no server;
+    - any RDB URL (``sqlite:///study.db``, ``postgresql://user@host/db``): ``RDBStorage(url)``.
+
+Resume semantics (`open_study`, `finished_count`):
+    - ``--trials N`` counts every finished trial of the study: warm starts (baselines, dp) included, and
+      COMPLETE, PRUNED and FAIL alike, so a resumed study ends with exactly N finished trials.
+    - A RUNNING trial found on resume was left by a driver that died (a resumed study assumes it is the
+      only driver; ask/tell has no heartbeat). It is marked FAIL with user attr ``stale = True`` and not
+      counted, so the study then holds N counted trials plus those stale ones.
+    - Creating a study whose name exists needs ``resume=True``; resuming checks that the model, NFE,
+      space and objective recorded on the study match.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.errors import StridelabError
+
+SAMPLERS = ("tpe", "gp", "cmaes", "nsga2", "random")
+COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def make_sampler(name: str, seed: int, multi_objective: bool = False, x0: Mapping[str, float] | None = None,
+                 n_startup_trials: int = 8) -> optuna.samplers.BaseSampler:
+    """A seeded Optuna sampler by name (``SAMPLERS``).
+
+    Args:
+        x0: for ``cmaes``, the mean to start from (the best warm-start trial's params).
+        n_startup_trials: random trials before TPE / GP model the history (warm starts count).
+    """
+    if name not in SAMPLERS:
+        raise StridelabError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+    if name == "cmaes":
+        if multi_objective:
+            raise StridelabError("sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise StridelabError("sampler cmaes needs the `cmaes` package (pip install cmaes)") from None
+        return optuna.samplers.CmaEsSampler(x0=dict(x0) if x0 else None, sigma0=0.2 if x0 else None, seed=seed,
+                                            n_startup_trials=0, warn_independent_sampling=False)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_storage(spec: str | os.PathLike) -> optuna.storages.BaseStorage:
+    """JournalStorage for a file path, RDBStorage for a URL (``sqlite:///``, ``postgresql://``, ...)."""
+    spec = str(spec)
+    if "://" in spec:
+        try:
+            return optuna.storages.RDBStorage(spec)
+        except (ImportError, ModuleNotFoundError) as e:
+            raise StridelabError(f"storage {spec!r} needs a database driver: {e}") from None
+    path = Path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+
+
+def open_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    directions: list[str],
+    sampler: optuna.samplers.BaseSampler,
+    identity: Mapping[str, Any],
+    resume: bool,
+) -> optuna.Study:
+    """Create `name`, or load it when `resume` (checking `identity` against what the study recorded)."""
+    exists = study_exists(storage, name)
+    if exists and not resume:
+        raise StridelabError(f"study {name!r} already exists in this storage; pass --resume or a new --study-name")
+    if not exists and resume:
+        raise StridelabError(f"--resume: no study named {name!r} in this storage")
+    if not exists:
+        study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler)
+        for k, v in identity.items():
+            study.set_user_attr(k, v)
+        return study
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    diffs = [f"{k}: study has {study.user_attrs.get(k)!r}, asked {v!r}" for k, v in identity.items()
+             if study.user_attrs.get(k) != v]
+    if diffs:
+        raise StridelabError(f"--resume: study {name!r} was made with other settings ({'; '.join(diffs)})")
+    if [d.name.lower() for d in study.directions] != directions:
+        raise StridelabError(f"--resume: study {name!r} has directions {study.directions}, asked {directions}")
+    return study
+
+
+def fail_stale_running(study: optuna.Study) -> list[int]:
+    """Mark RUNNING trials (left by a killed driver) FAIL with user attr ``stale``; returns their numbers."""
+    stale = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        if t.state == TrialState.WAITING:
+            continue  # enqueued, never started: the next ask() picks it up
+        study._storage.set_trial_user_attr(t._trial_id, "stale", True)
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        stale.append(t.number)
+    return stale
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards --trials: COMPLETE, PRUNED and FAIL, except stale ones."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=COUNTED_STATES) if not t.user_attrs.get("stale"))
