@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train"]
+COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sample", "jobs.sweep", "jobs.export", "jobs.ui"]
 
 DESCRIPTION = """\
 stridelab learns where a DDIM sampler should place its steps.

@@ -1,4 +1,4 @@
-"""`stridelab evaluate`: recon (vs a many-step teacher) and inversion error of schedules at several NFEs."""
+"""`stridelab evaluate`: recon, inversion, FID and KID of schedules at several NFEs, on the same seeds."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 from jobs.common import int_list, name_list
 
 DEFAULT_SCHEDULES = "uniform,quadratic,karras,logsnr,time_quadratic"
+METRICS = ("recon", "inversion", "fid", "kid")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Evaluate stride schedules on a model. recon: per-dimension MSE on a [0,1] scale between the "
             "n-step DDIM output and a many-step DDIM teacher from the same x_T. inversion: encode data with "
-            "n steps, decode with n steps (DDIM paper Table 2), where the model can draw data."
+            "n steps, decode with n steps (DDIM paper Table 2), where the model can draw data. fid / kid: "
+            "of the n-step samples against a reference set (see --fid-ref). With --actors A the seeds are "
+            "split over A Ray actors; the numbers do not depend on A."
         ),
     )
     p.add_argument("--model", default="gmm:ring8", help="model spec (default %(default)s)")
@@ -26,38 +29,104 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=256, help="samples (seeds) per schedule (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+num_samples-1")
     p.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: all T timesteps)")
+    p.add_argument("--metrics", type=name_list, default=["recon", "inversion"],
+                   help=f"comma-separated, from {','.join(METRICS)} (default recon,inversion)")
+    p.add_argument("--actors", type=int, default=0, help="Ray actors; 0 = in this process (default %(default)s)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--fid-features", default="auto",
+                   help="feature extractor: digits[:DIR], pixels, inception, or auto (digits for 1x8x8 samples, "
+                        "inception for larger images, pixels otherwise)")
+    p.add_argument("--fid-ref", default="auto",
+                   help="reference set: digits[:SPLIT], model (exact draws of an analytic model), "
+                        "cleanfid:NAME:RES[:SPLIT], or auto (model when it can draw data, else digits)")
+    p.add_argument("--teacher-cache", default=None, help="directory to keep teacher outputs in (safetensors)")
     p.add_argument("--out", default=None, help="write the table here (.csv or .parquet)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pipeline.evaluation import evaluate_schedule, make_teacher
+def _reference(args: argparse.Namespace, model, features: str, seeds: range):
+    """The FID/KID reference (computed once, on the driver)."""
+    from pipeline import fid
     from pipeline.errors import StridelabError
+
+    spec = args.fid_ref
+    if spec == "auto":
+        spec = "model" if callable(getattr(model.denoiser, "sample_data", None)) else "digits"
+    kind, ref_args = fid.parse_reference(spec)
+    if (kind == "cleanfid") != (features == "inception"):
+        raise StridelabError(f"--fid-ref {spec} needs --fid-features inception and vice versa")
+    if kind == "digits":
+        return fid.digits_reference(ref_args[0], features)
+    if kind == "model":
+        sample_data = getattr(model.denoiser, "sample_data", None)
+        if not callable(sample_data):
+            raise StridelabError(f"--fid-ref model: {args.model} cannot draw data; use digits or cleanfid:...")
+        # Reference draws use seeds disjoint from the sampling seeds (offset by 10^9).
+        ref_seeds = [10**9 + s for s in seeds]
+        return fid.model_reference(model.to_unit(sample_data(ref_seeds)), features)
+    fid.ensure_inception_weights()
+    return fid.cleanfid_reference(ref_args[0], int(ref_args[1]), ref_args[2], kid="kid" in args.metrics)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.distributed import SamplerPool
+    from pipeline.errors import StridelabError
+    from pipeline.fid import default_features, parse_features
     from pipeline.models import load_model
     from pipeline.reports import format_table, write_table
     from pipeline.schedules import check_nfe, resolve_schedule
 
     if args.num_samples < 1:
         raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
+    bad = [m for m in args.metrics if m not in METRICS]
+    if bad:
+        raise StridelabError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
+    if args.actors < 0:
+        raise StridelabError(f"--actors must be >= 0 (0 = in-process), got {args.actors}")
+    if args.out and os.path.splitext(args.out)[1] not in (".csv", ".parquet"):
+        raise StridelabError(f"--out must end in .csv or .parquet, got {args.out!r}")
     model = load_model(args.model)
     T = model.num_train_timesteps
     for n in args.nfe:
         check_nfe(n, T)
+    if args.teacher_nfe is not None:
+        check_nfe(args.teacher_nfe, T)
     # Resolve every schedule before any sampling, so a bad name fails in a second, not after the teacher.
     jobs = [(spec, n, resolve_schedule(spec, n, model.alphas_cumprod)) for n in args.nfe for spec in args.schedules]
     seeds = range(args.seed, args.seed + args.num_samples)
-    print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_samples} seeds ...", flush=True)
-    teacher = make_teacher(model, seeds, args.teacher_nfe)
-    sample_data = getattr(model.denoiser, "sample_data", None)
-    data = sample_data(seeds) if sample_data is not None else None
+    extra = [m for m in args.metrics if m in ("fid", "kid")]
+    features = reference = None
+    if extra:
+        features = default_features(model.sample_shape) if args.fid_features == "auto" else args.fid_features
+        parse_features(features)
+        reference = _reference(args, model, features, seeds)
+    has_data = callable(getattr(model.denoiser, "sample_data", None))
+    want_inv = "inversion" in args.metrics and has_data
+    if "inversion" in args.metrics and not has_data:
+        print(f"inversion: {args.model} cannot draw data; skipped")
+    recon = "recon" in args.metrics
+    where = "in-process" if args.actors == 0 else f"on {args.actors} Ray actors"
+    if recon:
+        print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_samples} seeds, {where} ...", flush=True)
+    with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
+                     extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
+                     cache_dir=args.teacher_cache) as pool:
+        results = pool.evaluate([s for _, _, s in jobs])
     rows = []
-    for spec, n, sched in tqdm(jobs, desc="schedules", unit="sched"):
-        m = evaluate_schedule(model, sched, teacher, data)
-        rows.append({"model": args.model, "schedule": sched.name if not spec.endswith(".json") else spec,
-                     "nfe": sched.nfe, **m, "timesteps": " ".join(map(str, sched.timesteps))})
-    print(format_table(rows, ["schedule", "nfe", "recon", "inversion"]))
+    for (spec, _n, sched), res in zip(jobs, results):
+        row = {"model": args.model, "schedule": sched.name if not spec.endswith(".json") else spec, "nfe": sched.nfe}
+        if recon:
+            rec = res.recon
+            row["recon"] = rec.mean().item()
+            row["recon_sem"] = (rec.std() / rec.numel() ** 0.5).item() if rec.numel() > 1 else 0.0
+        if res.inversion is not None:
+            row["inversion"] = res.inversion.mean().item()
+        row.update(res.extra or {})
+        row["timesteps"] = " ".join(map(str, sched.timesteps))
+        rows.append(row)
+    print(format_table(rows, ["schedule", "nfe", "recon", "inversion", "fid", "kid"]))
     if args.out:
         print(f"wrote {write_table(rows, args.out)}")
     return 0

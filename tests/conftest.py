@@ -11,7 +11,7 @@ import pytest
 def ray_local():
     """A local Ray (2 CPUs, no dashboard), started once per session and shut down at the end."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray = pytest.importorskip("ray")
+    import ray
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
