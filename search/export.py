@@ -73,7 +73,7 @@ def export_dict(
         "model": model,
         "alphas_cumprod_sha256": alphas_hash,
         "metrics": dict(metrics or {}),
-        "provenance": dict(prov or provenance()),
+        "provenance": provenance(**dict(prov or {})),
     }
     meta = {**dict(schedule.meta), **fields}
     base = Schedule(schedule.timesteps, schedule.num_train_timesteps, schedule.name, schedule.params, meta).to_dict()

@@ -379,6 +379,7 @@ def run_sweep(
     ray_address: str | None = None,
     model: LoadedModel | None = None,
     evaluators: Callable[[Sequence[int]], Any] | None = None,
+    figures: bool = True,
     log: Callable[[str], None] = print,
 ) -> SweepResult:
     """Run (or resume) a sweep end to end; see the module docstring.
@@ -393,6 +394,7 @@ def run_sweep(
         actors, ray_address: the evaluator (0 = in this process).
         model: an already loaded model (default: ``load_model(cfg.model)``).
         evaluators: ``seeds -> evaluator`` (default `EvaluatorFactory`); tests inject stand-ins here.
+        figures: draw the plots and sample grids (the JSON, CSV and Parquet outputs are always written).
     """
     from pipeline import __version__
     from pipeline.models import load_model
@@ -488,12 +490,14 @@ def run_sweep(
                                           export.export_for_model(learned, model, metrics, prov))
         table_path = write_table(rows, run_dir / "comparison.csv")
         parquet_path = export.write_trials_parquet(study, run_dir / "trials.parquet")
-        figs = [plots.steps_plot(named, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
-                plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", objective.multi)]
-        grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
-        uniform = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
-        figs.append(plots.sample_grid(model, {"uniform": uniform, "learned": learned}, grid_seeds,
-                                      run_dir / "samples.png"))
+        figs = []
+        if figures:
+            figs += [plots.steps_plot(named, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
+                     plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", objective.multi)]
+            grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
+            uniform = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
+            figs.append(plots.sample_grid(model, {"uniform": uniform, "learned": learned}, grid_seeds,
+                                          run_dir / "samples.png"))
         if tracker is not None:
             for p in [export_path, table_path, parquet_path, *figs]:
                 tracker.log_artifact(p)

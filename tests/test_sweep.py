@@ -1,0 +1,229 @@
+"""The sweep end to end on gmm:ring8: warm starts in the study, exact trial counts on resume, failing
+trials recorded FAIL, FID objectives through a stand-in evaluator, MLflow runs, CLI errors."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from pipeline.evaluation import InProcessEvaluator, ScheduleResult
+from pipeline.models import load_model
+from search.study import finished_count, make_storage
+from search.sweep import SweepConfig, run_sweep
+
+TEACHER_NFE = 100
+BASELINES = ("uniform", "quadratic", "karras", "logsnr", "dp")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The analytic models run on tiny tensors: one intra-op thread is many times faster on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ring8():
+    return load_model("gmm:ring8")
+
+
+@pytest.fixture(scope="module")
+def evaluators(ring8):
+    """seeds -> InProcessEvaluator, cached: every sweep of this module pays for each teacher once."""
+    cache: dict[tuple[int, ...], InProcessEvaluator] = {}
+
+    def make(seeds):
+        key = tuple(seeds)
+        if key not in cache:
+            cache[key] = InProcessEvaluator(ring8, key, teacher_nfe=TEACHER_NFE)
+        return cache[key]
+
+    return make
+
+
+def cfg(**kw):
+    base = dict(model="gmm:ring8", nfe=10, trials=14, parallel=3, num_seeds=24, holdout_seeds=32, seed=0,
+                baselines=BASELINES, teacher_nfe=TEACHER_NFE, dp_seeds=16, dp_grid=40, grid_seeds=16)
+    return SweepConfig(**{**base, **kw})
+
+
+def sweep(tmp_path, ring8, evaluators, name="s", track=False, resume=False, figures=False, **kw):
+    return run_sweep(cfg(**kw), study_name=name, out_dir=tmp_path / "out", model=ring8, evaluators=evaluators,
+                     track=track, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}" if track else None,
+                     resume=resume, figures=figures, log=lambda *_: None)
+
+
+def load(tmp_path, name="s"):
+    return optuna.load_study(study_name=name, storage=make_storage(tmp_path / "out" / "optuna.journal"))
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, ring8, evaluators):
+    tmp = tmp_path_factory.mktemp("tracked")
+    res = sweep(tmp, ring8, evaluators, track=True, figures=True)
+    return tmp, res
+
+
+def test_baselines_are_trials_and_the_best_is_never_worse(tracked):
+    tmp, res = tracked
+    study = load(tmp)
+    warm = {t.user_attrs["schedule"]: t for t in study.trials if t.user_attrs.get("kind") == "baseline"}
+    assert set(warm) == set(BASELINES)
+    assert all(t.state == TrialState.COMPLETE for t in warm.values())
+    assert finished_count(study) == 14
+    assert study.best_value <= min(t.value for t in warm.values())
+    # the exported schedule is the best trial's, and the table compares it with every warm start
+    assert list(res.best.timesteps) == study.best_trial.user_attrs["timesteps"]
+    assert [r["schedule"] for r in res.rows][0].startswith("learned")
+    assert {r["schedule"] for r in res.rows[1:]} == set(BASELINES)
+    assert all(r["holdout_recon"] > 0 for r in res.rows)
+
+
+def test_outputs_and_parquet_table(tracked):
+    tmp, res = tracked
+    for f in ("best_schedule.json", "comparison.csv", "trials.parquet", "steps.png", "history.png", "samples.png"):
+        assert (res.out_dir / f).is_file(), f
+    t = pq.read_table(res.out_dir / "trials.parquet").to_pylist()
+    assert len(t) == 14 and {r["state"] for r in t} <= {"COMPLETE", "PRUNED", "FAIL"}
+    assert all(len(r["timesteps"]) == 10 for r in t)
+
+
+def test_mlflow_parent_and_child_runs(tracked):
+    from mlflow import MlflowClient
+
+    tmp, res = tracked
+    c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    parent = c.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["nfe"] == "10"
+    assert "holdout_recon" in parent.data.metrics
+    kids = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res.parent_run_id}'", max_results=100)
+    assert len(kids) == 14
+    done = [k for k in kids if k.data.tags["state"] == "COMPLETE"]
+    assert done and all("recon" in k.data.metrics and len(k.data.params["timesteps"].split()) == 10 for k in done)
+    arts = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"best_schedule.json", "steps.png", "samples.png", "history.png", "comparison.csv", "trials.parquet"} <= arts
+
+
+def test_resume_gives_exactly_n_trials(tmp_path, ring8, evaluators):
+    sweep(tmp_path, ring8, evaluators, trials=9)
+    study = load(tmp_path)
+    assert finished_count(study) == 9
+    stale = study.ask()  # a driver killed mid-trial leaves this RUNNING
+    with pytest.raises(ValueError, match="already exists"):
+        sweep(tmp_path, ring8, evaluators, trials=15)
+    sweep(tmp_path, ring8, evaluators, trials=15, resume=True)
+    study = load(tmp_path)
+    assert finished_count(study) == 15
+    t = study.trials[stale.number]
+    assert t.state == TrialState.FAIL and t.user_attrs["stale"] is True
+    assert sum(t.user_attrs.get("kind") == "baseline" for t in study.trials) == len(BASELINES)  # not re-added
+    with pytest.raises(ValueError, match="other settings"):
+        sweep(tmp_path, ring8, evaluators, trials=16, resume=True, nfe=5)
+
+
+class Flaky:
+    """Wraps an evaluator: every 4th schedule gets a NaN recon, and batches holding a schedule whose first
+    timestep is odd raise (the sweep then retries one by one, so only that schedule fails)."""
+
+    def __init__(self, inner):
+        self.inner, self.count = inner, 0
+
+    def evaluate(self, schedules):
+        if len(schedules) > 1 and any(s.timesteps[0] % 2 for s in schedules):
+            raise RuntimeError("actor died")
+        if len(schedules) == 1 and schedules[0].timesteps[0] % 2:
+            raise RuntimeError("bad schedule")
+        out = []
+        for r in self.inner.evaluate(schedules):
+            self.count += 1
+            if self.count % 4 == 0:
+                r = ScheduleResult(r.schedule, torch.full_like(r.recon, math.nan), r.inversion, r.seconds, r.extra)
+            out.append(r)
+        return out
+
+
+def test_failing_trials_are_fail_and_the_sweep_goes_on(tmp_path, ring8, evaluators):
+    flaky: dict = {}
+
+    def make(seeds):
+        return flaky.setdefault(tuple(seeds), Flaky(evaluators(seeds)))
+
+    res = sweep(tmp_path, ring8, make, trials=16, prune=False, baselines=("uniform", "karras", "dp"))
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    assert len(states) == 16 and states.count(TrialState.FAIL) >= 2 and states.count(TrialState.COMPLETE) >= 3
+    assert all("error" in t.user_attrs for t in study.trials if t.state == TrialState.FAIL)
+    assert res.best.nfe == 10
+
+
+class WithFid:
+    """Stand-in for an evaluator that computes FID: extra["fid"] from the samples' spread (deterministic)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def evaluate(self, schedules):
+        out = []
+        for r in self.inner.evaluate(schedules):
+            fid = 1.0 + 50 * r.recon.mean().item() ** 0.5 + 0.01 * (r.schedule.timesteps[0] / 1000)
+            out.append(ScheduleResult(r.schedule, r.recon, r.inversion, r.seconds, {"fid": fid}))
+        return out
+
+
+def test_objective_values():
+    from search.evaluators import Objective, TrialFailed
+
+    m = {"recon": 1e-3, "fid": 4.0}
+    assert Objective("recon").values(m) == [1e-3] and Objective("fid").values(m) == [4.0]
+    assert Objective("recon,fid").values(m) == [1e-3, 4.0]
+    assert Objective("recon+fid", 0.5).values(m)[0] == pytest.approx(math.log(1e-3) + 0.5 * math.log(4.0))
+    r = ScheduleResult(None, torch.tensor([1.0, math.nan]))
+    with pytest.raises(TrialFailed):
+        Objective("recon").metrics(r)
+    with pytest.raises(ValueError, match="needs FID"):
+        Objective("fid").metrics(ScheduleResult(None, torch.tensor([1.0])))
+
+
+@pytest.mark.parametrize("objective,sampler", [("fid", "tpe"), ("recon,fid", "nsga2")])
+def test_fid_objectives(tmp_path, ring8, evaluators, objective, sampler):
+    res = sweep(tmp_path, ring8, lambda seeds: WithFid(evaluators(seeds)), trials=8, objective=objective,
+                sampler=sampler, baselines=("uniform", "quadratic", "dp"), figures=objective == "recon,fid")
+    study = load(tmp_path)
+    assert len(study.directions) == (2 if objective == "recon,fid" else 1)
+    assert finished_count(study) == 8
+    assert all("fid" in t.user_attrs for t in study.trials if t.state == TrialState.COMPLETE)
+    assert "holdout_fid" in res.rows[0]
+    if objective == "recon,fid":
+        assert study.best_trials and (res.out_dir / "history.png").is_file()
+
+
+@pytest.mark.parametrize("sampler", ["gp", "cmaes"])
+def test_other_samplers_run(tmp_path, ring8, evaluators, sampler):
+    if sampler == "cmaes":
+        pytest.importorskip("cmaes")
+    sweep(tmp_path, ring8, evaluators, trials=6, sampler=sampler, parallel=2, baselines=("uniform", "dp"))
+    assert finished_count(load(tmp_path)) == 6
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--nfe", "0"], "--nfe"),
+    (["--sampler", "sgd"], "unknown sampler"),
+    (["--space", "spline"], "unknown search space"),
+    (["--objective", "lpips"], "unknown objective"),
+    (["--trials", "3"], "--trials"),
+    (["--baselines", "uniform,nope"], "unknown baseline"),
+    (["--actors", "-1"], "--actors"),
+])
+def test_bad_flags_one_line_exit_2(capsys, tmp_path, argv, needle):
+    from jobs.cli import main
+
+    rc = main(["sweep", "--model", "gmm:ring8", "--out-dir", str(tmp_path), "--no-mlflow", *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
