@@ -1,0 +1,260 @@
+"""`StrideDDIMScheduler`: a diffusers scheduler that runs DDIM on any explicit timestep list.
+
+diffusers' own ``DDIMScheduler`` takes no ``timesteps=`` and its ``step`` derives the next timestep as
+``t - T // N``, so a learned, non-uniform schedule is silently mis-stepped. This scheduler is a drop-in
+for it in diffusers pipelines (same config keys, ``from_config`` / ``save_config`` round trip, the same
+``step`` signature and output) with two differences:
+
+- ``set_timesteps(timesteps=[...])`` accepts any strictly decreasing list (checked by
+  `pipeline.schedules.validate_timesteps`), so pipelines that pass ``timesteps=`` through diffusers'
+  ``retrieve_timesteps`` work; and the config key ``schedule_timesteps`` can hold the list, so pipelines
+  that only ever call ``set_timesteps(num_inference_steps)`` (``DDPMPipeline``, ``DDIMPipeline``) run it
+  too, and ``pipe.save_pretrained`` saves it with the pipeline.
+- ``step`` goes from ``timesteps[i]`` to ``timesteps[i + 1]``, the next *listed* timestep, and from the
+  last one to abar = 1 (``set_alpha_to_one=True``) or abar_0.
+
+The update itself is `pipeline.ddim.ddim_step` and the v / x0 -> eps conversion is
+`pipeline.denoisers.eps_from_prediction`, so this scheduler and `pipeline.ddim.ddim_sample` cannot
+drift apart. Notation as in `pipeline.ddim`.
+
+Example::
+
+    from pipeline.ddim_scheduler import StrideDDIMScheduler
+    from pipeline.schedules import Schedule
+
+    schedule = Schedule.load("schedule.json")
+    pipe.scheduler = StrideDDIMScheduler.from_schedule(schedule, pipe.scheduler.config, clip_sample=False)
+    images = pipe(num_inference_steps=schedule.nfe).images
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from pipeline.ddim import ddim_sigma, ddim_step
+from pipeline.denoisers import PREDICTION_TYPES, eps_from_prediction
+from pipeline.errors import StridelabError
+from pipeline.noise import BETA_SCHEDULES, as_alphas_cumprod, make_betas
+from pipeline.schedules import Schedule, linspace, trailing, uniform, validate_timesteps
+
+TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
+"""``set_timesteps(num_inference_steps)`` without a stored schedule: diffusers' spacings (bit-equal)."""
+
+_SPACING_FNS = {"leading": uniform, "linspace": linspace, "trailing": trailing}
+
+
+class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
+    """DDIM (Song et al. 2021) over an explicit, arbitrary timestep list, as a diffusers scheduler.
+
+    Args:
+        num_train_timesteps: T of the model.
+        beta_start, beta_end, beta_schedule: the training noise schedule (``linear``, ``scaled_linear``,
+            ``squaredcos_cap_v2``), built exactly as diffusers does.
+        trained_betas: explicit betas (length T), overriding the above.
+        prediction_type: what the model outputs: ``epsilon``, ``v_prediction`` or ``sample``.
+        set_alpha_to_one: the step after the last listed timestep goes to abar = 1 (clean data; what
+            stridelab's schedules are tuned for); False goes to abar_0 as diffusers' DDIM then does.
+        steps_offset: added to ``leading`` spacing (diffusers' meaning).
+        timestep_spacing: ``leading``, ``linspace`` or ``trailing``; used only by
+            ``set_timesteps(num_inference_steps)`` when no ``schedule_timesteps`` is stored.
+        schedule_timesteps: a strictly decreasing list this scheduler runs whenever
+            ``set_timesteps(len(schedule_timesteps))`` or ``set_timesteps()`` is called.
+        clip_sample, thresholding, rescale_betas_zero_snr: accepted so that ``from_config`` of a DDIM/DDPM
+            config is explicit about them; only False is supported (stridelab's DDIM, on which schedules
+            are tuned, neither clips nor thresholds x0, and needs abar_{T-1} > 0).
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+    init_noise_sigma = 1.0
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Sequence[float] | None = None,
+        prediction_type: str = "epsilon",
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        timestep_spacing: str = "leading",
+        schedule_timesteps: Sequence[int] | None = None,
+        clip_sample: bool = False,
+        thresholding: bool = False,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        flags = {"clip_sample": clip_sample, "thresholding": thresholding, "rescale_betas_zero_snr": rescale_betas_zero_snr}
+        for flag, on in flags.items():
+            if on:
+                raise StridelabError(
+                    f"StrideDDIMScheduler does not support {flag}=True (stridelab's DDIM, on which schedules are "
+                    f"tuned, does not clip, threshold or zero the terminal SNR); pass {flag}=False, e.g. "
+                    f"StrideDDIMScheduler.from_config(config, {flag}=False)"
+                )
+        if prediction_type not in PREDICTION_TYPES:
+            raise StridelabError(
+                f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}"
+            )
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise StridelabError(
+                f"unknown timestep_spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}"
+            )
+        T = int(num_train_timesteps)
+        if trained_betas is not None:
+            betas = torch.tensor(list(trained_betas), dtype=torch.float32)
+            if betas.numel() != T:
+                raise StridelabError(f"trained_betas has {betas.numel()} values but num_train_timesteps is {T}")
+        elif beta_schedule in BETA_SCHEDULES:
+            betas = make_betas(beta_schedule, T, beta_start, beta_end)
+        else:
+            raise StridelabError(f"unknown beta_schedule {beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        # The cumulative product in float32, as diffusers and the checkpoint's training did; widened for the math.
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._abar = as_alphas_cumprod(self.alphas_cumprod)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else float(self._abar[0])
+        if schedule_timesteps is not None:
+            ts = validate_timesteps(list(schedule_timesteps), T)
+            self.register_to_config(schedule_timesteps=list(ts))  # JSON-shaped, so configs compare equal
+        self.num_inference_steps: int | None = None
+        self.timesteps: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    @classmethod
+    def from_schedule(
+        cls, schedule: Schedule, config: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> "StrideDDIMScheduler":
+        """A scheduler that runs `schedule`: ``from_config(config, schedule_timesteps=schedule.timesteps)``.
+
+        Refuses a schedule made for another T, or (when ``schedule.meta`` has ``alphas_cumprod_sha256``)
+        for another noise schedule (see `pipeline.interop.check_compatible`).
+        """
+        from pipeline.interop import check_compatible
+
+        sched = cls.from_config(dict(config or {}), schedule_timesteps=list(schedule.timesteps), **kwargs)
+        check_compatible(schedule, sched.alphas_cumprod, what="StrideDDIMScheduler")
+        return sched
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | torch.Tensor | None = None) -> torch.Tensor:
+        """DDIM needs no input scaling; returns `sample` unchanged."""
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[int] | None = None,
+    ) -> None:
+        """Set the timesteps to run.
+
+        Args:
+            num_inference_steps: with ``schedule_timesteps`` in the config it must equal its length (or be
+                None); without, the config's ``timestep_spacing`` places that many steps.
+            device: where ``self.timesteps`` lives.
+            timesteps: any strictly decreasing list of ints in [0, T-1] (custom schedule).
+        Raises:
+            StridelabError: both or neither given, a bad list, or a step count that is not the stored one.
+        """
+        T = self.config.num_train_timesteps
+        stored = self.config.schedule_timesteps
+        if timesteps is not None and num_inference_steps is not None:
+            raise StridelabError("pass either num_inference_steps or timesteps to set_timesteps, not both")
+        if timesteps is not None:
+            ts = validate_timesteps(timesteps, T)
+        elif stored is not None:
+            if num_inference_steps is not None and int(num_inference_steps) != len(stored):
+                raise StridelabError(
+                    f"this StrideDDIMScheduler holds a {len(stored)}-step schedule (config schedule_timesteps); "
+                    f"call with num_inference_steps={len(stored)}, or pass timesteps=[...]"
+                )
+            ts = validate_timesteps(stored, T)
+        elif num_inference_steps is None:
+            raise StridelabError("set_timesteps needs num_inference_steps or timesteps (or a stored schedule_timesteps)")
+        else:
+            fn = _SPACING_FNS[self.config.timestep_spacing]
+            extra = {"steps_offset": self.config.steps_offset} if self.config.timestep_spacing == "leading" else {}
+            ts = fn(int(num_inference_steps), self._abar, **extra).timesteps
+        self.num_inference_steps = len(ts)
+        self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
+
+    def _index(self, timestep: int | torch.Tensor) -> int:
+        if self.timesteps is None:
+            raise StridelabError("call set_timesteps before step")
+        t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        if float(t) != int(t):
+            raise StridelabError(f"timestep {t} is not an integer; StrideDDIMScheduler runs integer timesteps")
+        hits = (self.timesteps == int(t)).nonzero()
+        if hits.numel() == 0:
+            raise StridelabError(f"timestep {int(t)} is not one of this scheduler's timesteps {self.timesteps.tolist()}")
+        return int(hits[0, 0])
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        """The timestep the step from `timestep` lands on: the next listed one, or -1 (the final jump)."""
+        i = self._index(timestep)
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+
+    # ---------------------------------------------------------------------------------------------- step
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One DDIM update from `timestep` to the next listed timestep (`pipeline.ddim.ddim_step`).
+
+        Args:
+            model_output: the network's output at (sample, timestep): eps, v or x0 per ``prediction_type``.
+            timestep: one of ``self.timesteps``.
+            sample: x_t, shape [B, ...].
+            eta: 0 deterministic DDIM, 1 DDPM posterior.
+            use_clipped_model_output: accepted for ``DDIMPipeline``; no effect (x0 is never clipped here).
+            generator: draws the noise for eta > 0 (as diffusers' DDIM does, shaped like model_output).
+            variance_noise: the noise itself, instead of `generator`.
+            return_dict: return a ``DDIMSchedulerOutput`` rather than a tuple.
+        Returns:
+            ``(prev_sample, pred_original_sample)`` = (x_s, x0_pred).
+        """
+        if not 0.0 <= eta <= 1.0:
+            raise StridelabError(f"eta must be in [0, 1], got {eta}")
+        i = self._index(timestep)
+        t_cur = int(self.timesteps[i])
+        a_cur = float(self._abar[t_cur])
+        a_next = float(self._abar[int(self.timesteps[i + 1])]) if i + 1 < len(self.timesteps) else self.final_alpha_cumprod
+        abar_batch = torch.full((sample.shape[0],), a_cur, dtype=torch.float64, device=sample.device)
+        eps = eps_from_prediction(model_output, sample, abar_batch, self.config.prediction_type).to(sample.dtype)
+        noise = None
+        if eta > 0 and ddim_sigma(a_cur, a_next, eta) > 0:
+            if variance_noise is not None and generator is not None:
+                raise StridelabError("pass either generator or variance_noise to step, not both")
+            noise = variance_noise if variance_noise is not None else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+            noise = noise.to(sample.dtype)
+        prev_sample, x0_pred = ddim_step(sample, eps, a_cur, a_next, eta=eta, noise=noise)
+        if not return_dict:
+            return prev_sample, x0_pred
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, per sample (training / img2img)."""
+        abar = self._abar.to(original_samples.device)[timesteps.to(original_samples.device).long()]
+        abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1))).to(original_samples.dtype)
+        return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise

@@ -1,0 +1,320 @@
+"""Reuse a stridelab `Schedule` in diffusers, k-diffusion, or any tool that reads JSON.
+
+A schedule is a list of integer timesteps of one model's noise schedule (``alphas_cumprod``); the same
+integers mean other noise levels under another table, so every function here first checks that the
+target has the schedule's T and, when ``schedule.meta`` carries an ``alphas_cumprod_sha256`` (exports
+do), the same table (`check_compatible`).
+
+diffusers (0.42), one call each (`apply_schedule`):
+
+==============================  ============  ======================  =====================================
+scheduler                       passed as     model evaluations       equals DDIM on the same steps?
+==============================  ============  ======================  =====================================
+``StrideDDIMScheduler``         timesteps     n                       yes (it *is* `pipeline.ddim.ddim_step`)
+``DPMSolverMultistepScheduler``  timesteps     n                       solver_order=1, dpmsolver++: yes
+                                                                      (DPM-Solver-1 = DDIM); order 2: no
+``EulerDiscreteScheduler``      sigmas (n+1)  n                       yes up to float32 (Euler on the
+                                                                      PF-ODE in sigma = DDIM, eta = 0)
+``HeunDiscreteScheduler``       timesteps     2n - 1                  no (2nd order)
+``DDPMScheduler``               timesteps     n                       DDIM with eta = 1 (ancestral)
+==============================  ============  ======================  =====================================
+
+diffusers' own ``DDIMScheduler`` (and PNDM, LMS, ...) cannot: use `StrideDDIMScheduler`.
+
+Elsewhere: `k_diffusion_sigmas` (n + 1 sigmas ending in 0, for ``k_diffusion.sampling.sample_*``),
+`schedule_from_sigmas` (back), `to_plain_json` (timesteps, sigmas and abar at each step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipeline.errors import StridelabError
+from pipeline.noise import as_alphas_cumprod, t_from_sigma
+from pipeline.schedules import Schedule, project_to_distinct
+
+SUPPORTED_SCHEDULERS: dict[str, str] = {
+    "StrideDDIMScheduler": "timesteps",
+    "DPMSolverMultistepScheduler": "timesteps",
+    "EulerDiscreteScheduler": "sigmas",
+    "HeunDiscreteScheduler": "timesteps",
+    "DDPMScheduler": "timesteps",
+}
+"""diffusers scheduler class -> how `apply_schedule` passes the schedule to its ``set_timesteps``."""
+
+PLAIN_JSON_FORMAT = "stridelab.schedule.plain/1"
+
+
+def alphas_cumprod_sha256(alphas_cumprod: torch.Tensor | Sequence[float]) -> str:
+    """sha256 hex digest of abar as little-endian float64 bytes: the fingerprint exports carry.
+
+    (The same definition as ``search.export.alphas_cumprod_sha256``; a test keeps them equal.)
+    """
+    a = as_alphas_cumprod(alphas_cumprod).numpy().astype("<f8")
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def check_compatible(
+    schedule: Schedule,
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    *,
+    what: str = "the target",
+    allow_other_model: bool = False,
+) -> torch.Tensor:
+    """Check that `schedule` was made for `alphas_cumprod`; return the table as float64.
+
+    A different T always raises. A different table (``schedule.meta["alphas_cumprod_sha256"]`` present
+    and not equal to this table's hash) raises, or only warns with ``allow_other_model=True``. Without a
+    hash in the schedule only T can be checked.
+
+    Raises:
+        StridelabError: naming `what`, both T or both hash prefixes, and the way out.
+    """
+    abar = as_alphas_cumprod(alphas_cumprod)
+    T = abar.numel()
+    if schedule.num_train_timesteps != T:
+        raise StridelabError(
+            f"schedule {schedule.name!r} is for T = {schedule.num_train_timesteps} training timesteps, "
+            f"{what} has T = {T}"
+        )
+    want = schedule.meta.get("alphas_cumprod_sha256")
+    if want is not None:
+        have = alphas_cumprod_sha256(abar)
+        if want != have:
+            msg = (
+                f"schedule {schedule.name!r} was made for {schedule.meta.get('model', 'another model')} "
+                f"(alphas_cumprod sha256 {str(want)[:12]}...), {what} has {have[:12]}...: the same timesteps "
+                "are other noise levels there"
+            )
+            if not allow_other_model:
+                raise StridelabError(msg + "; pass allow_other_model=True to use it anyway")
+            warnings.warn(msg, stacklevel=3)
+    return abar
+
+
+def _supported_name(scheduler: Any) -> str | None:
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in SUPPORTED_SCHEDULERS:
+            return cls.__name__
+    return None
+
+
+def _unsupported(scheduler: Any) -> StridelabError:
+    name = type(scheduler).__name__
+    why = ""
+    if name == "DDIMScheduler":
+        why = (" (its set_timesteps takes no timesteps= and its step assumes even spacing, t - T // N; use "
+               "pipeline.ddim_scheduler.StrideDDIMScheduler.from_config(scheduler.config) instead)")
+    return StridelabError(
+        f"{name} cannot run a custom timestep schedule{why}; schedulers that can: "
+        f"{', '.join(SUPPORTED_SCHEDULERS)}"
+    )
+
+
+def model_evaluations(scheduler: Any, nfe: int) -> int:
+    """Network evaluations `scheduler` spends on an `nfe`-step schedule (Heun: 2 nfe - 1, others: nfe)."""
+    name = _supported_name(scheduler)
+    if name is None:
+        raise _unsupported(scheduler)
+    return 2 * nfe - 1 if name == "HeunDiscreteScheduler" else nfe
+
+
+def apply_schedule(
+    scheduler: Any,
+    schedule: Schedule,
+    alphas_cumprod: torch.Tensor | Sequence[float] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    allow_other_model: bool = False,
+) -> Any:
+    """Configure a diffusers scheduler instance to run `schedule` (calls its ``set_timesteps``).
+
+    Then drive it as usual (``for t in scheduler.timesteps: ... scheduler.step(...)``), or hand the
+    schedule to a pipeline with ``pipe(..., timesteps=timesteps_for_pipeline(s))`` /
+    ``sigmas=sigmas_for_pipeline(s, abar)`` (pipelines call ``set_timesteps`` themselves).
+
+    Args:
+        scheduler: one of `SUPPORTED_SCHEDULERS` (or a subclass).
+        schedule: the schedule (e.g. ``Schedule.load("schedule.json")``).
+        alphas_cumprod: the model's abar table: must equal the scheduler's. Pass it whenever the schedule
+            has no ``alphas_cumprod_sha256`` (a warning says so): diffusers' scheduler classes have different
+            default betas, so a scheduler built with defaults may silently use another noise table.
+        device: where the scheduler's timesteps go.
+        allow_other_model: warn instead of raising when the abar tables differ (different T always raises).
+    Returns:
+        `scheduler`, configured.
+    Raises:
+        StridelabError: an unsupported scheduler class (listing the supported ones), a T or alphas_cumprod
+            mismatch, or a scheduler config that cannot take custom steps (e.g. ``use_karras_sigmas``).
+    """
+    name = _supported_name(scheduler)
+    if name is None:
+        raise _unsupported(scheduler)
+    own = getattr(scheduler, "alphas_cumprod", None)
+    if own is None:
+        raise StridelabError(f"{type(scheduler).__name__} has no alphas_cumprod to check the schedule against")
+    abar = check_compatible(schedule, own, what=type(scheduler).__name__, allow_other_model=allow_other_model)
+    if alphas_cumprod is None and "alphas_cumprod_sha256" not in schedule.meta:
+        # Defaults differ between diffusers' schedulers (HeunDiscrete: betas 0.00085..0.012, DDPM: 0.0001..0.02).
+        warnings.warn(
+            f"only T was checked: schedule {schedule.name!r} carries no alphas_cumprod_sha256 and no "
+            f"alphas_cumprod was passed, so {type(scheduler).__name__}'s noise table may not be the model's",
+            stacklevel=2,
+        )
+    if alphas_cumprod is not None:
+        given = as_alphas_cumprod(alphas_cumprod)
+        if given.numel() != abar.numel() or not torch.equal(given, abar):
+            msg = f"the alphas_cumprod passed differ from {type(scheduler).__name__}'s own table"
+            if not allow_other_model:
+                raise StridelabError(msg + "; pass allow_other_model=True to use the scheduler's table anyway")
+            warnings.warn(msg, stacklevel=2)
+
+    cfg = scheduler.config
+    if name == "DPMSolverMultistepScheduler" and cfg.get("final_sigmas_type", "zero") != "zero":
+        warnings.warn(
+            f"DPMSolverMultistepScheduler(final_sigmas_type={cfg.final_sigmas_type!r}) ends at sigma(t=0), not at "
+            "clean data (abar = 1) as stridelab's DDIM and the tuned schedule do; use final_sigmas_type='zero'",
+            stacklevel=2,
+        )
+    if name == "EulerDiscreteScheduler" and cfg.get("timestep_spacing") in ("linspace", "trailing"):
+        # diffusers then sets init_noise_sigma = sigma_max instead of sqrt(sigma_max^2 + 1): x_T is scaled
+        # by sigma / sqrt(sigma^2 + 1) too little, negligible only where sigma_max is large.
+        s_max = float(schedule.sigmas(abar)[0])
+        shrink = 1 - s_max / math.sqrt(s_max**2 + 1)
+        if shrink > 1e-3:
+            warnings.warn(
+                f"EulerDiscreteScheduler(timestep_spacing={cfg.timestep_spacing!r}) scales the initial noise by "
+                f"sigma_max = {s_max:.4g}, not sqrt(sigma_max^2 + 1) ({shrink:.2%} too small for this schedule); "
+                "create it with timestep_spacing='leading' (unused otherwise when sigmas= is given)",
+                stacklevel=2,
+            )
+    try:
+        if SUPPORTED_SCHEDULERS[name] == "sigmas":
+            scheduler.set_timesteps(sigmas=schedule.sigmas(abar).tolist(), device=device)
+        else:
+            scheduler.set_timesteps(timesteps=list(schedule.timesteps), device=device)
+    except ValueError as e:  # diffusers' config conflicts (use_karras_sigmas=True, ...), one line
+        if isinstance(e, StridelabError):
+            raise
+        raise StridelabError(f"{type(scheduler).__name__} refused the schedule: {e}") from None
+    return scheduler
+
+
+def timesteps_for_pipeline(schedule: Schedule) -> list[int]:
+    """The schedule as ``pipe(..., timesteps=...)`` takes it (diffusers' ``retrieve_timesteps``): plain ints.
+
+    For schedulers that take ``timesteps=`` (`SUPPORTED_SCHEDULERS`); check the model first with
+    `check_compatible(schedule, pipe.scheduler.alphas_cumprod)`.
+    """
+    return [int(t) for t in schedule.timesteps]
+
+
+def sigmas_for_pipeline(
+    schedule: Schedule, alphas_cumprod: torch.Tensor | Sequence[float], *, allow_other_model: bool = False
+) -> list[float]:
+    """The schedule as ``pipe(..., sigmas=...)`` takes it for ``EulerDiscreteScheduler``: n + 1 floats ending in 0.
+
+    EulerDiscrete uses a ``sigmas=`` list verbatim (its ``final_sigmas_type`` is ignored then) and runs
+    ``len(sigmas) - 1`` steps, so the trailing 0 (the final jump to clean data) must be included.
+    """
+    abar = check_compatible(schedule, alphas_cumprod, allow_other_model=allow_other_model)
+    return [float(s) for s in schedule.sigmas(abar)]
+
+
+# --------------------------------------------------------------------------------------------------
+# k-diffusion and plain JSON
+
+
+def k_diffusion_sigmas(
+    schedule: Schedule,
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    allow_other_model: bool = False,
+) -> torch.Tensor:
+    """sigma_i = sqrt((1 - abar_{t_i}) / abar_{t_i}) and a trailing 0: shape [n + 1], decreasing.
+
+    What ``k_diffusion.sampling.sample_euler(model, x, sigmas)`` (and its siblings) take, float32 like
+    ``get_sigmas_karras``; computed in float64 first. Start from ``x = randn * sigmas[0]`` (VE scaling).
+    """
+    abar = check_compatible(schedule, alphas_cumprod, allow_other_model=allow_other_model)
+    return schedule.sigmas(abar).to(device=device, dtype=dtype)
+
+
+def schedule_from_sigmas(
+    sigmas: torch.Tensor | Sequence[float],
+    alphas_cumprod: torch.Tensor | Sequence[float],
+    *,
+    name: str = "from_sigmas",
+) -> Schedule:
+    """Inverse of `k_diffusion_sigmas`: the integer-timestep schedule nearest to a sigma list.
+
+    Each sigma is mapped to a fractional timestep by log-sigma interpolation over the model's table
+    (`pipeline.noise.t_from_sigma`, as k-diffusion's ``DiscreteSchedule``) and rounded to distinct
+    integers (`pipeline.schedules.project_to_distinct`). A trailing 0 is dropped. The round trip is exact
+    for schedules of integer timesteps, in float32 or float64.
+
+    Raises:
+        StridelabError: sigmas not finite, not positive, or not strictly decreasing.
+    """
+    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
+    if s.numel() and s[-1] == 0:
+        s = s[:-1]
+    if s.numel() == 0:
+        raise StridelabError("sigmas is empty (apart from a trailing 0)")
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise StridelabError("sigmas must be finite and > 0 (only the last may be 0)")
+    if not (s[1:] < s[:-1]).all():
+        i = int(torch.nonzero(s[1:] >= s[:-1])[0, 0]) + 1
+        raise StridelabError(f"sigmas[{i}] = {s[i].item():.6g} is not below sigmas[{i - 1}] = {s[i - 1].item():.6g}: "
+                             "sigmas must be strictly decreasing")
+    abar = as_alphas_cumprod(alphas_cumprod)
+    table = ((1 - abar) / abar).sqrt()
+    lo, hi = float(table[0]), float(table[-1])
+    # 1e-4 relative slack: float32 sigma formulas (k-diffusion's karras ramp) land just past the table's ends.
+    outside = [float(v) for v in s if not lo * (1 - 1e-4) <= float(v) <= hi * (1 + 1e-4)]
+    if outside:
+        warnings.warn(
+            f"{len(outside)} sigma(s) outside the model's range [{lo:.4g}, {hi:.4g}] (e.g. {outside[0]:.4g}) "
+            "were clamped to its first/last timestep",
+            stacklevel=2,
+        )
+    t = t_from_sigma(s, abar).numpy()
+    T = abar.numel()
+    return Schedule(project_to_distinct(t, T), T, name, {"sigmas": [float(v) for v in s]})
+
+
+def to_plain_json(
+    schedule: Schedule, alphas_cumprod: torch.Tensor | Sequence[float], *, allow_other_model: bool = False
+) -> dict[str, Any]:
+    """A self-contained JSON object any tool can read, with the noise level of every step spelled out.
+
+    Keys: ``format``, ``name``, ``nfe``, ``num_train_timesteps``, ``timesteps`` (descending ints),
+    ``alphas_cumprod`` (abar at those timesteps), ``sigmas`` (sqrt((1 - abar) / abar), n + 1 values ending
+    in 0), ``alphas_cumprod_sha256`` (fingerprint of the whole table) and ``conventions`` (one line each).
+    ``Schedule.from_dict`` reads it back.
+    """
+    abar = check_compatible(schedule, alphas_cumprod, allow_other_model=allow_other_model)
+    ts = [int(t) for t in schedule.timesteps]
+    return {
+        "format": PLAIN_JSON_FORMAT,
+        "name": schedule.name,
+        "nfe": schedule.nfe,
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "timesteps": ts,
+        "alphas_cumprod": [float(abar[t]) for t in ts],
+        "sigmas": [float(v) for v in schedule.sigmas(abar)],
+        "alphas_cumprod_sha256": alphas_cumprod_sha256(abar),
+        "conventions": {
+            "timesteps": "integer indices into the model's training noise schedule, noisiest first",
+            "alphas_cumprod": "abar_t = prod_{s<=t}(1 - beta_s); x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps",
+            "sigmas": "sqrt((1 - abar) / abar) at each timestep, then 0: the step after the last goes to clean data",
+        },
+    }
