@@ -87,15 +87,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 def actor_resources(actors: int, *, reserve_cpus: float = 0.0, cpu_share: float = 1.0) -> dict[str, float]:
     """Ray resources for each of `actors` sampler actors on the current cluster.
 
-    One GPU (and one CPU) each when the cluster has GPUs; otherwise ``cpu_share`` of the CPUs that are
+    One GPU (and one CPU) each when the cluster has at least `actors` GPUs (an equal share of them when it
+    has fewer, so the pool never waits for GPUs that do not exist); otherwise ``cpu_share`` of the CPUs that are
     free now, less `reserve_cpus`, split evenly and rounded down to 1/100 (at most 1, at least 0.01).
     Sizing from the free CPUs means a second pool (or a Ray Data job) still fits beside the first,
     instead of waiting forever for CPUs the first one holds.
     """
     import ray
 
-    if ray.cluster_resources().get("GPU", 0) >= 1:
-        return {"num_gpus": 1.0, "num_cpus": 1.0}
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus >= 1:
+        return {"num_gpus": min(1.0, math.floor(100 * gpus / actors) / 100), "num_cpus": 1.0}
     free = float(ray.available_resources().get("CPU", 0.0))
     cpus = max(free - reserve_cpus, 0.01)
     return {"num_cpus": max(0.01, math.floor(100 * min(1.0, cpu_share * cpus / actors)) / 100)}

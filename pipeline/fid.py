@@ -27,7 +27,6 @@ precomputed Inception statistics).
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import urllib.error
 from collections.abc import Callable, Iterable, Iterator, Sequence
