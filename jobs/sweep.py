@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prune", dest="prune", action="store_false", help="evaluate every trial on all tuning seeds")
     p.add_argument("--screen-seeds", type=int, default=d.screen_seeds,
                    help="seeds of the pruning screen (default: a quarter of the tuning seeds, at least 8)")
+    p.add_argument("--no-holdout-fid", dest="holdout_fid", action="store_false",
+                   help="skip FID in the held-out table (FID needs the pipeline.distributed evaluator)")
     p.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: every training timestep)")
     p.add_argument("--study-name", default=None, help="Optuna study name (default: model, nfe, space, objective, time)")
     p.add_argument("--storage", default=None,
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.sampler,
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
         holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.baselines or DEFAULT_BASELINES), prune=args.prune,
-        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe,
+        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
     )
     run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,

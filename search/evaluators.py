@@ -120,6 +120,7 @@ class EvaluatorFactory:
         self._made: list[Any] = []
         self._owns_ray = False
         self._fid_inputs = fid_inputs(model) if fid else None
+        self.log = log
         try:
             from pipeline.distributed import SamplerPool, init_ray  # noqa: F401
 
@@ -138,21 +139,50 @@ class EvaluatorFactory:
                 self._owns_ray = init_ray(ray_address)
         self.kind = f"ray actor pool ({self.actors} actors per seed set)" if self.actors else "in-process"
 
-    def __call__(self, seeds: Sequence[int]) -> Evaluator:
+    def __call__(self, seeds: Sequence[int], fid: bool | None = None) -> Evaluator:
+        """An evaluator on `seeds`; `fid` (default: the factory's) adds ``extra["fid"]``."""
         seeds = [int(s) for s in seeds]
-        if self._pool_cls is not None and (self.actors > 0 or self.fid):
+        fid = self.fid if fid is None else fid
+        if fid and self._fid_inputs is None:
+            self._fid_inputs = fid_inputs(self.model)
+        if self._pool_cls is not None and (self.actors > 0 or fid):
             kw: dict[str, Any] = {}
-            if self._fid_inputs is not None:
+            if fid:
                 kw = dict(extra_metrics=("fid",), features=self._fid_inputs[0], reference=self._fid_inputs[1])
+            if self.actors > 0:
+                kw["num_cpus"] = self._cpus_per_actor()
             ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, **kw)
         else:
-            if self.fid:
+            if fid:
                 raise StridelabError("FID needs the evaluator of pipeline.distributed, which is not available")
             from pipeline.evaluation import InProcessEvaluator
 
             ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe)
         self._made.append(ev)
         return ev
+
+    LIVE_POOLS = 2
+    """Pools alive at once in a sweep (pruning screen + rest; the held-out pool comes after they close)."""
+
+    def _cpus_per_actor(self) -> float | None:
+        """A fixed CPU share per actor such that `LIVE_POOLS` pools always fit on the cluster (sizing from
+        the CPUs free at creation time can leave a later pool waiting forever); None on GPU clusters."""
+        import math
+
+        import ray
+
+        res = ray.cluster_resources()
+        if res.get("GPU", 0) >= 1:
+            return None
+        share = 0.9 * float(res.get("CPU", 1.0)) / (self.LIVE_POOLS * self.actors)
+        return max(0.01, math.floor(100 * min(1.0, share)) / 100)
+
+    def release(self, ev: Any) -> None:
+        """Close one evaluator (its actors and their CPUs go back to Ray)."""
+        close = getattr(ev, "close", None)
+        if close is not None:
+            close()
+        self._made = [e for e in self._made if e is not ev]
 
     def close(self) -> None:
         for ev in reversed(self._made):

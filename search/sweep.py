@@ -76,6 +76,7 @@ class SweepConfig:
     dp_seeds: int = 64
     dp_grid: int = 160
     grid_seeds: int = 64
+    holdout_fid: bool = True
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -455,8 +456,17 @@ def run_sweep(
                 for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("kind") == "baseline" and t.state == TrialState.COMPLETE}
         named = {learned_name: learned, **warm}
+        for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
+            if factory is not None:
+                factory.release(ev)  # the search is over: free its actors for the held-out pool
         t0 = time.perf_counter()
-        hold_eval = evaluators(cfg.holdout_seed_list)
+        hold_eval = None
+        if factory is not None and cfg.holdout_fid:
+            try:
+                hold_eval = factory(cfg.holdout_seed_list, fid=True)
+            except StridelabError as e:
+                log(f"no held-out FID: {e}")
+        hold_eval = hold_eval or evaluators(cfg.holdout_seed_list)
         hold = _safe_evaluate(hold_eval, list(named.values()))
         log(f"held-out evaluation on {cfg.holdout_seeds} seeds: {time.perf_counter() - t0:.1f} s")
         tuning = {t.user_attrs["schedule"]: t.user_attrs.get("recon") for t in study.get_trials(deepcopy=False)
@@ -472,15 +482,16 @@ def run_sweep(
             row["tuning_recon"] = tuning.get(name)
             row["timesteps"] = " ".join(map(str, s.timesteps))
             rows.append(row)
-        std = [r["holdout_recon"] for r in rows if r["schedule"] in SCHEDULES and "holdout_recon" in r]
-        best_base = min(std) if std else None
-        for r in rows:
-            if best_base and "holdout_recon" in r:
-                r["x_best_baseline"] = r["holdout_recon"] / best_base
+        for metric, col in (("holdout_recon", "x_best_baseline"), ("holdout_fid", "fid_x_best_baseline")):
+            std = [r[metric] for r in rows if r["schedule"] in SCHEDULES and metric in r]
+            best_base = min(std) if std else None
+            for r in rows:
+                if best_base and metric in r:
+                    r[col] = r[metric] / best_base
         rows = rows[:1] + sorted(rows[1:], key=lambda r: r.get("holdout_recon", math.inf))
 
         # -- outputs --------------------------------------------------------------------------------
-        metrics = {k: v for k, v in rows[0].items() if k.startswith("holdout_") or k == "x_best_baseline"}
+        metrics = {k: v for k, v in rows[0].items() if k.startswith("holdout_") or k.endswith("x_best_baseline")}
         metrics.update({f"tuning_{k}": bt.user_attrs[k] for k in ("recon", "fid") if bt.user_attrs.get(k) is not None})
         prov = export.provenance(study=study_name, storage=storage_spec, trial=bt.number,
                                  mlflow_run_id=tracker.run_id if tracker else None,
@@ -508,7 +519,8 @@ def run_sweep(
         status = "FINISHED"
         counts = state_counts(study)
         log("")
-        log(format_table(rows, ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid", "tuning_recon",
+        log(format_table(rows, ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid",
+                                "fid_x_best_baseline", "tuning_recon",
                                 "timesteps"]))
         log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
         log(f"exported schedule: {export_path}")

@@ -1,0 +1,31 @@
+"""The sweep on the Ray actor pool (real local Ray) gives the same trials and numbers as in this process."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from search.study import make_storage
+from search.sweep import SweepConfig, run_sweep
+
+pytest.importorskip("pipeline.distributed")
+
+
+def test_actor_pool_sweep_matches_in_process(ray_local, tmp_path):
+    cfg = SweepConfig(model="gmm:ring8", nfe=5, trials=6, parallel=3, num_seeds=16, holdout_seeds=8,
+                      baselines=("uniform", "quadratic", "dp"), teacher_nfe=50, dp_seeds=8, dp_grid=30,
+                      holdout_fid=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {a: run_sweep(cfg, study_name=f"a{a}", out_dir=tmp_path, actors=a, track=False, figures=False,
+                             log=lambda *_: None) for a in (0, 1)}
+    finally:
+        torch.set_num_threads(n)
+    storage = make_storage(tmp_path / "optuna.journal")
+    t0, t1 = (optuna.load_study(study_name=f"a{a}", storage=storage).trials for a in (0, 1))
+    assert [t.state for t in t0] == [t.state for t in t1]
+    assert [t.user_attrs.get("timesteps") for t in t0] == [t.user_attrs.get("timesteps") for t in t1]
+    assert [t.values for t in t0] == [t.values for t in t1]
+    assert [r["holdout_recon"] for r in runs[0].rows] == [r["holdout_recon"] for r in runs[1].rows]
