@@ -30,12 +30,14 @@ SAMPLERS = ("tpe", "gp", "cmaes", "nsga2", "random")
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-def make_sampler(name: str, seed: int, multi_objective: bool = False, x0: Mapping[str, float] | None = None,
+def make_sampler(name: str, seed: int, multi_objective: bool = False, source_trials: list | None = None,
                  n_startup_trials: int = 8) -> optuna.samplers.BaseSampler:
     """A seeded Optuna sampler by name (``SAMPLERS``).
 
     Args:
-        x0: for ``cmaes``, the mean to start from (the best warm-start trial's params).
+        source_trials: for ``cmaes``, finished warm-start trials: WS-CMA-ES (Nomura et al. 2021) starts
+            from a Gaussian fitted to the best of them (from the best one when fewer than 10) instead of the
+            middle of the box.
         n_startup_trials: random trials before TPE / GP model the history (warm starts count).
     """
     if name not in SAMPLERS:
@@ -51,8 +53,18 @@ def make_sampler(name: str, seed: int, multi_objective: bool = False, x0: Mappin
             import cmaes  # noqa: F401
         except ImportError:
             raise StridelabError("sampler cmaes needs the `cmaes` package (pip install cmaes)") from None
-        return optuna.samplers.CmaEsSampler(x0=dict(x0) if x0 else None, sigma0=0.2 if x0 else None, seed=seed,
-                                            n_startup_trials=0, warn_independent_sampling=False)
+        import warnings
+
+        src = [t for t in (source_trials or []) if t.values]
+        kw: dict[str, Any] = {}
+        if len(src) >= 10:  # WS-CMA-ES keeps the best 10 %: it needs at least 10 source trials
+            kw["source_trials"] = src
+        elif src:  # too few for WS-CMA-ES: start at the best one (x0, deprecated in Optuna 4.9)
+            kw.update(x0=dict(min(src, key=lambda t: t.values[0]).params), sigma0=0.2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=0, warn_independent_sampling=False, **kw)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)

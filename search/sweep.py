@@ -331,13 +331,10 @@ class Sweep:
             self._track(trial.number, "COMPLETE", sched, trial.params, ua, "search")
 
     def search(self) -> None:
-        # CMA-ES starts from the best warm start (its mean) instead of the middle of the box.
+        # CMA-ES starts from the warm starts (WS-CMA-ES) instead of the middle of the box.
         if self.cfg.sampler == "cmaes":
-            try:
-                x0 = self.study.best_trial.params
-            except ValueError:
-                x0 = None
-            self.study.sampler = make_sampler("cmaes", self.cfg.seed, x0=x0)
+            src = [t for t in self.study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("kind") == "baseline"]
+            self.study.sampler = make_sampler("cmaes", self.cfg.seed, source_trials=src)
         t0, start = time.perf_counter(), finished_count(self.study)
         while (done := finished_count(self.study)) < self.cfg.trials:
             self.run_batch(min(self.cfg.parallel, self.cfg.trials - done))
