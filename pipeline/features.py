@@ -52,6 +52,8 @@ class DigitsFeatureNet(nn.Module):
         num_classes: classifier outputs (used only in training and for accuracy).
         mean, std: normalisation of [0, 1] pixels, measured on the train split.
         dropout: dropout before the classifier head (training only).
+        feature_scale: returned features are divided by it; set to the RMS feature value on the train
+            split so features are O(1), as KID's cubic kernel (x.y / D + 1)^3 expects (Inception-like).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class DigitsFeatureNet(nn.Module):
         mean: float = 0.0,
         std: float = 1.0,
         dropout: float = 0.3,
+        feature_scale: float = 1.0,
     ) -> None:
         super().__init__()
         c1, c2, c3 = channels
@@ -72,6 +75,7 @@ class DigitsFeatureNet(nn.Module):
             "mean": float(mean),
             "std": float(std),
             "dropout": float(dropout),
+            "feature_scale": float(feature_scale),
         }
         self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
@@ -81,6 +85,14 @@ class DigitsFeatureNet(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
         self.register_buffer("mean", torch.tensor(float(mean)), persistent=False)
         self.register_buffer("std", torch.tensor(float(std)), persistent=False)
+        self.register_buffer("feature_scale", torch.tensor(float(feature_scale)), persistent=False)
+
+    def set_feature_scale(self, value: float) -> None:
+        """Set the divisor of the returned features (kept in ``config`` so it saves)."""
+        if not value > 0:
+            raise ValueError(f"feature_scale must be > 0, got {value}")
+        self.feature_scale.fill_(float(value))
+        self.config["feature_scale"] = float(value)
 
     @property
     def feature_dim(self) -> int:
@@ -95,7 +107,7 @@ class DigitsFeatureNet(nn.Module):
         return (x / PIXEL_SCALE - self.mean) / self.std
 
     def features_and_logits(self, images255: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features [B, D] and class logits [B, num_classes] for NCHW images in [0, 255]."""
+        """Unscaled features [B, D] and class logits [B, num_classes] for NCHW images in [0, 255]."""
         x = F.relu(self.conv1(self._prepare(images255)))
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # 4x4
         x = F.max_pool2d(F.relu(self.conv3(x)), 2)  # 2x2
@@ -104,7 +116,7 @@ class DigitsFeatureNet(nn.Module):
 
     def forward(self, images255: torch.Tensor) -> torch.Tensor:
         """Features [B, D] for NCHW float images in [0, 255] (clean-fid's extractor contract)."""
-        return self.features_and_logits(images255)[0]
+        return self.features_and_logits(images255)[0] / self.feature_scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +143,7 @@ def load_feature_net(path: str | os.PathLike | None = None) -> DigitsFeatureNet:
         mean=cfg["mean"],
         std=cfg["std"],
         dropout=cfg.get("dropout", 0.0),
+        feature_scale=cfg.get("feature_scale", 1.0),
     )
     net.load_state_dict(load_file(w_path, device="cpu"), strict=True)
     return net.eval()
@@ -291,6 +304,9 @@ def train_feature_net(cfg: FeatureTrainConfig) -> tuple[DigitsFeatureNet, dict[s
             opt.step()
             step += 1
     net.eval()
+    with torch.no_grad():
+        raw = net.features_and_logits(x_train * PIXEL_SCALE)[0]
+    net.set_feature_scale(float(raw.pow(2).mean().sqrt()))
     report = {
         "training": asdict(cfg),
         "train_accuracy": accuracy(net, x_train, y_train),
@@ -300,6 +316,6 @@ def train_feature_net(cfg: FeatureTrainConfig) -> tuple[DigitsFeatureNet, dict[s
         "wall_time_s": round(time.monotonic() - t0, 1),
         "torch_version": torch.__version__,
         "input": "NCHW float in [0, 255]; 1 channel (3 are averaged)",
-        "features": "pre-activation of the hidden fc layer",
+        "features": "pre-activation of the hidden fc layer / feature_scale (RMS on the train split)",
     }
     return net, report

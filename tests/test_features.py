@@ -66,6 +66,11 @@ def test_extract_features_validates_range(net):
     assert out.shape == (5, net.feature_dim) and out.dtype == np.float64
 
 
+def test_features_are_order_one_for_kid(feats):
+    # KID's kernel (x.y / D + 1)^3 is scale-sensitive: features are scaled to RMS 1 on the train split
+    assert np.sqrt((feats["train"] ** 2).mean()) == pytest.approx(1.0, rel=1e-4)
+
+
 def test_fid_self_zero_real_small_noise_large(feats):
     ftr, fte = feats["train"], feats["test"]
     assert abs(fid_from_features(ftr, ftr)) < 1e-3
