@@ -136,5 +136,8 @@ def test_bundled_few_step_sample(unet):
     x_T, _ = initial_noise(range(8), (1, 8, 8))
     x0 = ddim_sample(DiffusersDenoiser(unet, abar), x_T, [999, 750, 500, 250, 0], abar)
     assert x0.shape == (8, 1, 8, 8) and torch.isfinite(x0).all()
-    assert x0.abs().max() < 3.0  # a trained model lands near the data range [-1, 1]
-    assert x0.std() > 0.2  # and not on a constant image
+    # A trained model lands in the data range with the data's grey level (x_T itself would not:
+    # ~76% of its pixels lie in [-1.2, 1.2] and its mean is ~0); the data's mean is -0.39.
+    assert (x0.abs() <= 1.2).float().mean() > 0.85
+    assert abs(x0.mean().item() - load_digits_images("all").mean().item()) < 0.15
+    assert x0.std() > 0.4  # and not on a constant image
