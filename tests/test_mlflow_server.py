@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -44,7 +44,7 @@ def server(tmp_path_factory):
     cmd = command(f"sqlite:///{tmp / 'mlflow.db'}", "127.0.0.1", port)
     cmd += ["--artifacts-destination", str(tmp / "artifacts")]
     proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+                            env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -59,11 +59,15 @@ def server(tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
+        # the server and its uvicorn worker share the session we started it in: stop exactly those
         try:
-            proc.wait(20)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
 
 
 def test_sweep_runs_read_back_through_rest(server, tmp_path, capsys):
@@ -75,7 +79,7 @@ def test_sweep_runs_read_back_through_rest(server, tmp_path, capsys):
                           baselines=("uniform", "karras", "dp"), teacher_nfe=50, dp_seeds=8, dp_grid=30, grid_seeds=9)
         res = run_sweep(cfg, study_name="rest", out_dir=tmp_path, model=ring8, tracking_uri=server,
                         experiment="rest-test", evaluators=lambda s: InProcessEvaluator(ring8, s, teacher_nfe=50),
-                        log=lambda *_: None)
+                        figures=False, log=lambda *_: None)
     finally:
         torch.set_num_threads(n)
     exp = json.loads(_get(f"{server}/api/2.0/mlflow/experiments/get-by-name?experiment_name=rest-test"))["experiment"]
