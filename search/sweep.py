@@ -423,6 +423,10 @@ def run_sweep(
     if track:
         tracking_uri = tracking_uri or default_tracking_uri()
         tracker = Tracker(tracking_uri, experiment or DEFAULT_EXPERIMENT)
+        if resume:  # a driver killed mid-run never ended its MLflow runs
+            closed = tracker.close_stale(study.user_attrs.get("mlflow_parent_runs", []))
+            if closed:
+                log(f"resume: MLflow runs {closed} were left RUNNING by a stopped driver: marked KILLED")
         tracker.start(study_name, {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume,
                                    "actors": actors, "stridelab_version": __version__},
                       tags={"stridelab.kind": "sweep", "study": study_name})

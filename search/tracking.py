@@ -108,6 +108,25 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def close_stale(self, parent_run_ids: list[str], status: str = "KILLED") -> list[str]:
+        """Mark runs left RUNNING by a driver that died (the parents in `parent_run_ids` and their child
+        runs) as `status`; returns their ids. Only for resume: it assumes no other driver is live."""
+        from mlflow.exceptions import MlflowException
+
+        closed = []
+        for pid in parent_run_ids:
+            try:
+                parent = self.client.get_run(pid)
+            except MlflowException:
+                continue  # another tracking store, or deleted
+            kids = self.client.search_runs([parent.info.experiment_id],
+                                           f"tags.mlflow.parentRunId = '{pid}' and attributes.status = 'RUNNING'")
+            for run in [*kids, parent]:
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, status)
+                    closed.append(run.info.run_id)
+        return closed
+
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status)
