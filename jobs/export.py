@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         import optuna
 
-        from search.study import make_storage, study_exists
+        from search.study import make_storage, missing_store, study_exists
 
+        if missing_store(args.storage) is not None:  # opening it would create an empty store
+            raise StridelabError(f"no study named {args.study!r}: {args.storage} does not exist")
         storage = make_storage(args.storage)
         if not study_exists(storage, args.study):
             raise StridelabError(f"no study named {args.study!r} in {args.storage}")

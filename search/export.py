@@ -213,6 +213,10 @@ def export_from_run(run_id: str, out: str | os.PathLike, tracking_uri: str | Non
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from search.study import missing_store
+
+    if tracking_uri and missing_store(tracking_uri) is not None:  # MlflowClient would create an empty store
+        raise StridelabError(f"no MLflow run {run_id!r}: {missing_store(tracking_uri)} does not exist")
     client = MlflowClient(tracking_uri)
     try:
         client.get_run(run_id)

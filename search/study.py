@@ -83,6 +83,19 @@ def make_storage(spec: str | os.PathLike) -> optuna.storages.BaseStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+def missing_store(spec: str | os.PathLike) -> Path | None:
+    """The local file behind an Optuna storage or MLflow tracking spec (a path or ``sqlite:///`` URL) when it
+    does not exist, else None. Opening such a store creates it: check first where it must already exist."""
+    spec = str(spec)
+    if spec.startswith("sqlite:///"):
+        path = Path(spec[len("sqlite:///"):])
+    elif "://" in spec:
+        return None  # a server: cannot tell without connecting
+    else:
+        path = Path(spec)
+    return None if path.is_file() else path
+
+
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 

@@ -41,7 +41,8 @@ from pipeline.models import LoadedModel
 from pipeline.schedules import SCHEDULES, Schedule, check_nfe, make_schedule
 from search.evaluators import OBJECTIVES, EvaluatorFactory, Objective, TrialFailed
 from search.space import SPACES, make_space
-from search.study import SAMPLERS, fail_stale_running, finished_count, make_sampler, make_storage, open_study
+from search.study import (SAMPLERS, fail_stale_running, finished_count, make_sampler, make_storage, missing_store,
+                          open_study)
 
 from search.defaults import DEFAULT_MODEL, DEFAULTS
 
@@ -401,6 +402,9 @@ def run_sweep(
     from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri, ui_command
 
     t_start = time.perf_counter()
+    missing = missing_store(storage or Path(out_dir) / "optuna.journal") if resume else None
+    if missing is not None:  # before opening it, which would create an empty store
+        raise StridelabError(f"--resume: no study named {study_name!r}: {missing} does not exist")
     model = model or load_model(cfg.model)
     check_nfe(cfg.nfe, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)
