@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seeds of the pruning screen (default: a quarter of the tuning seeds, at least 8)")
     p.add_argument("--no-holdout-fid", dest="holdout_fid", action="store_false",
                    help="skip FID in the held-out table (FID needs the pipeline.distributed evaluator)")
-    p.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: every training timestep)")
+    p.add_argument("--teacher-nfe", type=int, default=d.teacher_nfe,
+                   help="teacher steps, uniform DDIM (default %(default)s; 0 = every training timestep)")
     p.add_argument("--study-name", default=None, help="Optuna study name (default: model, nfe, space, objective, time)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: a journal file path or an RDB URL such as sqlite:///s.db or "
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.sampler,
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
         holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.baselines or DEFAULT_BASELINES), prune=args.prune,
-        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
+        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe or None, holdout_fid=args.holdout_fid,
     )
     run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,

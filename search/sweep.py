@@ -73,7 +73,7 @@ class SweepConfig:
     prune: bool = True
     screen_seeds: int = DEFAULTS["screen_seeds"]
     prune_p: float = 0.05
-    teacher_nfe: int | None = None
+    teacher_nfe: int | None = DEFAULTS["teacher_nfe"]
     dp_seeds: int = 64
     dp_grid: int = 160
     grid_seeds: int = 64
