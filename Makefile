@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# The default sweep: bundled digits DDPM, NFE 10, local Ray, MLflow in ./mlflow.db, results in results/sweep/.
 sweep: $(STAMP)
-	$(VENV)/bin/stridelab evaluate --model gmm:ring8 --nfe 5,10,20 --num-samples 512 --out results/evaluate.csv
+	$(VENV)/bin/stridelab sweep $(SWEEP_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
