@@ -52,10 +52,7 @@ PLAIN_JSON_FORMAT = "stridelab.schedule.plain/1"
 
 
 def alphas_cumprod_sha256(alphas_cumprod: torch.Tensor | Sequence[float]) -> str:
-    """sha256 hex digest of abar as little-endian float64 bytes: the fingerprint exports carry.
-
-    (The same definition as ``search.export.alphas_cumprod_sha256``; a test keeps them equal.)
-    """
+    """sha256 hex digest of abar as little-endian float64 bytes: the fingerprint exports carry."""
     a = as_alphas_cumprod(alphas_cumprod).numpy().astype("<f8")
     return hashlib.sha256(a.tobytes()).hexdigest()
 

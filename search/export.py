@@ -21,7 +21,6 @@ schedule: the same integer timesteps mean different noise levels under another `
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import warnings
@@ -33,18 +32,13 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import StridelabError
+from pipeline.interop import alphas_cumprod_sha256  # noqa: F401  (re-exported: the export's model fingerprint)
 from pipeline.io import atomic_write_json
 from pipeline.noise import as_alphas_cumprod
 from pipeline.schedules import Schedule
 
 EXPORT_FIELDS = ("timesteps", "sigmas", "num_train_timesteps", "nfe", "model", "alphas_cumprod_sha256",
                  "metrics", "provenance")
-
-
-def alphas_cumprod_sha256(alphas_cumprod: torch.Tensor) -> str:
-    """sha256 hex digest of abar as little-endian float64 bytes (the export's model fingerprint)."""
-    a = as_alphas_cumprod(alphas_cumprod).numpy().astype("<f8")
-    return hashlib.sha256(a.tobytes()).hexdigest()
 
 
 def provenance(**fields: Any) -> dict[str, Any]:
