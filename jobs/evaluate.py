@@ -23,9 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", default="gmm:ring8", help="model spec (default %(default)s)")
-    p.add_argument("--schedules", type=name_list, default=name_list(DEFAULT_SCHEDULES),
+    p.add_argument("--schedules", "--schedule", type=name_list, default=name_list(DEFAULT_SCHEDULES),
                    help="comma-separated schedule names or .json files (default %(default)s)")
-    p.add_argument("--nfe", type=int_list, default=[5, 10, 20], help="comma-separated NFEs (default 5,10,20)")
+    p.add_argument("--nfe", type=int_list, default=None,
+                   help="comma-separated NFEs (default 5,10,20; with --samplers: model evaluations, default the schedule's)")
     p.add_argument("--num-samples", type=int, default=256, help="samples (seeds) per schedule (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+num_samples-1")
     p.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: all T timesteps)")
@@ -41,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "cleanfid:NAME:RES[:SPLIT], or auto (model when it can draw data, else digits)")
     p.add_argument("--teacher-cache", default=None, help="directory to keep teacher outputs in (safetensors)")
     p.add_argument("--out", default=None, help="write the table here (.csv or .parquet)")
+    p.add_argument("--samplers", type=name_list, default=None,
+                   help="transfer table: run ONE schedule (--schedule FILE.json or a name) in each of these samplers "
+                        "(ddim,dpmsolver++2m,euler,heun) and each sampler's default spacing, at equal model "
+                        "evaluations (--nfe; Heun spends 2 per step but 1 on the last) and the same seeds; recon only")
     p.set_defaults(func=run)
 
 
@@ -68,8 +73,66 @@ def _reference(args: argparse.Namespace, model, features: str, seeds: range):
     return fid.cleanfid_reference(ref_args[0], int(ref_args[1]), ref_args[2], kid="kid" in args.metrics)
 
 
+def run_samplers(args: argparse.Namespace) -> int:
+    """--samplers: the transfer table of `pipeline.transfer` (in this process)."""
+    import os
+
+    from pipeline.errors import StridelabError
+    from pipeline.evaluation import make_teacher
+    from pipeline.models import load_model
+    from pipeline.reports import format_table, write_table
+    from pipeline.schedules import check_nfe, make_schedule, resolve_schedule
+    from pipeline.transfer import SAMPLER_NAMES, transfer_table
+
+    bad = [s for s in args.samplers if s not in SAMPLER_NAMES]
+    if bad:
+        raise StridelabError(f"unknown sampler {bad[0]!r}; choose from {', '.join(SAMPLER_NAMES)}")
+    if len(args.schedules) != 1:
+        raise StridelabError("--samplers compares one schedule with each sampler's default: pass --schedule FILE.json "
+                             "(or one schedule name with --nfe)")
+    if args.actors:
+        raise StridelabError("--samplers runs in this process; drop --actors")
+    if args.num_samples < 1:
+        raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.out and os.path.splitext(args.out)[1] not in (".csv", ".parquet"):
+        raise StridelabError(f"--out must end in .csv or .parquet, got {args.out!r}")
+    model = load_model(args.model)
+    T = model.num_train_timesteps
+    spec = args.schedules[0]
+    is_file = spec.endswith(".json") or os.sep in spec
+    if not is_file and args.nfe is None:
+        raise StridelabError(f"schedule {spec!r} needs --nfe")
+    schedule = resolve_schedule(spec, None, model.alphas_cumprod) if is_file else None
+    for n in args.nfe or []:
+        check_nfe(n, T)
+    if args.teacher_nfe is not None:
+        check_nfe(args.teacher_nfe, T)
+    seeds = range(args.seed, args.seed + args.num_samples)
+    print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_samples} seeds, in-process ...", flush=True)
+    teacher = make_teacher(model, seeds, args.teacher_nfe)
+    rows = []
+    for n in args.nfe or [schedule.nfe]:
+        if schedule is not None:
+            rows += transfer_table(model, teacher, schedule, args.samplers, n, label=spec)
+        else:
+            rows += transfer_table(model, teacher, lambda m: make_schedule(spec, m, model.alphas_cumprod),
+                                   args.samplers, n, label=spec)
+    print("equal NFE = equal model evaluations: each sampler takes the most steps that fit (Heun: 2 per step, 1 on "
+          "the last); a schedule with other step counts is log-sigma interpolated (column how)")
+    print(format_table(rows, ["sampler", "spacing", "nfe", "steps", "evals", "recon", "recon_sem", "vs_default",
+                              "t_rounded", "how"]))
+    if args.out:
+        print(f"wrote {write_table(rows, args.out)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import os
+
+    if getattr(args, "samplers", None):
+        return run_samplers(args)
+    if args.nfe is None:
+        args.nfe = [5, 10, 20]
 
     from pipeline.distributed import SamplerPool
     from pipeline.errors import StridelabError
