@@ -44,23 +44,10 @@ def sample_digits(num: int, steps: int, batch_size: int = 256):
 
 
 def grid_png(images01, nrow: int = 8, scale: int = 6, pad: int = 1) -> bytes:
-    """An ``nrow`` x ``nrow`` PNG grid of [B, 1, 8, 8] images in [0, 1], nearest-upscaled by ``scale``."""
-    import numpy as np
-    from PIL import Image
+    """An ``nrow`` x ``nrow`` PNG grid of [B, 1, 8, 8] images in [0, 1], ink black on white, grey gaps."""
+    from pipeline.images import png_bytes, tile
 
-    n = nrow * nrow
-    imgs = images01[:n, 0].numpy()
-    cell = 8 + pad
-    canvas = np.full((nrow * cell + pad, nrow * cell + pad), 0.25, dtype=np.float32)  # light grey gaps
-    for k, img in enumerate(imgs):
-        r, c = divmod(k, nrow)
-        canvas[pad + r * cell : pad + r * cell + 8, pad + c * cell : pad + c * cell + 8] = img
-    # ink (high values) shown black on white paper
-    pil = Image.fromarray(((1.0 - canvas) * 255).round().astype(np.uint8), mode="L")
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(tile(images01[: nrow * nrow], cols=nrow, scale=scale, pad=pad * scale, pad_value=0.75, ink_black=True))
 
 
 def main(argv: list[str] | None = None) -> int:

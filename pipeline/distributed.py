@@ -48,6 +48,7 @@ import torch
 
 from pipeline.ddim import ddim_sample
 from pipeline.denoisers import BatchInvariant
+from pipeline.images import tile
 from pipeline.errors import StridelabError
 from pipeline.evaluation import ScheduleResult
 from pipeline.metrics import inversion_errors, per_sample_mse
@@ -672,19 +673,6 @@ def generate_samples(
         ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start = saved
 
 
-def image_grid(images_u8: np.ndarray, cols: int = 8, scale: int = 4, pad: int = 1) -> np.ndarray:
-    """Tile uint8 images [N, C, H, W] into one HxW(xC) array, each upscaled `scale`x (nearest)."""
-    n, c, h, w = images_u8.shape
-    rows = math.ceil(n / cols)
-    H, W = h * scale + pad, w * scale + pad
-    grid = np.full((rows * H + pad, cols * W + pad, c), 255, dtype=np.uint8)
-    for k, im in enumerate(images_u8):
-        r, q = divmod(k, cols)
-        big = im.transpose(1, 2, 0).repeat(scale, 0).repeat(scale, 1)
-        grid[pad + r * H : pad + r * H + h * scale, pad + q * W : pad + q * W + w * scale] = big
-    return grid[..., 0] if c == 1 else grid
-
-
 def scatter_image(points: np.ndarray, size: int = 256) -> np.ndarray:
     """Grey scatter plot (first two coordinates) of non-image samples, [size, size] uint8."""
     img = np.full((size, size), 255, dtype=np.uint8)
@@ -779,8 +767,8 @@ def write_sample_dir(
         first = np.concatenate(grid) if grid else np.zeros((0, D), np.float32)
         if _is_image(sample_shape):
             lo, hi = data_range
-            u8 = to_uint8((torch.from_numpy(first).reshape(-1, *sample_shape) - lo) / (hi - lo))
-            Image.fromarray(image_grid(u8)).save(tmp / "grid.png")
+            images01 = (torch.from_numpy(first).reshape(-1, *sample_shape) - lo) / (hi - lo)
+            Image.fromarray(tile(images01[:64], cols=8, scale=4)).save(tmp / "grid.png")
         else:
             Image.fromarray(scatter_image(first)).save(tmp / "grid.png")
         schedule.save(tmp / "schedule.json")

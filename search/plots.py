@@ -90,23 +90,12 @@ def history_plot(trials: Sequence[Any], path: str | os.PathLike, multi: bool = F
     return Path(path)
 
 
-def _tile(images01: torch.Tensor, cols: int, upscale: int) -> np.ndarray:
-    """[B, C, H, W] in [0, 1] -> one [rows*H*up, cols*W*up] (or RGB) array, nearest-neighbour upscaled."""
-    x = images01.clamp(0, 1).float()
-    if upscale > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=upscale, mode="nearest")
-    B, C, H, W = x.shape
-    rows = math.ceil(B / cols)
-    pad = torch.zeros(rows * cols - B, C, H, W)
-    x = torch.cat([x, pad]).reshape(rows, cols, C, H, W).permute(0, 3, 1, 4, 2).reshape(rows * H, cols * W, C)
-    return x[..., 0].numpy() if C == 1 else x.numpy()
-
-
 def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[int], path: str | os.PathLike,
                 reference: torch.Tensor | None = None) -> Path:
     """Samples of each schedule from the same x_T (same seeds), side by side; images as grids
     (via ``model.to_unit``, 8x8 digits upscaled x4), other data as a 2-D scatter."""
     from pipeline.ddim import ddim_sample
+    from pipeline.images import tile
     from pipeline.seeds import initial_noise
 
     plt = _plt()
@@ -123,7 +112,7 @@ def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[i
         if is_image:
             cols = int(math.ceil(math.sqrt(x.shape[0])))
             up = 4 if max(model.sample_shape[1:]) <= 16 else 1
-            ax.imshow(_tile(x.cpu(), cols, up), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(tile(x, cols, up), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             ax.axis("off")
         else:
             flat = x.reshape(x.shape[0], -1).cpu().numpy()
