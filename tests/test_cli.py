@@ -69,3 +69,16 @@ def test_bad_input_one_line_nonzero_no_traceback_no_output(tmp_path, args, needl
         assert len(lines) == 1, r.stderr
     assert "error:" in lines[-1]
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_atomic_write_leaves_no_temp_file_and_normal_permissions(tmp_path):
+    import os
+
+    from pipeline.io import atomic_write_text
+
+    p = atomic_write_text(tmp_path / "a.json", "{}\n")
+    assert p.read_text() == "{}\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["a.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
