@@ -8,7 +8,7 @@ thread each. Prints throughput in network-evaluated samples per second and the r
 
 Model: ``bundled:digits`` when it is built, else a tiny random UNet2DModel (8x8, widths 32/64).
 
-    python benchmarks/bench_pool.py [--seeds 256] [--nfe 10] [--reps 3] [--actors N]
+    python benchmarks/bench_pool.py [--seeds 256] [--nfe 10] [--reps 3] [--actors N] [--model tiny|SPEC]
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _model_spec(tmp: str) -> str:
+def _model_spec(tmp: str, want: str | None = None) -> str:
     from pipeline.errors import StridelabError
     from pipeline.models import load_model
 
+    if want not in (None, "tiny"):
+        return want
     try:
+        if want == "tiny":
+            raise FileNotFoundError
         load_model("bundled:digits")
         return "bundled:digits"
     except (StridelabError, FileNotFoundError):
@@ -67,14 +71,16 @@ def _time(pool, schedules, reps: int) -> list[float]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (argv as on the command line); returns the figures it printed."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=256)
     ap.add_argument("--nfe", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--actors", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--teacher-nfe", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--model", default=None, help="model spec, or 'tiny' (default: bundled:digits when built, else tiny)")
+    args = ap.parse_args(argv)
 
     import ray
     import torch
@@ -89,7 +95,7 @@ def main() -> int:
           f"load avg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"software python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _model_spec(tmp)
+        spec = _model_spec(tmp, args.model)
         abar = load_model(spec).alphas_cumprod
         schedules = [make_schedule(n, args.nfe, abar) for n in ("uniform", "karras", "logsnr", "quadratic")]
         work = args.seeds * args.nfe * len(schedules)  # network-evaluated samples per evaluate()
@@ -109,8 +115,10 @@ def main() -> int:
         ray.shutdown()
     ratio = t_local / t_pool
     print(f"ratio pool / in-process throughput: {ratio:.2f} (target >= 0.9)")
-    return 0
+    return {"model": spec, "seeds": args.seeds, "nfe": args.nfe, "schedules": len(schedules), "reps": args.reps,
+            "actors": args.actors, "threads_in_process": cores, "in_process_s": t_local, "pool_s": t_pool,
+            "in_process_samples_per_s": work / t_local, "pool_samples_per_s": work / t_pool, "ratio": ratio}
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
