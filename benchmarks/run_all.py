@@ -1,0 +1,449 @@
+"""Every benchmark of issue 7 in one run; writes docs/BENCHMARKS.md (atomically) with the machine and date.
+
+    python benchmarks/run_all.py            # full: what `make bench` runs (long on 2 cores)
+    python benchmarks/run_all.py --quick    # smoke run: tiny budgets, same code paths, a few minutes
+
+Sections (ratios are measured within this one run; absolute times hold only for the hardware named):
+
+1. Sampler: ``ddim_sample`` time / raw model calls (target <= 1.03) and / diffusers' DDIM loop at equal NFE
+   and equal outputs (target <= 1.0): `bench_sampler.main`.
+2. Ray actor pool vs in-process throughput on the same cores (target >= 0.9): `bench_pool.main`.
+3. Search quality for each NFE (default 5, 10, 20): a real ``stridelab sweep`` subprocess per NFE (the
+   default sweep but for the budget flags), learned schedule vs every baseline on held-out seeds (recon
+   and FID), read from the sweep's ``comparison.csv``.
+4. Search cost, from the same sweeps' Optuna journals: wall time; trials (and time) until the best-so-far
+   is within 5% of the final best; time per search trial / the sampling time measured inside it
+   (``ScheduleResult.seconds``, logged as the trial's ``seconds``; target <= 1.2), over the batches in
+   which no trial was pruned or failed (a pruned trial's screen time is not logged).
+5. Peak memory of each sweep: the summed RSS (and PSS) of the driver and every process under it (the
+   local Ray's GCS, raylet and workers), sampled every 0.25 s (PSS every 2 s) with psutil.
+
+``--quick`` sweeps the analytic ``gmm:blobs64`` (seconds per sweep instead of many minutes for the
+bundled digits UNet on 2 cores) unless ``--model`` is given; the sampler benchmark uses the tiny random
+UNet. The full run uses the sweep's defaults (model, trials, seeds, full teacher): hours on 2 busy cores.
+
+Everything a sweep writes (journal, sqlite MLflow, artifacts) goes to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+OUT = ROOT / "docs" / "BENCHMARKS.md"
+WITHIN = 0.05  # "within 5% of the final best"
+
+
+# --------------------------------------------------------------------------------------------------
+# the machine
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram = int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:
+        pass
+    import ray
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "torch": torch.__version__, "ray": ray.__version__,
+            "python": platform.python_version(), "os": f"{platform.system()} {platform.release()}",
+            "load_avg": os.getloadavg(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+# --------------------------------------------------------------------------------------------------
+# peak memory of a process tree
+
+
+class PeakMemory:
+    """Samples the summed RSS (every `interval` s) and PSS (every `pss_every`-th sample: reading smaps costs
+    kernel time) of a process and all its descendants in a thread; keeps the maxima."""
+
+    def __init__(self, pid: int, interval: float = 0.25, pss_every: int = 8):
+        import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+        import psutil
+
+        self.psutil, self.root = psutil, psutil.Process(pid)
+        self.interval, self.pss_every = interval, pss_every
+        self.peak_rss = self.peak_pss = self.driver_rss = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        ps = self.psutil
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            full = n % self.pss_every == 1
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except ps.Error:
+                break
+            rss = pss = 0
+            for i, p in enumerate(procs):
+                try:
+                    m = p.memory_full_info() if full else p.memory_info()
+                except ps.Error:
+                    continue
+                rss += m.rss
+                pss += getattr(m, "pss", m.rss)
+                if i == 0:
+                    self.driver_rss = max(self.driver_rss, m.rss)
+            self.peak_rss = max(self.peak_rss, rss)
+            if full:
+                self.peak_pss = max(self.peak_pss, pss)
+            self.peak_procs = max(self.peak_procs, len(procs))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+# --------------------------------------------------------------------------------------------------
+# sweeps
+
+
+def run_sweep_subprocess(nfe: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One ``stridelab sweep`` in its own process, memory sampled; returns its figures."""
+    name = f"bench-nfe{nfe}"
+    cmd = [sys.executable, "-m", "jobs.cli", "sweep", "--model", args.model, "--nfe", str(nfe),
+           "--trials", str(args.trials), "--study-name", name, "--out-dir", str(work / "out"),
+           "--storage", str(work / "optuna.journal"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}",
+           "--actors", str(args.actors)]
+    for flag, value in (("--num-seeds", args.num_seeds), ("--holdout-seeds", args.holdout_seeds),
+                        ("--teacher-nfe", args.teacher_nfe), ("--parallel", args.parallel)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    log_path = work / f"{name}.log"
+    print(f"  sweep nfe {nfe}: {' '.join(cmd[3:])}", flush=True)
+    t0, launched = time.perf_counter(), dt.datetime.now(dt.timezone.utc)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with PeakMemory(proc.pid) as mem:
+            rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise RuntimeError(f"sweep nfe {nfe} failed (exit {rc}):\n{log_path.read_text()[-3000:]}")
+    out = {"nfe": nfe, "cmd": " ".join(["stridelab", *cmd[3:]]), "wall_s": wall, "peak_rss": mem.peak_rss,
+           "peak_pss": mem.peak_pss, "driver_rss": mem.driver_rss, "peak_procs": mem.peak_procs}
+    out["rows"] = read_rows(work / "out" / name / "comparison.csv")
+    from search.defaults import DEFAULTS
+
+    num_seeds = args.num_seeds or DEFAULTS["num_seeds"]
+    n_screen = DEFAULTS["screen_seeds"] or max(8, num_seeds // 4)
+    out["cost"] = search_cost(work / "optuna.journal", name, launched, args.parallel or DEFAULTS["parallel"],
+                              num_seeds, n_screen)
+    print(f"    {wall:.0f} s, peak RSS {mem.peak_rss / 2**30:.2f} GiB, "
+          f"time/trial over sampling {fmt(out['cost'].get('overhead'), '.2f')}", flush=True)
+    return out
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open() as f:
+        for r in csv.DictReader(f):
+            rows.append({k: (float(v) if k.startswith(("holdout_", "x_", "fid_x", "tuning_")) and v not in ("", None)
+                             else v) for k, v in r.items()})
+    return rows
+
+
+def search_cost(journal: Path, name: str, launched: dt.datetime, parallel: int, num_seeds: int,
+                n_screen: int) -> dict[str, Any]:
+    """Trials to within 5% of the final best, and search wall time / sampling time, from the study.
+
+    Search trials are asked in batches of `parallel` (consecutive numbers after the warm starts). A batch's
+    wall time runs from its first ask to the next batch's first ask, so the tell and MLflow logging after
+    it count. Its sampling time is the sum of its trials' ``seconds`` (measured inside the evaluator); a
+    pruned trial ran only the screen (`n_screen` of `num_seeds` seeds) and does not log its time, so it is
+    counted as n_screen x the study's mean sampling time per seed (every schedule of one NFE costs the same
+    per seed: NFE network calls). Batches holding a FAIL trial are left out.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    from search.study import make_storage
+
+    study = optuna.load_study(study_name=name, storage=make_storage(journal))
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+    final = min(t.values[0] for t in done)
+    best, reach = float("inf"), None
+    for i, t in enumerate(trials, 1):
+        if t.state == TrialState.COMPLETE and t.values:
+            best = min(best, t.values[0])
+        if best <= (1 + WITHIN) * final:
+            reach = (i, (t.datetime_complete.astimezone(dt.timezone.utc) - launched).total_seconds())
+            break
+    search = [t for t in trials if t.user_attrs.get("kind") == "search"]
+    batches = [search[i : i + parallel] for i in range(0, len(search), parallel)]
+    timed = [t for t in search if t.state == TrialState.COMPLETE and "seconds" in t.user_attrs]
+    per_seed = sum(float(t.user_attrs["seconds"]) for t in timed) / (len(timed) * num_seeds) if timed else None
+    wall = sampling = 0.0
+    used = 0
+    for b, nxt in zip(batches, [*batches[1:], None]):
+        if per_seed is None or any(t.state not in (TrialState.COMPLETE, TrialState.PRUNED) for t in b):
+            continue
+        end = nxt[0].datetime_start if nxt is not None else max(t.datetime_complete for t in b)
+        wall += (end - b[0].datetime_start).total_seconds()
+        sampling += sum(float(t.user_attrs["seconds"]) if t.state == TrialState.COMPLETE else n_screen * per_seed
+                        for t in b)
+        used += 1
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    best_trial = min(done, key=lambda t: t.values[0])
+    return {"trials": len(trials), "states": states, "final_best": final,
+            "best_is": best_trial.user_attrs.get("schedule", "?") if best_trial.user_attrs.get("kind") == "baseline"
+            else f"learned (trial {best_trial.number})",
+            "reach_trials": reach[0] if reach else None, "reach_s": reach[1] if reach else None,
+            "search_s": (max(t.datetime_complete for t in search) - search[0].datetime_start).total_seconds()
+            if search else 0.0,
+            "batches": len(batches), "batches_used": used, "batch_wall_s": wall, "batch_sampling_s": sampling,
+            "sampling_per_seed_s": per_seed, "overhead": wall / sampling if sampling > 0 else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# the report
+
+
+def fmt(v: Any, spec: str = ".3g", none: str = "n/a") -> str:
+    if v is None or v == "":
+        return none
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def verdict(v: float | None, target: float, le: bool = True) -> str:
+    if v is None:
+        return "n/a"
+    return "meets" if (v <= target if le else v >= target) else "misses"
+
+
+def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler: dict | None, pool: dict | None,
+           sweeps: list[dict]) -> str:
+    L: list[str] = []
+    add = L.append
+    add("# Benchmarks\n")
+    add(f"Generated by `python benchmarks/run_all.py{' ' + ' '.join(argv) if argv else ''}` (`make bench` runs it "
+        f"without flags) on {m['date']}. {'**Quick smoke run: tiny budgets, the figures are not representative.**' if args.quick else ''}\n")
+    add("| machine | |\n|---|---|")
+    add(f"| CPU | {m['cpu']}, {m['cores']} cores |")
+    add(f"| RAM | {fmt(m['ram_gib'], '.1f')} GiB |")
+    add(f"| software | Python {m['python']}, torch {m['torch']}, Ray {m['ray']}, {m['os']} |")
+    add(f"| load average at start | {' '.join(f'{v:.2f}' for v in m['load_avg'])} "
+        f"(a shared machine: other jobs compete for the cores) |\n")
+    add("Ratios are measured within this run (contenders interleaved or on the same cores back to back); absolute "
+        "times hold only for the machine above and its load.\n")
+
+    add("## 1. Sampler overhead and ours vs diffusers\n")
+    if sampler:
+        add(f"Model `{sampler['model']}`, batch {sampler['batch']}, NFE {sampler['nfe']}, medians of "
+            f"{sampler.get('reps', '?')} interleaved reps (`benchmarks/bench_sampler.py`).\n")
+        add("| measure | value | target | |\n|---|---|---|---|")
+        add(f"| `ddim_sample` / raw model calls | {sampler['overhead']:.3f} | <= 1.03 | {verdict(sampler['overhead'], 1.03)} |")
+        add(f"| `ddim_sample` / diffusers DDIM loop (same outputs) | {sampler['ours_over_diffusers']:.3f} | <= 1.0 | "
+            f"{verdict(sampler['ours_over_diffusers'], 1.0)} |")
+        add(f"| raw model calls, absolute | {sampler['raw_s']:.3f} s | | |\n")
+    else:
+        add("skipped\n")
+
+    add("## 2. Ray actor pool vs in-process\n")
+    if pool:
+        add(f"`SamplerPool.evaluate` of {pool['schedules']} schedules x NFE {pool['nfe']} x {pool['seeds']} seeds on "
+            f"`{pool['model'] if not pool['model'].startswith('/') else 'tiny random UNet (8x8)'}`; in-process with "
+            f"{pool['threads_in_process']} torch threads vs {pool['actors']} actors x 1 thread, median of {pool['reps']} "
+            f"(`benchmarks/bench_pool.py`).\n")
+        add("| | seconds | samples/s |\n|---|---|---|")
+        add(f"| in-process | {pool['in_process_s']:.3f} | {pool['in_process_samples_per_s']:.0f} |")
+        add(f"| Ray pool | {pool['pool_s']:.3f} | {pool['pool_samples_per_s']:.0f} |\n")
+        add(f"Pool / in-process throughput: **{pool['ratio']:.2f}** (target >= 0.9: {verdict(pool['ratio'], 0.9, le=False)}).\n")
+    else:
+        add("skipped\n")
+
+    add("## 3. Search quality on held-out seeds\n")
+    if sweeps:
+        add(f"One `stridelab sweep` per NFE on `{args.model}` (commands below); the learned schedule and every warm "
+            "start re-evaluated on held-out seeds. recon: per-dimension MSE vs the teacher on a [0, 1] scale; "
+            "x best: ratio to the best standard baseline (dp excluded); FID on the sweep's feature space.\n")
+        add("| NFE | learned recon | best baseline | its recon | learned / best | learned FID | best baseline FID |")
+        add("|---|---|---|---|---|---|---|")
+        for s in sweeps:
+            rows = s["rows"]
+            learned = rows[0]
+            base = [r for r in rows[1:] if r["schedule"] != "dp" and isinstance(r.get("holdout_recon"), float)]
+            b = min(base, key=lambda r: r["holdout_recon"]) if base else {}
+            fids = [r["holdout_fid"] for r in base if isinstance(r.get("holdout_fid"), float)]
+            add(f"| {s['nfe']} | {fmt(learned.get('holdout_recon'))} | {b.get('schedule', 'n/a')} | "
+                f"{fmt(b.get('holdout_recon'))} | {fmt(learned.get('x_best_baseline'), '.3f')} | "
+                f"{fmt(learned.get('holdout_fid'))} | {fmt(min(fids) if fids else None)} |")
+        add("")
+        for s in sweeps:
+            add(f"<details><summary>NFE {s['nfe']}: every schedule</summary>\n")
+            add("| schedule | held-out recon | x best | held-out FID | FID x best | tuning recon | timesteps |")
+            add("|---|---|---|---|---|---|---|")
+            for r in s["rows"]:
+                add(f"| {r['schedule']} | {fmt(r.get('holdout_recon'))} | {fmt(r.get('x_best_baseline'), '.3f')} | "
+                    f"{fmt(r.get('holdout_fid'))} | {fmt(r.get('fid_x_best_baseline'), '.3f')} | "
+                    f"{fmt(r.get('tuning_recon'))} | {r.get('timesteps', '')} |")
+            add("\n</details>\n")
+    else:
+        add("skipped\n")
+
+    add("## 4. Search cost\n")
+    if sweeps:
+        add(f"Within {WITHIN:.0%}: the first trial (in study order; the warm starts, baselines and dp, come first) "
+            "after which the best-so-far tuning objective is within 5% of the final best, and the time from "
+            "launching the sweep (start-up, teachers and the DP placement included) to that trial's end. "
+            "Time per trial / sampling: the wall time of the search batches (ask to next ask: Optuna, schedule "
+            "building, dispatch to the actors, tell, MLflow) over the sampling time measured inside the evaluator "
+            "(`ScheduleResult.seconds`) for their trials; a pruned trial's screen, which is not logged, is counted "
+            "at the study's mean sampling time per seed (target <= 1.2).\n")
+        add("| NFE | sweep wall | search phase | trials | states | within 5% after | at | best is | "
+            "time per trial / sampling | batches |")
+        add("|---|---|---|---|---|---|---|---|---|---|")
+        for s in sweeps:
+            c = s["cost"]
+            add(f"| {s['nfe']} | {s['wall_s']:.0f} s | {c['search_s']:.1f} s | {c['trials']} | "
+                f"{', '.join(f'{k} {v}' for k, v in sorted(c['states'].items()))} | {fmt(c['reach_trials'], 'd')} | "
+                f"{fmt(c['reach_s'], '.1f')} s | {c['best_is']} | **{fmt(c['overhead'], '.2f')}** "
+                f"({verdict(c['overhead'], 1.2)}) | {c['batches_used']} / {c['batches']} |")
+        add("")
+    else:
+        add("skipped\n")
+
+    add("## 5. Peak memory of a sweep\n")
+    if sweeps:
+        add("Summed over the driver and every process under it (the local Ray's GCS, raylet, workers), sampled every "
+            "0.25 s (PSS every 2 s). RSS counts shared pages (torch's libraries) once per process, so it overstates; PSS splits "
+            f"them. NFE {10 if any(s['nfe'] == 10 for s in sweeps) else sweeps[0]['nfe']} is the default sweep"
+            f"{' (with the budget flags above)' if args.quick or args.trials != DEFAULT_TRIALS else ''}.\n")
+        add("| NFE | peak RSS (all) | peak PSS (all) | driver RSS | processes |\n|---|---|---|---|---|")
+        for s in sweeps:
+            add(f"| {s['nfe']} | {s['peak_rss'] / 2**30:.2f} GiB | {s['peak_pss'] / 2**30:.2f} GiB | "
+                f"{s['driver_rss'] / 2**30:.2f} GiB | {s['peak_procs']} |")
+        add("\nCommands:\n")
+        add("```")
+        for s in sweeps:
+            add(s["cmd"].replace(str(Path(tempfile.gettempdir())), "$TMP"))
+        add("```\n")
+    else:
+        add("skipped\n")
+    return "\n".join(L) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+DEFAULT_TRIALS = 60
+
+
+def main(argv: list[str] | None = None) -> int:
+    from search.defaults import DEFAULT_MODEL, DEFAULTS
+
+    global DEFAULT_TRIALS
+    DEFAULT_TRIALS = DEFAULTS["trials"]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets everywhere")
+    ap.add_argument("--model", default=None, help=f"sweep model (default {DEFAULT_MODEL}; quick gmm:blobs64)")
+    ap.add_argument("--nfe", default="5,10,20", help="sweep NFEs (default %(default)s)")
+    ap.add_argument("--trials", type=int, default=None, help=f"trials per sweep (default {DEFAULTS['trials']}; quick 26)")
+    ap.add_argument("--num-seeds", type=int, default=None, help="tuning seeds (default: the sweep's; quick 32)")
+    ap.add_argument("--holdout-seeds", type=int, default=None, help="held-out seeds (default: the sweep's; quick 64)")
+    ap.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: all; quick 100)")
+    ap.add_argument("--parallel", type=int, default=None, help="trials per batch (default: the sweep's)")
+    ap.add_argument("--actors", type=int, default=DEFAULTS["actors"], help="Ray actors per seed set (default %(default)s)")
+    ap.add_argument("--sampler-model", default=None, help="bench_sampler model (default bundled:digits; quick tiny)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: sampler, pool, sweeps")
+    ap.add_argument("--out", default=str(OUT), help="report path (default docs/BENCHMARKS.md)")
+    ap.add_argument("--json", default=None, help="also write the raw figures here")
+    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    shown = [a for i, a in enumerate(argv) if not (a.startswith(("--out", "--json")) or
+                                                   (i > 0 and argv[i - 1] in ("--out", "--json")))]
+    q = args.quick
+    if args.trials is None:
+        args.trials = 26 if q else DEFAULTS["trials"]
+    if args.model is None:
+        args.model = "gmm:blobs64" if q else DEFAULT_MODEL
+    if q:
+        args.num_seeds = args.num_seeds or 32
+        args.holdout_seeds = args.holdout_seeds or 64
+        args.teacher_nfe = args.teacher_nfe or 100
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    nfes = [int(v) for v in args.nfe.split(",") if v.strip()]
+
+    m = machine()
+    print(f"{m['date']}  {m['cpu']}, {m['cores']} cores, {fmt(m['ram_gib'], '.1f')} GiB, torch {m['torch']}, "
+          f"load {' '.join(f'{v:.2f}' for v in m['load_avg'])}", flush=True)
+    sampler = pool = None
+    if "sampler" not in skip:
+        import bench_sampler
+
+        print("[1/3] sampler overhead, ours vs diffusers", flush=True)
+        sargs = ["--model", args.sampler_model or ("tiny" if q else "bundled:digits")]
+        sargs += ["--batch", "16", "--reps", "3"] if q else ["--batch", "256", "--reps", "5"]
+        sampler = bench_sampler.main(sargs)
+        sampler["reps"] = 3 if q else 5
+    if "pool" not in skip:
+        import bench_pool
+
+        print("[2/3] Ray pool vs in-process", flush=True)
+        pool = bench_pool.main(["--model", "tiny", "--seeds", "64", "--nfe", "5", "--reps", "1", "--teacher-nfe", "10"]
+                               if q else [])
+    sweeps: list[dict] = []
+    if "sweeps" not in skip:
+        print(f"[3/3] sweeps on {args.model}, NFE {nfes}, {args.trials} trials each", flush=True)
+        with tempfile.TemporaryDirectory(prefix="stridelab-bench-") as tmp:
+            for nfe in nfes:
+                sweeps.append(run_sweep_subprocess(nfe, args, Path(tmp)))
+    text = report(m, args, shown, sampler, pool, sweeps)
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(args.out, text)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"machine": m, "sampler": sampler, "pool": pool, "sweeps": sweeps},
+                                                indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
