@@ -311,8 +311,12 @@ def test_real_bundled_digits_model():
     m = load_model("bundled:digits")
     assert m.sample_shape == (1, 8, 8) and m.data_range == (-1.0, 1.0) and m.decode is None
     assert torch.equal(m.alphas_cumprod, models.make_alphas_cumprod("linear", 1000))
-    x0 = ddim_sample(m.denoiser, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), [999, 600, 300], m.alphas_cumprod)
-    assert torch.isfinite(x0).all() and x0.abs().max() < 3  # a trained model lands near [-1, 1]
+    x_T = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = ddim_sample(m.denoiser, x_T, list(range(950, -1, -50)), m.alphas_cumprod)  # 20 uniform steps
+    # A trained model lands (mostly) in the data range: measured 97.6% of pixels within [-1.2, 1.2]
+    # (x_T itself: 77%). A few pixels of a 20-step sample overshoot, so this checks the bulk, not the max.
+    assert torch.isfinite(x0).all()
+    assert (x0.abs() <= 1.2).float().mean() > 0.9
 
 
 # ---------------------------------------------------------------------------------------------- the Hub
