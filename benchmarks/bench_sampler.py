@@ -5,7 +5,8 @@
 1. overhead = ddim_sample wall time / the same NFE raw model calls alone (target <= 1.03).
 2. ours / diffusers = ddim_sample / diffusers' DDIMScheduler loop on the same uniform schedule, same
    model, same x_T (target <= 1.0); the outputs are checked equal first.
-Timings alternate between the contenders rep by rep and report medians, so background load hits both.
+Timings alternate between the contenders, rotating their order each rep, and report medians, so
+background load and position effects hit all of them.
 """
 
 from __future__ import annotations
@@ -77,12 +78,28 @@ def main(argv=None) -> dict:
 
     torch.testing.assert_close(ours(), theirs(), atol=1e-4, rtol=1e-4)  # same work, same answer
     times = {"raw": [], "ours": [], "diffusers": []}
-    for _ in range(args.reps):
-        for name, fn in (("raw", raw), ("ours", ours), ("diffusers", theirs)):
+    contenders = [("raw", raw), ("ours", ours), ("diffusers", theirs)]
+    for rep in range(args.reps):
+        # Rotate the order every rep: measured here, whichever runs first in a rep is ~5% slower
+        # (allocator / cache state), which would otherwise bias the ratios.
+        for name, fn in contenders[rep % 3:] + contenders[: rep % 3]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # The sampler's own arithmetic alone (NFE ddim_steps on the same tensors, no network): a figure
+    # that background load cannot blur, unlike the small difference of two wall times above.
+    from pipeline.ddim import ddim_step
+
+    eps = torch.randn_like(x_T)
+    math_times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        x = x_T
+        for i, t in enumerate(ts):
+            x, _ = ddim_step(x, eps, ac[t].item(), ac[ts[i + 1]].item() if i + 1 < len(ts) else 1.0)
+        math_times.append(time.perf_counter() - t0)
+    med["math"] = statistics.median(math_times)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -90,12 +107,14 @@ def main(argv=None) -> dict:
         "overhead": med["ours"] / med["raw"],
         "ours_over_diffusers": med["ours"] / med["diffusers"],
         "raw_s": med["raw"],
+        "math_fraction": med["math"] / med["raw"],
     }
     print(f"machine: {result['machine']}, torch {torch.__version__}, {result['date']}")
     print(f"model {args.model}, batch {args.batch}, NFE {args.nfe}, {args.reps} reps (medians)")
     print(f"  raw model calls        {med['raw']:.4f} s")
     print(f"  ddim_sample            {med['ours']:.4f} s   overhead ratio {result['overhead']:.3f}  (target <= 1.03)")
     print(f"  diffusers DDIM loop    {med['diffusers']:.4f} s   ours/diffusers {result['ours_over_diffusers']:.3f}  (target <= 1.0)")
+    print(f"  DDIM arithmetic alone  {med['math']:.5f} s   = {100 * result['math_fraction']:.3f}% of the model time")
     return result
 
 
