@@ -49,6 +49,7 @@ import torch
 from pipeline.ddim import ddim_sample
 from pipeline.denoisers import BatchInvariant
 from pipeline.images import tile
+from pipeline.io import replace_directory
 from pipeline.errors import StridelabError
 from pipeline.evaluation import ScheduleResult
 from pipeline.metrics import inversion_errors, per_sample_mse
@@ -685,17 +686,6 @@ def scatter_image(points: np.ndarray, size: int = 256) -> np.ndarray:
     return img
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move finished directory `tmp` onto `target` (an old `target` is removed only after the swap)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def write_sample_dir(
     out_dir: str | os.PathLike,
     batches: Iterator[dict[str, np.ndarray]],
@@ -772,7 +762,7 @@ def write_sample_dir(
         else:
             Image.fromarray(scatter_image(first)).save(tmp / "grid.png")
         schedule.save(tmp / "schedule.json")
-        replace_dir(tmp, target)
+        replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
