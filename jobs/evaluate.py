@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from jobs.common import int_list, name_list
 
 DEFAULT_SCHEDULES = "uniform,quadratic,karras,logsnr,time_quadratic"
 METRICS = ("recon", "inversion", "fid", "kid")
+
+
+def _check_samples_and_out(args: argparse.Namespace) -> None:
+    """Checks both paths share, made before any model is loaded."""
+    from pipeline.errors import StridelabError
+
+    if args.num_samples < 1:
+        raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.out and os.path.splitext(args.out)[1] not in (".csv", ".parquet"):
+        raise StridelabError(f"--out must end in .csv or .parquet, got {args.out!r}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,7 +86,6 @@ def _reference(args: argparse.Namespace, model, features: str, seeds: range):
 
 def run_samplers(args: argparse.Namespace) -> int:
     """--samplers: the transfer table of `pipeline.transfer` (in this process)."""
-    import os
 
     from pipeline.errors import StridelabError
     from pipeline.evaluation import make_teacher
@@ -92,10 +102,7 @@ def run_samplers(args: argparse.Namespace) -> int:
                              "(or one schedule name with --nfe)")
     if args.actors:
         raise StridelabError("--samplers runs in this process; drop --actors")
-    if args.num_samples < 1:
-        raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.out and os.path.splitext(args.out)[1] not in (".csv", ".parquet"):
-        raise StridelabError(f"--out must end in .csv or .parquet, got {args.out!r}")
+    _check_samples_and_out(args)
     model = load_model(args.model)
     T = model.num_train_timesteps
     spec = args.schedules[0]
@@ -127,7 +134,6 @@ def run_samplers(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
 
     if getattr(args, "samplers", None):
         return run_samplers(args)
@@ -141,15 +147,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.reports import format_table, write_table
     from pipeline.schedules import check_nfe, resolve_schedule
 
-    if args.num_samples < 1:
-        raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
+    _check_samples_and_out(args)
     bad = [m for m in args.metrics if m not in METRICS]
     if bad:
         raise StridelabError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
     if args.actors < 0:
         raise StridelabError(f"--actors must be >= 0 (0 = in-process), got {args.actors}")
-    if args.out and os.path.splitext(args.out)[1] not in (".csv", ".parquet"):
-        raise StridelabError(f"--out must end in .csv or .parquet, got {args.out!r}")
     model = load_model(args.model)
     T = model.num_train_timesteps
     for n in args.nfe:
