@@ -20,13 +20,7 @@ TEACHER_NFE = 100
 BASELINES = ("uniform", "quadratic", "karras", "logsnr", "dp")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The analytic models run on tiny tensors: one intra-op thread is many times faster on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
