@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trials in the study in total, warm starts included (default %(default)s)")
     p.add_argument("--parallel", type=int, default=d.parallel, help="trials asked and evaluated together (default %(default)s)")
     p.add_argument("--sampler", default=d.sampler, help="tpe, gp, cmaes, nsga2 or random (default %(default)s)")
-    p.add_argument("--space", default=d.space, help="warp (4 parameters), free (log sigma gaps) or free_t (default %(default)s)")
+    p.add_argument("--space", default=d.space, help="warp (4 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) (default %(default)s)")
     p.add_argument("--objective", default=d.objective,
                    help="recon, fid, recon+fid (log recon + w log fid) or recon,fid (Pareto) (default %(default)s)")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="first tuning seed and sampler seed (default %(default)s)")
     p.add_argument("--baselines", type=name_list, default=None,
                    help="comma-separated warm-start schedules (default: every baseline schedule and dp)")
+    p.add_argument("--polish", type=int, default=d.polish,
+                   help="trials (of --trials) that refine the best schedule at the end by moving one step at a "
+                        "time on the integer grid (compass search; single objective only; default %(default)s)")
     p.add_argument("--no-prune", dest="prune", action="store_false", help="evaluate every trial on all tuning seeds")
     p.add_argument("--screen-seeds", type=int, default=d.screen_seeds,
                    help="seeds of the pruning screen (default: a quarter of the tuning seeds, at least 8)")
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
         holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.baselines or DEFAULT_BASELINES), prune=args.prune,
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe or None, holdout_fid=args.holdout_fid,
+        polish=args.polish,
     )
     run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,

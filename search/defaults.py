@@ -21,5 +21,6 @@ DEFAULTS = {
     "seed": 0,
     "screen_seeds": 0,
     "actors": 2,
+    "polish": 30,
 }
 """Flag defaults shared by `search.sweep.SweepConfig` and `jobs.sweep`."""

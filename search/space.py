@@ -28,6 +28,9 @@ Spaces (``SPACES``):
     top of the coordinate range (log sigma for ``free``, t for ``free_t``): c_i = c_max - range *
     sum(g_0..g_i). g_0 lets the first step sit below t = T - 1, g_n is what is left above t = 0.
 
+``steps``
+    The n integer timesteps themselves (``t00`` > ``t01`` > ...): the space of the polish phase.
+
 Example:
     >>> import optuna
     >>> from pipeline.noise import make_alphas_cumprod
@@ -46,7 +49,7 @@ from typing import Any, Protocol
 import numpy as np
 import optuna
 import torch
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
 from pipeline.errors import StridelabError
 from pipeline.noise import as_alphas_cumprod, sigmas_of
@@ -254,10 +257,46 @@ class FreeSpace:
         return {k: float(v) for k, v in zip(self.keys, g)}
 
 
+# --------------------------------------------------------------------------------------------------
+# integer timesteps
+
+
+class StepsSpace:
+    """The n timesteps themselves, as integers t00 > t01 > ... (projected to distinct if a sampler breaks
+    the order). The space of the polish phase (`search.polish`), where every trial is enqueued with its
+    exact timesteps; as a space for a global sampler it is the largest and the slowest to search."""
+
+    name = "steps"
+
+    def __init__(self, nfe: int, alphas_cumprod: torch.Tensor):
+        self.abar = as_alphas_cumprod(alphas_cumprod)
+        self.T = self.abar.numel()
+        self.nfe = check_nfe(nfe, self.T)
+        self.keys = [f"t{i:02d}" for i in range(self.nfe)]
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return {k: IntDistribution(0, self.T - 1) for k in self.keys}
+
+    def build(self, params: Mapping[str, float]) -> Schedule:
+        t = np.sort(np.array([float(params[k]) for k in self.keys]))[::-1]
+        return Schedule(project_to_distinct(t, self.T), self.T, self.name, {})
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Schedule:
+        return self.build({k: trial.suggest_int(k, 0, self.T - 1) for k in self.keys})
+
+    def params_of(self, schedule: Schedule) -> dict[str, float]:
+        if schedule.num_train_timesteps != self.T or schedule.nfe != self.nfe:
+            raise StridelabError(
+                f"schedule has T = {schedule.num_train_timesteps}, nfe = {schedule.nfe}; space has T = {self.T}, nfe = {self.nfe}"
+            )
+        return {k: int(v) for k, v in zip(self.keys, schedule.timesteps)}
+
+
 SPACES: dict[str, Any] = {
     "warp": WarpSpace,
     "free": lambda nfe, abar: FreeSpace(nfe, abar, "logsigma"),
     "free_t": lambda nfe, abar: FreeSpace(nfe, abar, "t"),
+    "steps": StepsSpace,
 }
 """Every search space by name: ``SPACES[name](nfe, alphas_cumprod) -> SearchSpace``."""
 

@@ -10,6 +10,10 @@ Flow of `run_sweep`:
 3. Search: ``study.ask()`` `parallel` trials, build their schedules, evaluate them in one
    ``evaluate(list)`` call, ``study.tell`` each. A schedule that raises or gives NaN is told FAIL and
    the sweep goes on. Trials are counted as in `search.study` (exactly `trials` in total).
+   The last `polish` trials (single objective only) refine the best schedule so far on the integer
+   timestep grid by compass search (`search.polish`): each batch enqueues untried single-step moves of
+   the incumbent (params of the ``steps`` space, user attr ``kind = "polish"``), so the global phase
+   finds the basin and the polish phase the placement no few-parameter family can express.
 4. Pruning (objective ``recon`` only): a batch is first evaluated on the first `screen_seeds` tuning
    seeds. A trial is told PRUNED when its per-seed errors there are worse than the best trial's on the
    same seeds by a one-sided Wilcoxon signed-rank test (p < `prune_p`, the test Optuna's WilcoxonPruner
@@ -40,6 +44,7 @@ from pipeline.evaluation import ScheduleResult
 from pipeline.models import LoadedModel
 from pipeline.schedules import SCHEDULES, Schedule, check_nfe, make_schedule
 from search.evaluators import OBJECTIVES, EvaluatorFactory, Objective, TrialFailed
+from search.polish import next_candidates, step_ladder
 from search.space import SPACES, make_space
 from search.study import (SAMPLERS, fail_stale_running, finished_count, make_sampler, make_storage, missing_store,
                           open_study)
@@ -74,6 +79,7 @@ class SweepConfig:
     screen_seeds: int = DEFAULTS["screen_seeds"]
     prune_p: float = 0.05
     teacher_nfe: int | None = DEFAULTS["teacher_nfe"]
+    polish: int = DEFAULTS["polish"]
     dp_seeds: int = 64
     dp_grid: int = 160
     grid_seeds: int = 64
@@ -98,6 +104,7 @@ class SweepConfig:
         need(not bad, f"unknown baseline {bad[0]!r}; choose from {', '.join(DEFAULT_BASELINES)}" if bad else "")
         need(len(self.baselines) <= self.trials,
              f"--trials ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
+        need(isinstance(self.polish, int) and self.polish >= 0, f"--polish must be an integer >= 0, got {self.polish!r}")
         if self.objective == "recon,fid":
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
@@ -114,6 +121,14 @@ class SweepConfig:
     @property
     def pruning(self) -> bool:
         return self.prune and self.objective == "recon"
+
+    @property
+    def polish_trials(self) -> int:
+        """Trials of the polish phase: `polish`, capped to what the warm starts leave; 0 for two objectives
+        (a single-step move has no single 'better' on a Pareto front)."""
+        if Objective(self.objective, self.fid_weight).multi:
+            return 0
+        return min(self.polish, self.trials - len(self.baselines))
 
     @property
     def n_screen(self) -> int:
@@ -173,6 +188,8 @@ class Sweep:
         self.cfg, self.model, self.study, self.tracker, self.log = cfg, model, study, tracker, log
         self.objective = Objective(cfg.objective, cfg.fid_weight)
         self.space = make_space(cfg.space, cfg.nfe, model.alphas_cumprod)
+        self.polish_space = make_space("steps", cfg.nfe, model.alphas_cumprod)
+        self.ladder = step_ladder(model.num_train_timesteps)
         self.make_evaluator = evaluators
         seeds = cfg.tuning_seeds
         if cfg.pruning:
@@ -215,7 +232,8 @@ class Sweep:
     def _track(self, number: int, state: str, sched: Schedule | None, params: dict, ua: dict, kind: str) -> None:
         if self.tracker is None:
             return
-        p = {"kind": kind, "space": self.cfg.space, "sampler": self.cfg.sampler,
+        p = {"kind": kind, "space": "steps" if kind == "polish" else self.cfg.space,
+             "sampler": "compass" if kind == "polish" else self.cfg.sampler,
              **{f"p.{k}": round(float(v), 6) for k, v in params.items()}}
         if sched is not None:
             p.update(schedule=sched.name, timesteps=" ".join(map(str, sched.timesteps)))
@@ -269,20 +287,22 @@ class Sweep:
         return None if errs is None else errs[: self.cfg.n_screen]
 
     def _fail(self, trial: optuna.Trial, sched: Schedule | None, err: str) -> None:
-        trial.set_user_attr("kind", "search")
+        kind = trial.user_attrs.get("kind", "search")
+        trial.set_user_attr("kind", kind)
         trial.set_user_attr("error", err[:500])
         if sched is not None:
             trial.set_user_attr("schedule", sched.name)
             trial.set_user_attr("timesteps", list(sched.timesteps))
         self.study.tell(trial, state=TrialState.FAIL)
-        self._track(trial.number, "FAIL", sched, trial.params, {"error": err}, "search")
+        self._track(trial.number, "FAIL", sched, trial.params, {"error": err}, kind)
 
     def run_batch(self, k: int) -> None:
         trials = [self.study.ask() for _ in range(k)]
         live: list[tuple[optuna.Trial, Schedule]] = []
         for trial in trials:
+            space = self.polish_space if trial.user_attrs.get("kind") == "polish" else self.space
             try:
-                live.append((trial, self.space.suggest(trial)))
+                live.append((trial, space.suggest(trial)))
             except (StridelabError, ValueError) as e:
                 self._fail(trial, None, f"bad schedule: {e}")
         screen_res: dict[int, ScheduleResult] = {}
@@ -302,11 +322,13 @@ class Sweep:
                 trial.report(mean, len(errs))
                 prune, p = (False, 1.0) if best is None else screen_is_worse(errs, best, self.cfg.prune_p)
                 if prune:
-                    ua = {"kind": "search", "screen_recon": mean, "screen_p": p, **self._attrs(sched, None, None)}
+                    kind = trial.user_attrs.get("kind", "search")
+                    ua = {"kind": kind, "screen_recon": mean, "screen_p": p, "seconds": float(res.seconds),
+                          **self._attrs(sched, None, None)}
                     for key, v in ua.items():
                         trial.set_user_attr(key, v)
                     self.study.tell(trial, state=TrialState.PRUNED)
-                    self._track(trial.number, "PRUNED", sched, trial.params, ua, "search")
+                    self._track(trial.number, "PRUNED", sched, trial.params, ua, kind)
                 else:
                     kept.append((trial, sched))
             live = kept
@@ -322,14 +344,38 @@ class Sweep:
             except TrialFailed as e:
                 self._fail(trial, sched, str(e))
                 continue
-            ua = {"kind": "search", **self._attrs(sched, m, res)}
+            kind = trial.user_attrs.get("kind", "search")
+            ua = {"kind": kind, **self._attrs(sched, m, res)}
             if trial.number in screen_res:
                 ua["screen_recon"] = float(screen_res[trial.number].recon.double().mean())
             for key, v in ua.items():
                 trial.set_user_attr(key, v)
             self.study.tell(trial, vals if self.objective.multi else vals[0])
             self.per_seed[trial.number] = np.asarray(ua["recon_per_seed"])
-            self._track(trial.number, "COMPLETE", sched, trial.params, ua, "search")
+            self._track(trial.number, "COMPLETE", sched, trial.params, ua, kind)
+
+    def enqueue_polish(self, k: int) -> None:
+        """Enqueue up to `k` compass-search moves of the best trial (fewer if some are already WAITING,
+        e.g. enqueued by a driver that was stopped before asking them)."""
+        trials = self.study.get_trials(deepcopy=False)
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        need = k - len(waiting)
+        if need <= 0:
+            return
+        try:
+            bt = self.study.best_trial
+        except ValueError:
+            return  # nothing to refine yet: the batch falls back to the global sampler
+        keys = self.polish_space.keys
+        tried = {tuple(t.user_attrs["timesteps"]) for t in trials if "timesteps" in t.user_attrs}
+        tried |= {tuple(int(t.system_attrs["fixed_params"][key]) for key in keys) for t in waiting
+                  if set(keys) <= set(t.system_attrs.get("fixed_params", {}))}
+        step = int(bt.user_attrs.get("polish_step", self.ladder[0]))
+        rng = np.random.default_rng([self.cfg.seed, len(trials)])
+        for ts, s in next_candidates(bt.user_attrs["timesteps"], step, tried, need, self.model.num_train_timesteps,
+                                     self.ladder, rng):
+            self.study.enqueue_trial(dict(zip(keys, ts)),
+                                     user_attrs={"kind": "polish", "polish_step": s, "polish_from": bt.number})
 
     def search(self) -> None:
         # CMA-ES starts from the warm starts (WS-CMA-ES) instead of the middle of the box.
@@ -337,8 +383,14 @@ class Sweep:
             src = [t for t in self.study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("kind") == "baseline"]
             self.study.sampler = make_sampler("cmaes", self.cfg.seed, source_trials=src)
         t0, start = time.perf_counter(), finished_count(self.study)
+        global_end = self.cfg.trials - self.cfg.polish_trials
         while (done := finished_count(self.study)) < self.cfg.trials:
-            self.run_batch(min(self.cfg.parallel, self.cfg.trials - done))
+            if done < global_end:
+                self.run_batch(min(self.cfg.parallel, global_end - done))
+            else:
+                k = min(self.cfg.parallel, self.cfg.trials - done)
+                self.enqueue_polish(k)
+                self.run_batch(k)
             n = finished_count(self.study)
             if self.objective.multi:
                 best = f"Pareto front {len(self.study.best_trials)}"
@@ -456,7 +508,8 @@ def run_sweep(
         best = export.schedule_of_trial(bt, model.num_train_timesteps)
         learned_name = "learned" if bt.user_attrs.get("kind") != "baseline" else f"learned (= {best.name})"
         learned = Schedule(best.timesteps, best.num_train_timesteps, "learned",
-                           {"space": cfg.space, **{k: float(v) for k, v in bt.params.items()}})
+                           {"space": "steps" if bt.user_attrs.get("kind") == "polish" else cfg.space,
+                            **{k: float(v) for k, v in bt.params.items()}})
         warm = {t.user_attrs["schedule"]: export.schedule_of_trial(t, model.num_train_timesteps)
                 for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("kind") == "baseline" and t.state == TrialState.COMPLETE}

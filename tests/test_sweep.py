@@ -44,7 +44,7 @@ def evaluators(ring8):
 
 def cfg(**kw):
     base = dict(model="gmm:ring8", nfe=10, trials=14, parallel=3, num_seeds=24, holdout_seeds=32, seed=0,
-                baselines=BASELINES, teacher_nfe=TEACHER_NFE, dp_seeds=16, dp_grid=40, grid_seeds=16)
+                baselines=BASELINES, teacher_nfe=TEACHER_NFE, dp_seeds=16, dp_grid=40, grid_seeds=16, polish=4)
     return SweepConfig(**{**base, **kw})
 
 
@@ -202,8 +202,61 @@ def test_fid_objectives(tmp_path, ring8, evaluators, objective, sampler):
 def test_other_samplers_run(tmp_path, ring8, evaluators, sampler):
     if sampler == "cmaes":
         pytest.importorskip("cmaes")
-    sweep(tmp_path, ring8, evaluators, trials=6, sampler=sampler, parallel=2, baselines=("uniform", "dp"))
-    assert finished_count(load(tmp_path)) == 6
+    sweep(tmp_path, ring8, evaluators, trials=6, sampler=sampler, parallel=2, baselines=("uniform", "dp"), polish=0)
+    study = load(tmp_path)
+    assert finished_count(study) == 6
+    assert {t.user_attrs["kind"] for t in study.trials} == {"baseline", "search"}
+
+
+def _moved_by(a, b):
+    """(number of coordinates that differ, the set of absolute differences) between two timestep lists."""
+    d = [abs(x - y) for x, y in zip(a, b) if x != y]
+    return len(d), set(d)
+
+
+def test_polish_phase_moves_one_step_of_the_incumbent(tracked):
+    tmp, res = tracked
+    study = load(tmp)
+    kinds = [t.user_attrs["kind"] for t in study.trials]
+    assert kinds.count("polish") == 4 and kinds[-4:] == ["polish"] * 4  # the last --polish trials
+    by_number = {t.number: t for t in study.trials}
+    for t in study.trials[-4:]:
+        src = by_number[t.user_attrs["polish_from"]]
+        assert src.state == TrialState.COMPLETE and src.number < t.number
+        n_moved, sizes = _moved_by(t.user_attrs["timesteps"], src.user_attrs["timesteps"])
+        assert n_moved == 1 and sizes == {t.user_attrs["polish_step"]}
+        assert [t.params[f"t{i:02d}"] for i in range(10)] == t.user_attrs["timesteps"]
+    # every trial of the study evaluated a different schedule: polish never repeats one
+    ts = [tuple(t.user_attrs["timesteps"]) for t in study.trials]
+    assert len(set(ts)) == len(ts)
+    # the incumbent the first polish batch started from is the best of the global phase
+    global_best = min((t for t in study.trials[:-4] if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert study.trials[-4].user_attrs["polish_from"] == global_best.number
+    assert study.best_value <= global_best.value
+
+
+def test_polish_resumes_enqueued_moves_and_counts_exactly(tmp_path, ring8, evaluators):
+    sweep(tmp_path, ring8, evaluators, trials=12, polish=6)
+    study = load(tmp_path)
+    # a driver stopped between enqueueing a polish batch and asking it leaves WAITING trials behind
+    best = study.best_trial
+    moved = list(best.user_attrs["timesteps"])
+    moved[-1] += 3 if moved[-1] + 3 < moved[-2] else -1
+    study.enqueue_trial({f"t{i:02d}": v for i, v in enumerate(moved)},
+                        user_attrs={"kind": "polish", "polish_step": 5, "polish_from": best.number})
+    sweep(tmp_path, ring8, evaluators, trials=16, polish=6, resume=True)
+    study = load(tmp_path)
+    assert finished_count(study) == 16 and not [t for t in study.trials if t.state == TrialState.WAITING]
+    picked = [t for t in study.trials if t.user_attrs.get("timesteps") == moved]
+    assert len(picked) == 1 and picked[0].user_attrs["kind"] == "polish"
+    ts = [tuple(t.user_attrs["timesteps"]) for t in study.trials]
+    assert len(set(ts)) == len(ts)
+
+
+def test_polish_is_off_for_two_objectives():
+    assert cfg(objective="recon,fid", sampler="nsga2", polish=4).polish_trials == 0
+    assert cfg(polish=100).polish_trials == 14 - len(BASELINES)
+    assert cfg(polish=4).polish_trials == 4
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -213,6 +266,7 @@ def test_other_samplers_run(tmp_path, ring8, evaluators, sampler):
     (["--objective", "lpips"], "unknown objective"),
     (["--trials", "3"], "--trials"),
     (["--baselines", "uniform,nope"], "unknown baseline"),
+    (["--polish", "-1"], "--polish"),
     (["--actors", "-1"], "--actors"),
 ])
 def test_bad_flags_one_line_exit_2(capsys, tmp_path, argv, needle):
