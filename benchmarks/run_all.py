@@ -20,7 +20,8 @@ Sections (ratios are measured within this one run; absolute times hold only for 
 
 ``--quick`` sweeps the analytic ``gmm:blobs64`` (seconds per sweep instead of many minutes for the
 bundled digits UNet on 2 cores) unless ``--model`` is given; the sampler benchmark uses the tiny random
-UNet. The full run uses the sweep's defaults (model, trials, seeds, full teacher): hours on 2 busy cores.
+UNet. The full run uses the sweep's defaults (model, trials, seeds, teacher) unless flags say otherwise:
+about half an hour on 2 idle cores.
 
 Everything a sweep writes (journal, sqlite MLflow, artifacts) goes to a temporary directory.
 """
@@ -178,7 +179,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
     with path.open() as f:
         for r in csv.DictReader(f):
-            rows.append({k: (float(v) if k.startswith(("holdout_", "x_", "fid_x", "tuning_")) and v not in ("", None)
+            rows.append({k: (float(v) if k.startswith(("holdout_", "x_", "fid_x", "fid_gap", "tuning_")) and v not in ("", None)
                              else v) for k, v in r.items()})
     return rows
 
@@ -189,10 +190,11 @@ def search_cost(journal: Path, name: str, launched: dt.datetime, parallel: int, 
 
     Search trials are asked in batches of `parallel` (consecutive numbers after the warm starts). A batch's
     wall time runs from its first ask to the next batch's first ask, so the tell and MLflow logging after
-    it count. Its sampling time is the sum of its trials' ``seconds`` (measured inside the evaluator); a
-    pruned trial ran only the screen (`n_screen` of `num_seeds` seeds) and does not log its time, so it is
-    counted as n_screen x the study's mean sampling time per seed (every schedule of one NFE costs the same
-    per seed: NFE network calls). Batches holding a FAIL trial are left out.
+    it count. Its sampling time is the sum of its trials' ``seconds`` (measured inside the evaluator; a
+    pruned trial logs the time of its screen). Studies written before pruned trials logged it get
+    n_screen x the study's mean sampling time per seed (every schedule of one NFE costs the same per seed:
+    NFE network calls). Batches holding a FAIL trial are left out. Search trials are those of the global
+    phase (``kind = search``) and of the polish phase (``kind = polish``).
     """
     import optuna
     from optuna.trial import TrialState
@@ -210,7 +212,7 @@ def search_cost(journal: Path, name: str, launched: dt.datetime, parallel: int, 
         if best <= (1 + WITHIN) * final:
             reach = (i, (t.datetime_complete.astimezone(dt.timezone.utc) - launched).total_seconds())
             break
-    search = [t for t in trials if t.user_attrs.get("kind") == "search"]
+    search = [t for t in trials if t.user_attrs.get("kind") in ("search", "polish")]
     batches = [search[i : i + parallel] for i in range(0, len(search), parallel)]
     timed = [t for t in search if t.state == TrialState.COMPLETE and "seconds" in t.user_attrs]
     per_seed = sum(float(t.user_attrs["seconds"]) for t in timed) / (len(timed) * num_seeds) if timed else None
@@ -221,7 +223,7 @@ def search_cost(journal: Path, name: str, launched: dt.datetime, parallel: int, 
             continue
         end = nxt[0].datetime_start if nxt is not None else max(t.datetime_complete for t in b)
         wall += (end - b[0].datetime_start).total_seconds()
-        sampling += sum(float(t.user_attrs["seconds"]) if t.state == TrialState.COMPLETE else n_screen * per_seed
+        sampling += sum(float(t.user_attrs["seconds"]) if "seconds" in t.user_attrs else n_screen * per_seed
                         for t in b)
         used += 1
     states: dict[str, int] = {}
@@ -302,27 +304,45 @@ def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler
     if sweeps:
         add(f"One `stridelab sweep` per NFE on `{args.model}` (commands below); the learned schedule and every warm "
             "start re-evaluated on held-out seeds. recon: per-dimension MSE vs the teacher on a [0, 1] scale; "
-            "x best: ratio to the best standard baseline (dp excluded); FID on the sweep's feature space.\n")
-        add("| NFE | learned recon | best baseline | its recon | learned / best | learned FID | best baseline FID |")
-        add("|---|---|---|---|---|---|---|")
+            "/ best: ratio to the best standard baseline (dp excluded), for recon and FID separately (the best in "
+            "FID need not be the best in recon); FID on the sweep's feature space. The teacher's FID on the same "
+            "seeds is the floor no schedule can go below (with a few hundred samples FID's bias is most of it); "
+            "gap / best: (FID - floor) / (best baseline FID - floor), the share of the best baseline's distance to "
+            "the teacher that is left.\n")
+        add("| NFE | learned recon | best baseline (recon) | its recon | recon / best | learned FID | best baseline FID "
+            "| FID / best | teacher FID (floor) | gap / best |")
+        add("|---|---|---|---|---|---|---|---|---|---|")
         for s in sweeps:
             rows = s["rows"]
             learned = rows[0]
-            base = [r for r in rows[1:] if r["schedule"] != "dp" and isinstance(r.get("holdout_recon"), float)]
+            base = [r for r in rows[1:] if r["schedule"] != "dp" and not r["schedule"].startswith("teacher")
+                    and isinstance(r.get("holdout_recon"), float)]
             b = min(base, key=lambda r: r["holdout_recon"]) if base else {}
             fids = [r["holdout_fid"] for r in base if isinstance(r.get("holdout_fid"), float)]
+            teacher = next((r for r in rows if r["schedule"].startswith("teacher")), {})
             add(f"| {s['nfe']} | {fmt(learned.get('holdout_recon'))} | {b.get('schedule', 'n/a')} | "
-                f"{fmt(b.get('holdout_recon'))} | {fmt(learned.get('x_best_baseline'), '.3f')} | "
-                f"{fmt(learned.get('holdout_fid'))} | {fmt(min(fids) if fids else None)} |")
+                f"{fmt(b.get('holdout_recon'))} | **{fmt(learned.get('x_best_baseline'), '.3f')}** | "
+                f"{fmt(learned.get('holdout_fid'))} | {fmt(min(fids) if fids else None)} | "
+                f"**{fmt(learned.get('fid_x_best_baseline'), '.3f')}** | {fmt(teacher.get('holdout_fid'))} | "
+                f"{fmt(learned.get('fid_gap_x_best_baseline'), '.2f')} |")
         add("")
+        by_nfe = {s["nfe"]: s["rows"] for s in sweeps}
+        for lo, hi in ((n, 2 * n) for n in sorted(by_nfe) if 2 * n in by_nfe):
+            uni = next((r for r in by_nfe[hi] if r["schedule"] == "uniform"), {})
+            lf, uf = by_nfe[lo][0].get("holdout_fid"), uni.get("holdout_fid")
+            if isinstance(lf, float) and isinstance(uf, float):
+                add(f"Stretch (learned NFE {lo} at least as good in FID as uniform NFE {hi}, same held-out seeds): "
+                    f"{lf:.3g} vs {uf:.3g}: **{'met' if lf <= uf else 'not met'}**.\n")
         for s in sweeps:
             add(f"<details><summary>NFE {s['nfe']}: every schedule</summary>\n")
-            add("| schedule | held-out recon | x best | held-out FID | FID x best | tuning recon | timesteps |")
-            add("|---|---|---|---|---|---|---|")
+            add("| schedule | held-out recon | x best | held-out FID | FID x best | FID gap x best | tuning recon | timesteps |")
+            add("|---|---|---|---|---|---|---|---|")
             for r in s["rows"]:
+                steps = r.get("timesteps", "").split()
+                steps = " ".join(steps if len(steps) <= 24 else [*steps[:3], "...", *steps[-3:]])
                 add(f"| {r['schedule']} | {fmt(r.get('holdout_recon'))} | {fmt(r.get('x_best_baseline'), '.3f')} | "
                     f"{fmt(r.get('holdout_fid'))} | {fmt(r.get('fid_x_best_baseline'), '.3f')} | "
-                    f"{fmt(r.get('tuning_recon'))} | {r.get('timesteps', '')} |")
+                    f"{fmt(r.get('fid_gap_x_best_baseline'), '.2f')} | {fmt(r.get('tuning_recon'))} | {' '.join(steps)} |")
             add("\n</details>\n")
     else:
         add("skipped\n")
@@ -334,8 +354,8 @@ def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler
             "launching the sweep (start-up, teachers and the DP placement included) to that trial's end. "
             "Time per trial / sampling: the wall time of the search batches (ask to next ask: Optuna, schedule "
             "building, dispatch to the actors, tell, MLflow) over the sampling time measured inside the evaluator "
-            "(`ScheduleResult.seconds`) for their trials; a pruned trial's screen, which is not logged, is counted "
-            "at the study's mean sampling time per seed (target <= 1.2).\n")
+            "(`ScheduleResult.seconds`) for their trials, a pruned trial's screen included (target <= 1.2). Search "
+            "trials: the global phase and the polish phase.\n")
         add("| NFE | sweep wall | search phase | trials | states | within 5% after | at | best is | "
             "time per trial / sampling | batches |")
         add("|---|---|---|---|---|---|---|---|---|---|")
@@ -387,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trials", type=int, default=None, help=f"trials per sweep (default {DEFAULTS['trials']}; quick 26)")
     ap.add_argument("--num-seeds", type=int, default=None, help="tuning seeds (default: the sweep's; quick 32)")
     ap.add_argument("--holdout-seeds", type=int, default=None, help="held-out seeds (default: the sweep's; quick 64)")
-    ap.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: all; quick 100)")
+    ap.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: the sweep's; quick 100)")
     ap.add_argument("--parallel", type=int, default=None, help="trials per batch (default: the sweep's)")
     ap.add_argument("--actors", type=int, default=DEFAULTS["actors"], help="Ray actors per seed set (default %(default)s)")
     ap.add_argument("--sampler-model", default=None, help="bench_sampler model (default bundled:digits; quick tiny)")

@@ -200,6 +200,7 @@ class SamplerWorker:
         self._calls = 0
         self._teachers: dict[tuple[str, int], _ShardTeacher] = {}
         self.teacher_builds = 0
+        self._digest: str | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def pid(self) -> int:
@@ -243,9 +244,20 @@ class SamplerWorker:
     def _teacher_path(self, key: tuple[str, int]) -> Path | None:
         if not self.cache_dir:
             return None
-        ident = json.dumps([self.model.spec, key[0], key[1], self.device.type, str(self.model.alphas_cumprod.dtype),
-                            self.forward_batch])
+        ident = json.dumps([self.model.spec, self._weights_digest(), key[0], key[1], self.device.type,
+                            str(self.model.alphas_cumprod.dtype), self.forward_batch])
         return Path(self.cache_dir, f"teacher-{hashlib.sha1(ident.encode()).hexdigest()[:20]}.safetensors")
+
+    def _weights_digest(self) -> str:
+        """sha1 of the model's weights and abar table: a retrained checkpoint under the same spec (e.g. the
+        bundled model after `stridelab train digits`) must not reuse teachers cached for the old weights."""
+        if self._digest is None:
+            h = hashlib.sha1(self.model.alphas_cumprod.double().cpu().numpy().tobytes())
+            for name, t in sorted(self.model.denoiser.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().contiguous().cpu().numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
 
     def teacher(self, seeds: Sequence[int], teacher_nfe: int | None = None, recon: bool = True, inversion: bool = False) -> _ShardTeacher:
         """The shard's x_T, teacher output (uniform DDIM with `teacher_nfe` steps, default all T) and data,
@@ -324,7 +336,12 @@ class SamplerWorker:
         teach = self.teacher(seeds, teacher_nfe, recon=recon, inversion=inversion)
         t0 = time.perf_counter()
         out: dict[str, Any] = {"recon": None, "inversion": None, "fid_stats": None, "feats": None}
-        x0 = self._sample(teach.x_T, None, ts, 0.0)
+        T = self.model.num_train_timesteps
+        if teach.x0 is not None and tuple(ts) == uniform(T if teacher_nfe is None else int(teacher_nfe),
+                                                         self.model.alphas_cumprod).timesteps:
+            x0 = teach.x0  # the teacher's own schedule (its FID is the floor of the table): already sampled
+        else:
+            x0 = self._sample(teach.x_T, None, ts, 0.0)
         to_unit, abar = self.model.to_unit, self.model.alphas_cumprod
         if recon:
             out["recon"] = per_sample_mse(to_unit(x0), to_unit(teach.x0)).cpu()  # = metrics.recon_errors

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.ddim import ddim_sample
-from pipeline.metrics import inversion_errors, recon_errors
+from pipeline.metrics import inversion_errors, per_sample_mse, recon_errors
 from pipeline.models import LoadedModel
 from pipeline.schedules import Schedule, uniform
 from pipeline.seeds import initial_noise
@@ -100,6 +100,7 @@ class InProcessEvaluator:
     def __init__(self, model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, inversion: bool = False):
         self.model = model
         self.teacher = make_teacher(model, seeds, teacher_nfe)
+        self.teacher_timesteps = uniform(self.teacher.nfe, model.alphas_cumprod).timesteps
         sample_data = getattr(model.denoiser, "sample_data", None)
         self.data = sample_data(seeds) if (inversion and sample_data is not None) else None
 
@@ -109,8 +110,12 @@ class InProcessEvaluator:
         out = []
         for s in schedules:
             t0 = time.perf_counter()
-            rec = recon_errors(self.model.denoiser, self.teacher.x_T, s.timesteps, self.model.alphas_cumprod,
-                               self.teacher.x0, self.model.to_unit)
+            if tuple(s.timesteps) == self.teacher_timesteps:  # the teacher itself: exactly zero, nothing to sample
+                x0 = self.model.to_unit(self.teacher.x0)
+                rec = per_sample_mse(x0, x0)
+            else:
+                rec = recon_errors(self.model.denoiser, self.teacher.x_T, s.timesteps, self.model.alphas_cumprod,
+                                   self.teacher.x0, self.model.to_unit)
             inv = None
             if self.data is not None:
                 inv = inversion_errors(self.model.denoiser, self.data, s.timesteps, self.model.alphas_cumprod,

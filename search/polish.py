@@ -72,25 +72,34 @@ def next_candidates(
     num_train_timesteps: int,
     ladder: Sequence[int],
     rng: np.random.Generator,
+    last_move: Sequence[int] | None = None,
 ) -> list[tuple[Timesteps, int]]:
     """Up to `k` untried schedules to evaluate next, each with the step size that produced it.
 
-    The untried neighbours at the incumbent's step size first, then at each smaller size on the ladder.
+    First the pattern move (Hooke & Jeeves 1961): the move that produced the incumbent (`last_move`,
+    incumbent minus its parent), repeated, since an improving direction often keeps improving. Then the
+    untried neighbours at the incumbent's step size, then at each smaller size on the ladder.
     When no single move is left (converged at the finest step), random moves of 2-3 steps by up to twice
     the finest step size: cheap restarts that let the search leave a point single moves cannot improve.
     """
     tried = set(tried)
     out: list[tuple[Timesteps, int]] = []
+    if last_move is not None and any(last_move) and k > 0:
+        c = tuple(int(a) + int(d) for a, d in zip(incumbent, last_move))
+        if (c[0] <= num_train_timesteps - 1 and c[-1] >= 0 and all(a > b for a, b in zip(c, c[1:]))
+                and c not in tried):
+            tried.add(c)
+            out.append((c, incumbent_step))
     for s in [s for s in ladder if s <= incumbent_step] or [ladder[-1]]:
         for c in neighbours(incumbent, s, num_train_timesteps):
             if c not in tried:
                 tried.add(c)
                 out.append((c, s))
-                if len(out) == k:
-                    return out
+                if len(out) >= k:
+                    return out[:k]
     finest, n = ladder[-1], len(incumbent)
     for _ in range(200 * k):
-        if len(out) == k:
+        if len(out) >= k:
             break
         c = np.array(incumbent, dtype=np.int64)
         idx = rng.choice(n, size=min(n, int(rng.integers(2, 4))), replace=False)
@@ -100,4 +109,4 @@ def next_candidates(
                 and cand not in tried):
             tried.add(cand)
             out.append((cand, finest))
-    return out
+    return out[:k]

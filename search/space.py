@@ -11,17 +11,20 @@ Every space has the same narrow interface (`SearchSpace`):
 Spaces (``SPACES``):
 
 ``warp``
-    A 4-parameter monotone warp of the time axis. With u_i = i / (n - 1) (0 = noisiest) and
-    t_top = min(t_max_frac * T, T - 1):
+    A 5-parameter monotone warp of the time axis. With u_i = i / (n - 1) (0 = noisiest),
+    t_top = min(t_max_frac * T, T - 1) and t_bot = t_min_frac * T (the last step):
 
-    - time branch:  t(u) = t_top (1 - u)^time_power
+    - time branch:  t(u) = t_bot + (t_top - t_bot) (1 - u)^time_power
     - sigma branch: sigma(u) interpolates linearly in the Box-Cox coordinate
-      (sigma^a - 1) / a (log sigma at a = 0) from sigma(t_top) to sigma(0), a = ``sigma_power``
+      (sigma^a - 1) / a (log sigma at a = 0) from sigma(t_top) to sigma(t_bot), a = ``sigma_power``
     - blend:        t_i = (1 - blend) t_time(u_i) + blend t_sigma(u_i)
 
-    Special cases (exact, see tests): uniform (blend 0, power 1, t_max_frac = (T // n)(n - 1) / T),
-    linspace (blend 0, power 1, t_max_frac (T-1)/T), quadratic (blend 0, power 2, t_max_frac = max_frac),
-    karras (blend 1, sigma_power 1/rho, t_max_frac 1), logsnr (blend 1, sigma_power 0, t_max_frac 1).
+    Special cases (exact, see tests; t_min_frac 0 unless said): uniform (blend 0, power 1, t_max_frac =
+    (T // n)(n - 1) / T), linspace (blend 0, power 1, t_max_frac (T-1)/T), trailing (linspace with
+    t_min_frac = (T // n - 1) / T), quadratic (blend 0, power 2, t_max_frac = max_frac), karras (blend 1,
+    sigma_power 1/rho, t_max_frac 1), logsnr (blend 1, sigma_power 0, t_max_frac 1). Why t_min_frac: where
+    the last step sits matters as much as the stride (a last model call at t = 0 is nearly wasted; one at
+    t = 99, as trailing does, leaves a big final jump), and no stride family moves it.
 
 ``free`` / ``free_t``
     Free placement of all n steps: n + 1 positive gaps g_0..g_n, normalised to sum 1, laid down from the
@@ -110,6 +113,7 @@ class WarpSpace:
         "time_power": (0.5, 4.0, True),
         "sigma_power": (0.0, 1.0, False),
         "t_max_frac": (0.5, 1.0, False),
+        "t_min_frac": (0.0, 0.1, False),
     }
 
     def __init__(self, nfe: int, alphas_cumprod: torch.Tensor):
@@ -121,17 +125,19 @@ class WarpSpace:
     def distributions(self) -> dict[str, BaseDistribution]:
         return {k: FloatDistribution(lo, hi, log=lg) for k, (lo, hi, lg) in self.RANGES.items()}
 
-    def fractional(self, blend: float, time_power: float, sigma_power: float, t_max_frac: float) -> np.ndarray:
+    def fractional(self, blend: float, time_power: float, sigma_power: float, t_max_frac: float,
+                   t_min_frac: float = 0.0) -> np.ndarray:
         """The continuous (fractional, decreasing) timesteps before projection to integers."""
         n, T = self.nfe, self.T
         u = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
         t_top = min(float(t_max_frac) * T, T - 1.0)
-        t_time = t_top * (1.0 - u) ** float(time_power)
+        t_bot = min(float(t_min_frac) * T, t_top)
+        t_time = t_bot + (t_top - t_bot) * (1.0 - u) ** float(time_power)
         if blend <= 0.0:
             return t_time
         a = float(sigma_power)
         y_hi = box_cox(np.exp(self.table.at(t_top)), a)
-        y_lo = box_cox(np.exp(self.table.at(0.0)), a)
+        y_lo = box_cox(np.exp(self.table.at(t_bot)), a)
         t_sig = self.table.t_of(np.log(inv_box_cox(y_hi + u * (y_lo - y_hi), a)))
         return (1.0 - blend) * t_time + blend * t_sig
 
@@ -147,15 +153,18 @@ class WarpSpace:
     def _candidates(self, schedule: Schedule) -> list[dict[str, float]]:
         """Closed-form members that may reproduce a named baseline exactly."""
         T, n = self.T, self.nfe
+        z = {"t_min_frac": 0.0}
         out = [
-            {"blend": 0.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": (T // n) * (n - 1) / T},  # uniform
-            {"blend": 0.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": (T - 1) / T},  # linspace
-            {"blend": 1.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": 1.0},  # logsnr
+            {"blend": 0.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": (T // n) * (n - 1) / T, **z},  # uniform
+            {"blend": 0.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": (T - 1) / T, **z},  # linspace
+            {"blend": 0.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": (T - 1) / T,
+             "t_min_frac": (T // n - 1) / T},  # trailing
+            {"blend": 1.0, "time_power": 1.0, "sigma_power": 0.0, "t_max_frac": 1.0, **z},  # logsnr
         ]
         rho = float(schedule.params.get("rho", 7.0))
-        out.append({"blend": 1.0, "time_power": 1.0, "sigma_power": 1.0 / rho, "t_max_frac": 1.0})  # karras
+        out.append({"blend": 1.0, "time_power": 1.0, "sigma_power": 1.0 / rho, "t_max_frac": 1.0, **z})  # karras
         max_frac = float(schedule.params.get("max_frac", 0.8))
-        out.append({"blend": 0.0, "time_power": 2.0, "sigma_power": 0.0, "t_max_frac": max_frac})  # quadratic
+        out.append({"blend": 0.0, "time_power": 2.0, "sigma_power": 0.0, "t_max_frac": max_frac, **z})  # quadratic
         return [c for c in out if all(self.RANGES[k][0] <= v <= self.RANGES[k][1] for k, v in c.items())]
 
     def params_of(self, schedule: Schedule) -> dict[str, float]:

@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from pipeline.errors import StridelabError
 from pipeline.evaluation import ScheduleResult
 from pipeline.models import LoadedModel
-from pipeline.schedules import SCHEDULES, Schedule, check_nfe, make_schedule
+from pipeline.schedules import SCHEDULES, Schedule, check_nfe, make_schedule, uniform
 from search.evaluators import OBJECTIVES, EvaluatorFactory, Objective, TrialFailed
 from search.polish import next_candidates, step_ladder
 from search.space import SPACES, make_space
@@ -245,7 +245,7 @@ class Sweep:
         have = {t.user_attrs.get("schedule") for t in self.study.get_trials(deepcopy=False)
                 if t.user_attrs.get("kind") == "baseline"}
         todo = [b for b in self.cfg.baselines if b not in have]
-        if "dp" in self.cfg.baselines:
+        if "dp" in todo:  # a resumed study already has its dp trial
             t0 = time.perf_counter()
             from search.dp import dp_schedule
 
@@ -372,8 +372,10 @@ class Sweep:
                   if set(keys) <= set(t.system_attrs.get("fixed_params", {}))}
         step = int(bt.user_attrs.get("polish_step", self.ladder[0]))
         rng = np.random.default_rng([self.cfg.seed, len(trials)])
-        for ts, s in next_candidates(bt.user_attrs["timesteps"], step, tried, need, self.model.num_train_timesteps,
-                                     self.ladder, rng):
+        inc = bt.user_attrs["timesteps"]
+        parent = trials[bt.user_attrs["polish_from"]] if "polish_from" in bt.user_attrs else None
+        move = [a - b for a, b in zip(inc, parent.user_attrs["timesteps"])] if parent is not None else None
+        for ts, s in next_candidates(inc, step, tried, need, self.model.num_train_timesteps, self.ladder, rng, move):
             self.study.enqueue_trial(dict(zip(keys, ts)),
                                      user_attrs={"kind": "polish", "polish_step": s, "polish_from": bt.number})
 
@@ -524,6 +526,12 @@ def run_sweep(
                 hold_eval = factory(cfg.holdout_seed_list, fid=True)
             except StridelabError as e:
                 log(f"no held-out FID: {e}")
+        if hold_eval is not None:
+            # The teacher's own row: its FID on the same seeds is the floor no NFE-n schedule can beat (with a
+            # few hundred samples FID's bias dominates it), so the table can say how much of the gap is closed.
+            n_teacher = cfg.teacher_nfe or model.num_train_timesteps
+            named[f"teacher ({n_teacher}-step DDIM)"] = Schedule(
+                uniform(n_teacher, model.alphas_cumprod).timesteps, model.num_train_timesteps, "teacher")
         hold_eval = hold_eval or evaluators(cfg.holdout_seed_list)
         hold = _safe_evaluate(hold_eval, list(named.values()))
         log(f"held-out evaluation on {cfg.holdout_seeds} seeds: {time.perf_counter() - t0:.1f} s")
@@ -546,7 +554,16 @@ def run_sweep(
             for r in rows:
                 if best_base and metric in r:
                     r[col] = r[metric] / best_base
-        rows = rows[:1] + sorted(rows[1:], key=lambda r: r.get("holdout_recon", math.inf))
+        teacher_rows = [r for r in rows if r["schedule"].startswith("teacher (")]
+        if teacher_rows and "holdout_fid" in teacher_rows[0]:
+            floor = teacher_rows[0]["holdout_fid"]
+            best_fid = min((r["holdout_fid"] for r in rows if r["schedule"] in SCHEDULES and "holdout_fid" in r),
+                           default=None)
+            for r in rows:
+                if best_fid is not None and best_fid > floor and "holdout_fid" in r:
+                    r["fid_gap_x_best_baseline"] = (r["holdout_fid"] - floor) / (best_fid - floor)
+        others = [r for r in rows[1:] if r not in teacher_rows]
+        rows = rows[:1] + sorted(others, key=lambda r: r.get("holdout_recon", math.inf)) + teacher_rows
 
         # -- outputs --------------------------------------------------------------------------------
         metrics = {k: v for k, v in rows[0].items() if k.startswith("holdout_") or k.endswith("x_best_baseline")}
@@ -564,8 +581,8 @@ def run_sweep(
             figs += [plots.steps_plot(named, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
                      plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", objective.multi)]
             grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
-            uniform = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
-            figs.append(plots.sample_grid(model, {"uniform": uniform, "learned": learned}, grid_seeds,
+            uniform_n = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
+            figs.append(plots.sample_grid(model, {"uniform": uniform_n, "learned": learned}, grid_seeds,
                                           run_dir / "samples.png"))
         if tracker is not None:
             for p in [export_path, table_path, parquet_path, *figs]:
@@ -577,8 +594,8 @@ def run_sweep(
         status = "FINISHED"
         counts = state_counts(study)
         log("")
-        log(format_table(rows, ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid",
-                                "fid_x_best_baseline", "tuning_recon",
+        log(format_table([{**r, "timesteps": _short(r["timesteps"])} for r in rows], ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid",
+                                "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon",
                                 "timesteps"]))
         log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
         log(f"exported schedule: {export_path}")
@@ -596,6 +613,12 @@ def run_sweep(
             tracker.end(status)
         if factory is not None:
             factory.close()
+
+
+def _short(timesteps: str, keep: int = 3) -> str:
+    """'996 992 ... 4 0' for long lists (the teacher's 250 steps) in the printed table."""
+    v = timesteps.split()
+    return timesteps if len(v) <= 2 * keep + 4 else " ".join(v[:keep] + ["..."] + v[-keep:])
 
 
 def objective_metrics(r: ScheduleResult) -> dict[str, float]:

@@ -140,6 +140,16 @@ def test_teacher_disk_cache(tmp_path):
     assert len(list(tmp_path.glob("teacher-*.safetensors"))) == 1
     w2.teacher(SEEDS[:9], 20)  # another seed set: another teacher
     assert w2.teacher_builds == 1
+    # the same spec with other weights (a retrained checkpoint) never reuses the old teacher
+    def retrained(spec, device, dtype):
+        m = load_model(spec, device, dtype)
+        m.denoiser.means.mul_(1.01)
+        return m
+
+    w3 = SamplerWorker(GMM, loader=retrained, cache_dir=str(tmp_path))
+    t3 = w3.teacher(SEEDS[:8], 20)
+    assert w3.teacher_builds == 1 and not torch.equal(t3.x0, t1.x0)
+    assert len(list(tmp_path.glob("teacher-*.safetensors"))) == 3
 
 
 def test_inception_offline_is_one_clear_error(monkeypatch, tmp_path):
@@ -192,6 +202,24 @@ def test_pool_fid_kid_equal_single_process(gmm_pool, gmm_schedules, feature_net_
     assert got["fid"] == pytest.approx(fid_from_features(feats, ref.feats), rel=1e-9, abs=1e-10)
     assert got["kid"] == kid_from_features(feats, ref.feats)
     assert got["fid"] > 0
+
+
+def test_teachers_own_schedule_reuses_its_samples(gmm_pool, feature_net_dir):
+    """Evaluating the teacher's schedule (the FID floor row of a sweep's table) returns the cached teacher
+    output: recon exactly 0, FID equal to that of freshly sampled teacher steps."""
+    abar = load_model(GMM).alphas_cumprod
+    teacher = make_schedule("uniform", TEACHER_NFE, abar)
+    got = gmm_pool.evaluate([teacher])[0]
+    assert torch.equal(got.recon, torch.zeros_like(got.recon))
+    w = SamplerWorker(GMM)
+    x0 = w.sample(SEEDS, teacher.timesteps)
+    feats = fid.features_in_chunks(fid.make_feature_fn(f"digits:{feature_net_dir}"), w.model.to_unit(x0), 64)
+    from pipeline.features import fid_from_features
+
+    ref = fid.digits_reference("test", f"digits:{feature_net_dir}")
+    assert got.extra["fid"] == pytest.approx(fid_from_features(feats, ref.feats), rel=1e-6)
+    local = InProcessEvaluator(load_model(GMM), SEEDS, TEACHER_NFE).evaluate([teacher])[0]
+    assert torch.equal(local.recon, torch.zeros_like(local.recon))
 
 
 def test_pool_rejects_bad_input(gmm_pool):

@@ -71,3 +71,20 @@ def test_steps_space_round_trip():
     assert list(out.timesteps) == sorted(set(out.timesteps), reverse=True) and out.nfe == 10
     with pytest.raises(Exception, match="nfe"):
         space.params_of(make_schedule("uniform", 5, abar))
+
+
+def test_pattern_move_repeats_the_last_improving_move_first():
+    inc, rng = (900, 500, 100), np.random.default_rng(0)
+    out = next_candidates(inc, 20, set(), 3, T, LADDER, rng, last_move=(0, -20, 0))
+    assert out[0] == ((900, 480, 100), 20) and [c for c, _ in out[1:]] == neighbours(inc, 20, T)[:2]
+    # an invalid or already tried pattern move is skipped
+    assert next_candidates(inc, 20, {(900, 480, 100)}, 1, T, LADDER, rng, last_move=(0, -20, 0))[0][0] == (880, 500, 100)
+    assert next_candidates((999, 500, 0), 20, set(), 1, T, LADDER, rng, last_move=(20, 0, 0))[0][0] == (979, 500, 0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 7])
+def test_never_more_than_k_candidates(k):
+    inc, rng = (900, 500, 100), np.random.default_rng(0)
+    assert len(next_candidates(inc, 20, set(), k, T, LADDER, rng, last_move=(0, -20, 0))) == k
+    tried = {c for s in LADDER for c in neighbours(inc, s, T)}
+    assert len(next_candidates(inc, 5, tried, k, T, LADDER, rng, last_move=(0, -5, 0))) == k

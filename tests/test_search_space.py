@@ -46,6 +46,16 @@ def test_warp_reproduces_classic_schedules_exactly(abar, name, nfe):
     assert got.timesteps == ref.timesteps
 
 
+@pytest.mark.parametrize("nfe", [10, 20, 50])
+def test_warp_moves_the_last_step_and_contains_trailing(nfe):
+    space = WarpSpace(nfe, ABAR)
+    ref = make_schedule("trailing", nfe, ABAR)  # ends at T / nfe - 1: needs t_min_frac > 0
+    params = space.params_of(ref)
+    assert params["t_min_frac"] > 0 and space.build(params).timesteps == ref.timesteps
+    base = space.params_of(make_schedule("uniform", nfe, ABAR))
+    assert space.build({**base, "t_min_frac": 0.04}).timesteps[-1] == 40
+
+
 def test_warp_special_case_parameters():
     space = WarpSpace(10, ABAR)
     assert space.params_of(make_schedule("karras", 10, ABAR))["sigma_power"] == pytest.approx(1 / 7)

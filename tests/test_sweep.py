@@ -217,6 +217,7 @@ def _moved_by(a, b):
 def test_polish_phase_moves_one_step_of_the_incumbent(tracked):
     tmp, res = tracked
     study = load(tmp)
+    assert len(study.trials) == 14  # nothing left WAITING: each batch enqueues only what it asks
     kinds = [t.user_attrs["kind"] for t in study.trials]
     assert kinds.count("polish") == 4 and kinds[-4:] == ["polish"] * 4  # the last --polish trials
     by_number = {t.number: t for t in study.trials}
