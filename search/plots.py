@@ -68,8 +68,12 @@ def history_plot(trials: Sequence[Any], path: str | os.PathLike, multi: bool = F
     else:
         xs = [t.number for t in done]
         ys = [t.values[0] for t in done]
-        warm = [t.user_attrs.get("kind") == "baseline" for t in done]
-        ax.scatter([x for x, w in zip(xs, warm) if not w], [y for y, w in zip(ys, warm) if not w], s=12, label="search")
+        kinds = [t.user_attrs.get("kind", "search") for t in done]
+        warm = [k == "baseline" for k in kinds]
+        for kind, label in (("search", "search"), ("polish", "polish (one step moved)")):
+            pick = [k == kind for k in kinds]
+            if any(pick):
+                ax.scatter([x for x, p in zip(xs, pick) if p], [y for y, p in zip(ys, pick) if p], s=12, label=label)
         ax.scatter([x for x, w in zip(xs, warm) if w], [y for y, w in zip(ys, warm) if w], s=30, marker="s",
                    label="warm starts (baselines, dp)")
         pruned = [t for t in trials if t.state.name == "PRUNED" and t.user_attrs.get("screen_recon") is not None]
