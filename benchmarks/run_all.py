@@ -342,7 +342,7 @@ def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler
                 steps = " ".join(steps if len(steps) <= 24 else [*steps[:3], "...", *steps[-3:]])
                 add(f"| {r['schedule']} | {fmt(r.get('holdout_recon'))} | {fmt(r.get('x_best_baseline'), '.3f')} | "
                     f"{fmt(r.get('holdout_fid'))} | {fmt(r.get('fid_x_best_baseline'), '.3f')} | "
-                    f"{fmt(r.get('fid_gap_x_best_baseline'), '.2f')} | {fmt(r.get('tuning_recon'))} | {' '.join(steps)} |")
+                    f"{fmt(r.get('fid_gap_x_best_baseline'), '.2f')} | {fmt(r.get('tuning_recon'))} | {steps} |")
             add("\n</details>\n")
     else:
         add("skipped\n")
@@ -414,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: sampler, pool, sweeps")
     ap.add_argument("--out", default=str(OUT), help="report path (default docs/BENCHMARKS.md)")
     ap.add_argument("--json", default=None, help="also write the raw figures here")
+    ap.add_argument("--from-json", default=None,
+                    help="measure nothing: re-render the report from the raw figures an earlier run wrote with --json "
+                         "(give the same budget flags as that run)")
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     shown = [a for i, a in enumerate(argv) if not (a.startswith(("--out", "--json")) or
@@ -430,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     nfes = [int(v) for v in args.nfe.split(",") if v.strip()]
 
+    if args.from_json:
+        raw = json.loads(Path(args.from_json).read_text())
+        from pipeline.io import atomic_write_text
+
+        atomic_write_text(args.out, report(raw["machine"], args, [a for a in shown if not a.startswith("--from-json")
+                                                                   and a != args.from_json],
+                                           raw["sampler"], raw["pool"], raw["sweeps"]))
+        print(f"wrote {args.out} from {args.from_json}")
+        return 0
     m = machine()
     print(f"{m['date']}  {m['cpu']}, {m['cores']} cores, {fmt(m['ram_gib'], '.1f')} GiB, torch {m['torch']}, "
           f"load {' '.join(f'{v:.2f}' for v in m['load_avg'])}", flush=True)

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Search where a DDIM sampler should place its steps. Every baseline schedule and a dynamic-"
             "programming placement are added to the study first; trials are asked in batches of --parallel "
             "and evaluated together (Ray actor pool, or in this process with --actors 0); hopeless trials "
-            "are pruned on a seed subset. The best schedule and the baselines are re-evaluated on held-out "
+            "are pruned on a seed subset. The last --polish trials move single steps of the best schedule so far "
+            "(compass search on the integer timesteps). The best schedule and the baselines are re-evaluated on held-out "
             "seeds and printed as a table; the schedule is exported as JSON and everything is tracked in MLflow."
         ),
     )

@@ -578,7 +578,8 @@ def run_sweep(
         parquet_path = export.write_trials_parquet(study, run_dir / "trials.parquet")
         figs = []
         if figures:
-            figs += [plots.steps_plot(named, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
+            same_nfe = {k: v for k, v in named.items() if v.nfe == cfg.nfe}  # not the teacher's 250 steps
+            figs += [plots.steps_plot(same_nfe, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
                      plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", objective.multi)]
             grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
             uniform_n = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
