@@ -283,7 +283,12 @@ def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler
         add(f"| `ddim_sample` / raw model calls | {sampler['overhead']:.3f} | <= 1.03 | {verdict(sampler['overhead'], 1.03)} |")
         add(f"| `ddim_sample` / diffusers DDIM loop (same outputs) | {sampler['ours_over_diffusers']:.3f} | <= 1.0 | "
             f"{verdict(sampler['ours_over_diffusers'], 1.0)} |")
-        add(f"| raw model calls, absolute | {sampler['raw_s']:.3f} s | | |\n")
+        add(f"| raw model calls, absolute | {sampler['raw_s']:.3f} s | | |")
+        if sampler.get("math_fraction") is not None:
+            add(f"| DDIM arithmetic alone / raw model calls | {100 * sampler['math_fraction']:.3f}% | | |")
+        add("\nThe two wall-time ratios compare runs that differ by a few percent; on a shared machine they swing by "
+            "+-10% (occasionally more) from run to run. The arithmetic fraction (the sampler's own work timed "
+            "alone) is the figure load cannot blur.\n")
     else:
         add("skipped\n")
 
