@@ -31,3 +31,27 @@ def eta_value(text: str) -> float:
     if not 0.0 <= v <= 1.0:
         raise argparse.ArgumentTypeError(f"eta must be in [0, 1], got {v}")
     return v
+
+
+def gpus_value(text: str) -> float:
+    """--gpus-per-actor: a number in (0, 8] (fractions pack several actors on one GPU)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs in (0, 8], got {text!r}") from None
+    if not 0.0 < v <= 8.0:
+        raise argparse.ArgumentTypeError(f"GPUs per actor must be in (0, 8], got {v}")
+    return v
+
+
+GPUS_HELP = ("GPUs each Ray actor requests, as given (e.g. 1, or 0.5 for two actors per GPU). Needed on an "
+             "autoscaling cluster whose GPU workers may be scaled to zero: without it the actors size "
+             "themselves from the GPUs present at start (one each), or run on CPUs when there are none")
+
+
+def check_gpus(args: argparse.Namespace) -> None:
+    """--gpus-per-actor only means something with Ray actors."""
+    from pipeline.errors import StridelabError
+
+    if getattr(args, "gpus_per_actor", None) is not None and args.actors == 0:
+        raise StridelabError("--gpus-per-actor needs Ray actors (--actors >= 1)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jobs.common import int_list, name_list
+from jobs.common import GPUS_HELP, check_gpus, gpus_value, int_list, name_list
 
 DEFAULT_SCHEDULES = "uniform,quadratic,karras,logsnr,time_quadratic"
 METRICS = ("recon", "inversion", "fid", "kid")
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", type=name_list, default=["recon", "inversion"],
                    help=f"comma-separated, from {','.join(METRICS)} (default recon,inversion)")
     p.add_argument("--actors", type=int, default=0, help="Ray actors; 0 = in this process (default %(default)s)")
+    p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fid-features", default="auto",
                    help="feature extractor: digits[:DIR], pixels, inception, or auto (digits for 1x8x8 samples, "
@@ -102,6 +103,8 @@ def run_samplers(args: argparse.Namespace) -> int:
                              "(or one schedule name with --nfe)")
     if args.actors:
         raise StridelabError("--samplers runs in this process; drop --actors")
+    if args.gpus_per_actor is not None:
+        raise StridelabError("--samplers runs in this process; drop --gpus-per-actor")
     _check_samples_and_out(args)
     model = load_model(args.model)
     T = model.num_train_timesteps
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         raise StridelabError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
     if args.actors < 0:
         raise StridelabError(f"--actors must be >= 0 (0 = in-process), got {args.actors}")
+    check_gpus(args)
     model = load_model(args.model)
     T = model.num_train_timesteps
     for n in args.nfe:
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_samples} seeds, {where} ...", flush=True)
     with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
                      extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
-                     cache_dir=args.teacher_cache) as pool:
+                     cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor) as pool:
         results = pool.evaluate([s for _, _, s in jobs])
     rows = []
     for (spec, _n, sched), res in zip(jobs, results):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import eta_value
+from jobs.common import GPUS_HELP, check_gpus, eta_value, gpus_value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per Ray Data batch (default %(default)s)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.actors < 0:
         raise StridelabError(f"--actors must be >= 0 (0 = in-process), got {args.actors}")
+    check_gpus(args)
     if args.batch_size < 1:
         raise StridelabError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0:
@@ -60,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise StridelabError(f"{args.schedule} has {sched.nfe} steps but --nfe is {args.nfe}")
 
     batches = generate_samples(args.model, sched.timesteps, args.num_samples, seed=args.seed, eta=args.eta,
-                               actors=args.actors, batch_size=args.batch_size, ray_address=args.ray_address)
+                               actors=args.actors, batch_size=args.batch_size, ray_address=args.ray_address,
+                               num_gpus=args.gpus_per_actor)
     path = write_sample_dir(out, batches, num_samples=args.num_samples, first_seed=args.seed, schedule=sched,
                             eta=args.eta, model=args.model, sample_shape=model.sample_shape,
                             data_range=model.data_range, progress=not args.no_progress)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import name_list
+from jobs.common import GPUS_HELP, check_gpus, gpus_value, name_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="results/sweep", help="outputs go to <out-dir>/<study-name>/ (default %(default)s)")
     p.add_argument("--actors", type=int, default=d.actors, help="Ray actors per seed set; 0 evaluates in this process (default %(default)s)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
     p.set_defaults(func=run)
 
 
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.actors < 0:
         raise StridelabError(f"--actors must be >= 0, got {args.actors}")
+    check_gpus(args)
     cfg = SweepConfig(
         model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.sampler,
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
@@ -81,5 +83,5 @@ def run(args: argparse.Namespace) -> int:
     )
     run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,
-              ray_address=args.ray_address)
+              ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor)
     return 0

@@ -86,8 +86,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def actor_resources(actors: int, *, reserve_cpus: float = 0.0, cpu_share: float = 1.0) -> dict[str, float]:
+def actor_resources(actors: int, *, reserve_cpus: float = 0.0, cpu_share: float = 1.0,
+                    gpus_per_actor: float | None = None) -> dict[str, float]:
     """Ray resources for each of `actors` sampler actors on the current cluster.
+
+    `gpus_per_actor` given: exactly that many GPUs (and one CPU) per actor, whatever the cluster has now;
+    on an autoscaling cluster this is the request that makes it start GPU nodes (sizing from the GPUs
+    present would fall back to CPU actors on a cluster scaled to zero).
 
     One GPU (and one CPU) each when the cluster has at least `actors` GPUs (an equal share of them when it
     has fewer, so the pool never waits for GPUs that do not exist); otherwise ``cpu_share`` of the CPUs that are
@@ -95,6 +100,10 @@ def actor_resources(actors: int, *, reserve_cpus: float = 0.0, cpu_share: float 
     Sizing from the free CPUs means a second pool (or a Ray Data job) still fits beside the first,
     instead of waiting forever for CPUs the first one holds.
     """
+    if gpus_per_actor is not None:
+        if not (0 < float(gpus_per_actor) <= 8):
+            raise StridelabError(f"--gpus-per-actor must be in (0, 8], got {gpus_per_actor}")
+        return {"num_gpus": float(gpus_per_actor), "num_cpus": 1.0}
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -438,6 +447,8 @@ class SamplerPool:
         max_restarts: restarts per actor (and retries per task) after a crash.
         ray_address: cluster address (default ``$RAY_ADDRESS``, else a local Ray).
         num_cpus: per-actor CPUs (default: a fraction that leaves room for other Ray work).
+        num_gpus: per-actor GPUs, requested as given (see `actor_resources`; default: sized from the GPUs
+            the cluster has now).
     """
 
     def __init__(
@@ -461,6 +472,7 @@ class SamplerPool:
         max_restarts: int = 3,
         ray_address: str | None = None,
         num_cpus: float | None = None,
+        num_gpus: float | None = None,
     ):
         self.model_spec = model
         self.seeds = tuple(int(s) for s in seeds)
@@ -496,7 +508,12 @@ class SamplerPool:
             res = ray.cluster_resources()
             if actors is None:
                 actors = int(res.get("GPU", 0)) or int(res.get("CPU", 1))
-            opts = actor_resources(actors, cpu_share=0.5) if num_cpus is None else {"num_cpus": float(num_cpus)}
+            if num_gpus is not None:
+                opts = actor_resources(actors, gpus_per_actor=num_gpus)
+            elif num_cpus is None:
+                opts = actor_resources(actors, cpu_share=0.5)
+            else:
+                opts = {"num_cpus": float(num_cpus)}
             if "num_gpus" not in opts:
                 worker_kwargs["threads"] = threads_per_actor(actors)
             cls = ray.remote(SamplerWorker).options(max_restarts=max_restarts, max_task_retries=max_restarts, **opts)
@@ -652,8 +669,10 @@ def generate_samples(
     forward_batch: int = DEFAULT_FORWARD_BATCH,
     ray_address: str | None = None,
     trace_dir: str | None = None,
+    num_gpus: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of samples in seed order: Ray Data with an actor pool of `actors`, or in-process for 0."""
+    """Batches of samples in seed order: Ray Data with an actor pool of `actors`, or in-process for 0.
+    `num_gpus`: GPUs per actor, requested as given (see `actor_resources`)."""
     kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir)
     if actors == 0:
         fn = SampleBatch(model, timesteps, eta, seed, **kwargs)
@@ -668,7 +687,7 @@ def generate_samples(
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
     # The seeds go in as in-memory blocks (no read tasks, which would each need a whole CPU and can starve
     # beside the actors on a small machine); the actors share the free CPUs.
-    opts = actor_resources(actors, cpu_share=0.9)
+    opts = actor_resources(actors, cpu_share=0.9, gpus_per_actor=num_gpus)
     if "num_gpus" not in opts:
         kwargs["threads"] = threads_per_actor(actors)
     try:

@@ -113,11 +113,17 @@ class EvaluatorFactory:
         ray_address: an existing cluster (default: ``$RAY_ADDRESS``, else a local Ray).
         teacher_nfe: teacher steps (default every training timestep).
         fid: also compute FID (``extra["fid"]``).
+        gpus_per_actor: GPUs each actor requests, as given (an autoscaling cluster starts GPU nodes for
+            them); default: one GPU per actor when the cluster has GPUs now, else CPU actors.
     """
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
-                 teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print):
+                 teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
+                 gpus_per_actor: float | None = None):
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
+        self.gpus_per_actor = gpus_per_actor
+        if gpus_per_actor is not None and self.actors < 1:
+            raise StridelabError("--gpus-per-actor needs Ray actors (--actors >= 1)")
         self._made: list[Any] = []
         self._owns_ray = False
         self._fid_inputs = fid_inputs(model) if fid else None
@@ -150,7 +156,9 @@ class EvaluatorFactory:
             kw: dict[str, Any] = {}
             if fid:
                 kw = dict(extra_metrics=("fid",), features=self._fid_inputs[0], reference=self._fid_inputs[1])
-            if self.actors > 0:
+            if self.actors > 0 and self.gpus_per_actor is not None:
+                kw["num_gpus"] = self.gpus_per_actor
+            elif self.actors > 0:
                 kw["num_cpus"] = self._cpus_per_actor()
             ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, **kw)
         else:

@@ -430,6 +430,7 @@ def run_sweep(
     track: bool = True,
     actors: int = 0,
     ray_address: str | None = None,
+    gpus_per_actor: float | None = None,
     model: LoadedModel | None = None,
     evaluators: Callable[[Sequence[int]], Any] | None = None,
     figures: bool = True,
@@ -445,6 +446,7 @@ def run_sweep(
         out_dir: root of the outputs; this sweep writes into ``<out_dir>/<study_name>/``.
         tracking_uri, experiment: MLflow (default sqlite in the working directory); `track` False: none.
         actors, ray_address: the evaluator (0 = in this process).
+        gpus_per_actor: GPUs each actor requests as given (autoscaling clusters; see `EvaluatorFactory`).
         model: an already loaded model (default: ``load_model(cfg.model)``).
         evaluators: ``seeds -> evaluator`` (default `EvaluatorFactory`); tests inject stand-ins here.
         figures: draw the plots and sample grids (the JSON, CSV and Parquet outputs are always written).
@@ -486,14 +488,16 @@ def run_sweep(
             if closed:
                 log(f"resume: MLflow runs {closed} were left RUNNING by a stopped driver: marked KILLED")
         tracker.start(study_name, {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume,
-                                   "actors": actors, "stridelab_version": __version__},
+                                   "actors": actors, "gpus_per_actor": gpus_per_actor,
+                                   "stridelab_version": __version__},
                       tags={"stridelab.kind": "sweep", "study": study_name})
         study.set_user_attr("mlflow_parent_runs", [*study.user_attrs.get("mlflow_parent_runs", []), tracker.run_id])
         study.set_user_attr("mlflow_tracking_uri", tracking_uri)
 
     factory = None
     if evaluators is None:
-        factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log)
+        factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
+                                   gpus_per_actor=gpus_per_actor)
         evaluators = factory
         log(f"evaluator: {factory.kind}; teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
     status = "FAILED"

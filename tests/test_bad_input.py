@@ -108,6 +108,11 @@ CASES = [
     Case("sweep-negative-trials", sweep("--trials", "-1"), "--trials", out="results"),
     Case("sweep-bad-actors", sweep("--actors", "-1"), "--actors", out="results"),
     Case("sweep-trials-not-int", sweep("--trials", "ten"), "invalid int value", out="results"),
+    Case("sweep-polish-negative", sweep("--polish", "-1"), "--polish must be an integer >= 0", out="results"),
+    Case("sweep-gpus-without-actors", sweep("--gpus-per-actor", "1"), "--gpus-per-actor needs Ray actors",
+         out="results"),
+    Case("sample-gpus-zero", sample("--schedule", "uniform", "--nfe", "5", "--gpus-per-actor", "0"),
+         "GPUs per actor must be in (0, 8]", out="samples"),
     # -- model specs and configs ----------------------------------------------------------------------
     Case("model-missing-dir", ("evaluate", "--model", "no/such/dir", "--out", "table.csv"), "does not exist", out="table.csv"),
     Case("model-unknown-scheme", ("evaluate", "--model", "foo:bar", "--out", "table.csv"), "unknown model spec scheme",

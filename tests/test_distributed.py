@@ -300,3 +300,15 @@ def test_ray_data_sampling_survives_a_killed_actor(ray_local, unet_dir, tmp_path
     a, b = pq.read_table(tmp_path / "ref" / "samples.parquet"), pq.read_table(tmp_path / "ray" / "samples.parquet")
     assert b.column("seed").to_pylist() == list(range(7, 7 + n))
     assert a.equals(b)
+
+
+def test_gpus_per_actor_is_requested_as_given(ray_local):
+    """On an autoscaling cluster scaled to zero GPUs the request itself must name GPUs (the CPU-only local
+    Ray here has none: sizing from the cluster would give CPU actors)."""
+    from pipeline.distributed import actor_resources
+
+    assert "num_gpus" not in actor_resources(2)
+    assert actor_resources(2, gpus_per_actor=1) == {"num_gpus": 1.0, "num_cpus": 1.0}
+    assert actor_resources(4, gpus_per_actor=0.5) == {"num_gpus": 0.5, "num_cpus": 1.0}
+    with pytest.raises(StridelabError, match="gpus-per-actor"):
+        actor_resources(2, gpus_per_actor=0)
