@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trials in the study in total, warm starts included (default %(default)s)")
     p.add_argument("--parallel", type=int, default=d.parallel, help="trials asked and evaluated together (default %(default)s)")
     p.add_argument("--sampler", default=d.sampler, help="tpe, gp, cmaes, nsga2 or random (default %(default)s)")
-    p.add_argument("--space", default=d.space, help="warp (4 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) (default %(default)s)")
+    p.add_argument("--space", default=d.space, help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) (default %(default)s)")
     p.add_argument("--objective", default=d.objective,
                    help="recon, fid, recon+fid (log recon + w log fid) or recon,fid (Pareto) (default %(default)s)")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
