@@ -320,7 +320,7 @@ def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler
         for s in sweeps:
             rows = s["rows"]
             learned = rows[0]
-            base = [r for r in rows[1:] if r["schedule"] != "dp" and not r["schedule"].startswith("teacher")
+            base = [r for r in rows[1:] if r["schedule"] not in ("dp", "dp_free") and not r["schedule"].startswith("teacher")
                     and isinstance(r.get("holdout_recon"), float)]
             b = min(base, key=lambda r: r["holdout_recon"]) if base else {}
             fids = [r["holdout_fid"] for r in base if isinstance(r.get("holdout_fid"), float)]

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out seeds for the final table, a disjoint range (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="first tuning seed and sampler seed (default %(default)s)")
     p.add_argument("--baselines", type=name_list, default=None,
-                   help="comma-separated warm-start schedules (default: every baseline schedule and dp)")
+                   help="comma-separated warm-start schedules (default: every baseline schedule and dp; add dp_free for "
+                        "the DP that also chooses its first timestep)")
     p.add_argument("--polish", type=int, default=d.polish,
                    help="trials (of --trials) that refine the best schedule at the end by moving one step at a "
                         "time on the integer grid (compass search; single objective only; default %(default)s)")

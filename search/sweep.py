@@ -55,6 +55,8 @@ HOLDOUT_OFFSET = 1_000_000
 """Held-out seeds start here (plus --seed): disjoint from any tuning range shorter than this."""
 
 DEFAULT_BASELINES: tuple[str, ...] = (*SCHEDULES, "dp")
+ALL_BASELINES: tuple[str, ...] = (*DEFAULT_BASELINES, "dp_free")
+"""Warm starts a sweep accepts: the default ones and ``dp_free`` (the DP choosing its start, `search.dp`)."""
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -100,8 +102,8 @@ class SweepConfig:
         need(self.holdout_seeds >= 1, f"--holdout-seeds must be >= 1, got {self.holdout_seeds}")
         need(0 < self.prune_p < 1, f"prune p-value threshold must be in (0, 1), got {self.prune_p}")
         need(0 <= self.screen_seeds < self.num_seeds, f"--screen-seeds must be in [0, {self.num_seeds}), got {self.screen_seeds}")
-        bad = [b for b in self.baselines if b not in DEFAULT_BASELINES]
-        need(not bad, f"unknown baseline {bad[0]!r}; choose from {', '.join(DEFAULT_BASELINES)}" if bad else "")
+        bad = [b for b in self.baselines if b not in ALL_BASELINES]
+        need(not bad, f"unknown baseline {bad[0]!r}; choose from {', '.join(ALL_BASELINES)}" if bad else "")
         need(len(self.baselines) <= self.trials,
              f"--trials ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
         need(isinstance(self.polish, int) and self.polish >= 0, f"--polish must be an integer >= 0, got {self.polish!r}")
@@ -245,16 +247,21 @@ class Sweep:
         have = {t.user_attrs.get("schedule") for t in self.study.get_trials(deepcopy=False)
                 if t.user_attrs.get("kind") == "baseline"}
         todo = [b for b in self.cfg.baselines if b not in have]
-        if "dp" in todo:  # a resumed study already has its dp trial
+        dps: dict[str, Schedule] = {}
+        if {"dp", "dp_free"} & set(todo):  # a resumed study already has its dp trials
             t0 = time.perf_counter()
-            from search.dp import dp_schedule
+            from search.dp import dp_schedule, teacher_trajectory
 
-            self.dp = dp_schedule(self.model, self.cfg.nfe, self.cfg.tuning_seeds[: self.cfg.dp_seeds],
-                                  self.cfg.teacher_nfe, self.cfg.dp_grid)
-            self.log(f"dp placement ({time.perf_counter() - t0:.1f} s): {list(self.dp.timesteps)}")
+            traj = teacher_trajectory(self.model, self.cfg.tuning_seeds[: self.cfg.dp_seeds], self.cfg.teacher_nfe,
+                                      self.cfg.dp_grid)
+            for name in ("dp", "dp_free"):
+                if name in todo:
+                    dps[name] = dp_schedule(self.model, self.cfg.nfe, traj=traj, free_start=name == "dp_free")
+                    self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
+            self.dp = dps.get("dp", dps.get("dp_free"))
         if not todo:
             return
-        scheds = [self.dp if b == "dp" else make_schedule(b, self.cfg.nfe, self.model.alphas_cumprod) for b in todo]
+        scheds = [dps[b] if b in dps else make_schedule(b, self.cfg.nfe, self.model.alphas_cumprod) for b in todo]
         results = self.evaluate_full(scheds)
         dists = self.space.distributions()
         for sched, res in zip(scheds, results):

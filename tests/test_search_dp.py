@@ -12,7 +12,7 @@ from pipeline.ddim import ddim_step
 from pipeline.evaluation import InProcessEvaluator
 from pipeline.models import load_model
 from pipeline.schedules import make_schedule
-from search.dp import best_path, dp_schedule, jump_costs, teacher_trajectory
+from search.dp import best_path, dp_schedule, jump_costs, start_costs, teacher_trajectory
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,31 @@ def test_best_path_is_optimal_by_brute_force():
         )
         assert path[0] == 0 and len(path) == n and all(a < b for a, b in zip(path, path[1:]))
         assert total == pytest.approx(brute)
+
+
+def test_free_start_path_is_optimal_by_brute_force():
+    rng = np.random.default_rng(1)
+    G = 7
+    cost, start = (np.triu(rng.random((G, G + 1)), k=1) for _ in range(2))
+    for c in (cost, start):
+        c[np.tril_indices(G, 0, G + 1)] = np.inf
+    for n in range(1, G + 1):
+        path, total = best_path(cost, n, start)
+        brute = min(
+            start[nodes[0], (*nodes[1:], G)[0]] + sum(cost[a, b] for a, b in zip(nodes[1:], (*nodes[2:], G)))
+            for nodes in itertools.combinations(range(G), n)
+        )
+        assert len(path) == n and all(a < b for a, b in zip(path, path[1:]))
+        assert total == pytest.approx(brute)
+
+
+def test_free_start_costs_leave_from_x_T(ring8, traj):
+    cost, start = jump_costs(ring8, traj), start_costs(ring8, traj)
+    np.testing.assert_array_equal(start[0], cost[0])  # grid 0 is where x_T lives
+    assert not np.allclose(start[5, 6:], cost[5, 6:])  # elsewhere x_T is not the teacher's state
+    fixed, free = dp_schedule(ring8, 10, traj=traj), dp_schedule(ring8, 10, traj=traj, free_start=True)
+    assert free.name == "dp_free" and free.nfe == 10
+    assert free.params["path_cost"] <= fixed.params["path_cost"]  # a superset of paths
 
 
 def test_trajectory_starts_at_x_T_and_ends_at_the_teacher(ring8, traj):

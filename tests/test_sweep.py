@@ -254,6 +254,15 @@ def test_polish_resumes_enqueued_moves_and_counts_exactly(tmp_path, ring8, evalu
     assert len(set(ts)) == len(ts)
 
 
+def test_dp_free_is_an_optional_warm_start(tmp_path, ring8, evaluators):
+    sweep(tmp_path, ring8, evaluators, trials=8, polish=0, baselines=("uniform", "dp", "dp_free"))
+    warm = {t.user_attrs["schedule"]: t for t in load(tmp_path).trials if t.user_attrs.get("kind") == "baseline"}
+    assert set(warm) == {"uniform", "dp", "dp_free"}
+    # the fixed-start DP starts where x_T lives: the teacher's first timestep (leading, 100 steps: 990)
+    assert warm["dp"].user_attrs["timesteps"][0] == (1000 // TEACHER_NFE) * (TEACHER_NFE - 1)
+    assert "dp_free" not in cfg().baselines  # opt-in: the default sweep's figures do not depend on it
+
+
 def test_polish_is_off_for_two_objectives():
     assert cfg(objective="recon,fid", sampler="nsga2", polish=4).polish_trials == 0
     assert cfg(polish=100).polish_trials == 14 - len(BASELINES)
