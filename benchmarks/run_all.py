@@ -261,6 +261,8 @@ def verdict(v: float | None, target: float, le: bool = True) -> str:
 
 def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler: dict | None, pool: dict | None,
            sweeps: list[dict]) -> str:
+    from pipeline.reports import short_steps
+
     L: list[str] = []
     add = L.append
     add("# Benchmarks\n")
@@ -343,8 +345,7 @@ def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler
             add("| schedule | held-out recon | x best | held-out FID | FID x best | FID gap x best | tuning recon | timesteps |")
             add("|---|---|---|---|---|---|---|---|")
             for r in s["rows"]:
-                steps = r.get("timesteps", "").split()
-                steps = " ".join(steps if len(steps) <= 24 else [*steps[:3], "...", *steps[-3:]])
+                steps = short_steps(r.get("timesteps", ""), 24)
                 add(f"| {r['schedule']} | {fmt(r.get('holdout_recon'))} | {fmt(r.get('x_best_baseline'), '.3f')} | "
                     f"{fmt(r.get('holdout_fid'))} | {fmt(r.get('fid_x_best_baseline'), '.3f')} | "
                     f"{fmt(r.get('fid_gap_x_best_baseline'), '.2f')} | {fmt(r.get('tuning_recon'))} | {steps} |")

@@ -158,6 +158,7 @@ def _seed_key(seeds: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class _ShardTeacher:
+    timesteps: tuple[int, ...]  # the teacher's schedule
     x_T: torch.Tensor
     x0: torch.Tensor | None
     data: torch.Tensor | None
@@ -278,13 +279,14 @@ class SamplerWorker:
         if have is not None and (have.x0 is not None or not recon) and (have.data is not None or not need_data):
             return have
         x_T, _ = self._x_T(seeds)
+        ts = uniform(key[1], self.model.alphas_cumprod).timesteps
         x0 = have.x0 if have is not None else None
         if recon and x0 is None:
-            x0 = self._load_or_build_teacher(key, seeds, x_T)
+            x0 = self._load_or_build_teacher(key, seeds, x_T, ts)
         data = have.data if have is not None else None
         if need_data and data is None:
             data = self.model.denoiser.sample_data(seeds).to(self.device)
-        self._teachers[key] = _ShardTeacher(x_T, x0, data)
+        self._teachers[key] = _ShardTeacher(tuple(ts), x_T, x0, data)
         return self._teachers[key]
 
     def prepare(self, seeds: Sequence[int], teacher_nfe: int | None = None, recon: bool = True,
@@ -293,13 +295,13 @@ class SamplerWorker:
         self.teacher(seeds, teacher_nfe, recon, inversion)
         return self.stats()
 
-    def _load_or_build_teacher(self, key: tuple[str, int], seeds: Sequence[int], x_T: torch.Tensor) -> torch.Tensor:
+    def _load_or_build_teacher(self, key: tuple[str, int], seeds: Sequence[int], x_T: torch.Tensor,
+                               ts: Sequence[int]) -> torch.Tensor:
         path = self._teacher_path(key)
         if path is not None and path.is_file():
             from safetensors.torch import load_file
 
             return load_file(str(path), device=str(self.device))["x0"]
-        ts = uniform(key[1], self.model.alphas_cumprod).timesteps
         x0 = self._sample(x_T, None, ts, 0.0)
         self.teacher_builds += 1
         if path is not None:
@@ -345,9 +347,7 @@ class SamplerWorker:
         teach = self.teacher(seeds, teacher_nfe, recon=recon, inversion=inversion)
         t0 = time.perf_counter()
         out: dict[str, Any] = {"recon": None, "inversion": None, "fid_stats": None, "feats": None}
-        T = self.model.num_train_timesteps
-        if teach.x0 is not None and tuple(ts) == uniform(T if teacher_nfe is None else int(teacher_nfe),
-                                                         self.model.alphas_cumprod).timesteps:
+        if teach.x0 is not None and tuple(ts) == teach.timesteps:
             x0 = teach.x0  # the teacher's own schedule (its FID is the floor of the table): already sampled
         else:
             x0 = self._sample(teach.x_T, None, ts, 0.0)

@@ -27,12 +27,14 @@ class Teacher:
         x_T: starting noise [B, ...] (seed i -> row i).
         x0: teacher outputs [B, ...].
         nfe: teacher steps (uniform stride).
+        timesteps: the teacher's schedule (uniform with `nfe` steps).
     """
 
     seeds: tuple[int, ...]
     x_T: torch.Tensor
     x0: torch.Tensor
     nfe: int
+    timesteps: tuple[int, ...]
 
 
 def make_teacher(model: LoadedModel, seeds: Sequence[int], nfe: int | None = None, batch_size: int = 512) -> Teacher:
@@ -45,7 +47,7 @@ def make_teacher(model: LoadedModel, seeds: Sequence[int], nfe: int | None = Non
         ddim_sample(model.denoiser, x_T[i : i + batch_size], ts, model.alphas_cumprod)
         for i in range(0, len(seeds), batch_size)
     ]
-    return Teacher(tuple(int(s) for s in seeds), x_T, torch.cat(outs), nfe)
+    return Teacher(tuple(int(s) for s in seeds), x_T, torch.cat(outs), nfe, tuple(ts))
 
 
 def evaluate_schedule(
@@ -100,7 +102,6 @@ class InProcessEvaluator:
     def __init__(self, model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, inversion: bool = False):
         self.model = model
         self.teacher = make_teacher(model, seeds, teacher_nfe)
-        self.teacher_timesteps = uniform(self.teacher.nfe, model.alphas_cumprod).timesteps
         sample_data = getattr(model.denoiser, "sample_data", None)
         self.data = sample_data(seeds) if (inversion and sample_data is not None) else None
 
@@ -110,7 +111,7 @@ class InProcessEvaluator:
         out = []
         for s in schedules:
             t0 = time.perf_counter()
-            if tuple(s.timesteps) == self.teacher_timesteps:  # the teacher itself: exactly zero, nothing to sample
+            if tuple(s.timesteps) == self.teacher.timesteps:  # the teacher itself: exactly zero, nothing to sample
                 x0 = self.model.to_unit(self.teacher.x0)
                 rec = per_sample_mse(x0, x0)
             else:

@@ -19,6 +19,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def short_steps(timesteps: str, longest: int, keep: int = 3) -> str:
+    """A space-separated step list as is when it has at most `longest` entries, else its first and last
+    `keep` around '...' (the teacher's 250 steps in a table): '996 992 988 ... 8 4 0'."""
+    v = timesteps.split()
+    return timesteps if len(v) <= longest else " ".join(v[:keep] + ["..."] + v[-keep:])
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A plain fixed-width table of the given columns (missing values shown as '-')."""
     cols = [c for c in columns if any(c in r for r in rows)]

@@ -203,7 +203,6 @@ class Sweep:
             t.number: np.asarray(t.user_attrs["recon_per_seed"])
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "recon_per_seed" in t.user_attrs
         }
-        self.dp: Schedule | None = None
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate_full(self, schedules: list[Schedule]) -> list[ScheduleResult | Exception]:
@@ -258,7 +257,6 @@ class Sweep:
                 if name in todo:
                     dps[name] = dp_schedule(self.model, self.cfg.nfe, traj=traj, free_start=name == "dp_free")
                     self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
-            self.dp = dps.get("dp", dps.get("dp_free"))
         if not todo:
             return
         scheds = [dps[b] if b in dps else make_schedule(b, self.cfg.nfe, self.model.alphas_cumprod) for b in todo]
@@ -460,7 +458,7 @@ def run_sweep(
     """
     from pipeline import __version__
     from pipeline.models import load_model
-    from pipeline.reports import format_table, write_table
+    from pipeline.reports import format_table, short_steps, write_table
     from search import export, plots
     from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri, ui_command
 
@@ -559,17 +557,16 @@ def run_sweep(
             row["tuning_recon"] = tuning.get(name)
             row["timesteps"] = " ".join(map(str, s.timesteps))
             rows.append(row)
+        best_base: dict[str, float | None] = {}
         for metric, col in (("holdout_recon", "x_best_baseline"), ("holdout_fid", "fid_x_best_baseline")):
-            std = [r[metric] for r in rows if r["schedule"] in SCHEDULES and metric in r]
-            best_base = min(std) if std else None
+            best_base[metric] = min((r[metric] for r in rows if r["schedule"] in SCHEDULES and metric in r),
+                                    default=None)
             for r in rows:
-                if best_base and metric in r:
-                    r[col] = r[metric] / best_base
+                if best_base[metric] and metric in r:
+                    r[col] = r[metric] / best_base[metric]
         teacher_rows = [r for r in rows if r["schedule"].startswith("teacher (")]
         if teacher_rows and "holdout_fid" in teacher_rows[0]:
-            floor = teacher_rows[0]["holdout_fid"]
-            best_fid = min((r["holdout_fid"] for r in rows if r["schedule"] in SCHEDULES and "holdout_fid" in r),
-                           default=None)
+            floor, best_fid = teacher_rows[0]["holdout_fid"], best_base["holdout_fid"]
             for r in rows:
                 if best_fid is not None and best_fid > floor and "holdout_fid" in r:
                     r["fid_gap_x_best_baseline"] = (r["holdout_fid"] - floor) / (best_fid - floor)
@@ -606,7 +603,7 @@ def run_sweep(
         status = "FINISHED"
         counts = state_counts(study)
         log("")
-        log(format_table([{**r, "timesteps": _short(r["timesteps"])} for r in rows], ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid",
+        log(format_table([{**r, "timesteps": short_steps(r["timesteps"], 10)} for r in rows], ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid",
                                 "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon",
                                 "timesteps"]))
         log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
@@ -625,12 +622,6 @@ def run_sweep(
             tracker.end(status)
         if factory is not None:
             factory.close()
-
-
-def _short(timesteps: str, keep: int = 3) -> str:
-    """'996 992 ... 4 0' for long lists (the teacher's 250 steps) in the printed table."""
-    v = timesteps.split()
-    return timesteps if len(v) <= 2 * keep + 4 else " ".join(v[:keep] + ["..."] + v[-keep:])
 
 
 def objective_metrics(r: ScheduleResult) -> dict[str, float]:
