@@ -82,3 +82,13 @@ def test_atomic_write_leaves_no_temp_file_and_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_cli_stderr_fixture_drops_only_ray_forwarded_lines(cli_stderr):
+    import sys
+
+    print("\x1b[36m(pid=gcs_server)\x1b[0m [2026-11-23 16:30:53,390 E 1 1] Socket closed", file=sys.stderr)
+    print("(SamplerWorker pid=42) warming up", file=sys.stderr)
+    print("(raylet) something", file=sys.stderr)
+    print("stridelab sample: error: --actors must be >= 0 (pid=1 is not a flag)", file=sys.stderr)
+    assert cli_stderr() == ["stridelab sample: error: --actors must be >= 0 (pid=1 is not a flag)"]

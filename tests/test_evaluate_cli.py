@@ -61,12 +61,12 @@ def test_fid_and_kid_columns(tmp_path, capsys):
     (["--num-samples", "0"], "--num-samples"),
     (["--fid-ref", "cleanfid:x", "--metrics", "fid"], "FID reference"),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, capsys, bad, needle):
+def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, cli_stderr, bad, needle):
     out = tmp_path / "t.csv"
     argv = BASE + ["--schedules", "uniform", "--out", str(out)]
     for i in range(0, len(bad), 2):  # later flags win in argparse; replace to keep argv readable
         argv += bad[i : i + 2]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err and err.startswith("stridelab evaluate: error:")
+    err = cli_stderr()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("stridelab evaluate: error:"), err
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -65,11 +65,11 @@ def test_schedule_file_and_non_image_model(tmp_path):
     (["--batch-size", "0"], "--batch-size"),
     (["--model", "gmm:nope"], "mixture"),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_directory(tmp_path, capsys, bad, needle):
+def test_bad_input_is_one_line_exit_2_and_no_directory(tmp_path, cli_stderr, bad, needle):
     out = tmp_path / "out"
     assert main(_args(out, "--actors", "0", *bad)) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and needle in err and err.startswith("stridelab sample: error:")
+    err = cli_stderr()
+    assert len(err) == 1 and needle in err[0] and err[0].startswith("stridelab sample: error:"), err
     assert list(tmp_path.iterdir()) == []
 
 

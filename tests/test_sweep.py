@@ -279,9 +279,9 @@ def test_polish_is_off_for_two_objectives():
     (["--polish", "-1"], "--polish"),
     (["--actors", "-1"], "--actors"),
 ])
-def test_bad_flags_one_line_exit_2(capsys, tmp_path, argv, needle):
+def test_bad_flags_one_line_exit_2(cli_stderr, tmp_path, argv, needle):
     from jobs.cli import main
 
     rc = main(["sweep", "--model", "gmm:ring8", "--out-dir", str(tmp_path), "--no-mlflow", *argv])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+    err = cli_stderr()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err

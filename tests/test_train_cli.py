@@ -20,18 +20,18 @@ def test_train_features_writes_loadable_net(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["features"]  # no temp dirs left behind
 
 
-def test_train_features_refuses_low_accuracy(tmp_path, capsys):
+def test_train_features_refuses_low_accuracy(tmp_path, cli_stderr):
     out = tmp_path / "features"
     rc = main(["train", "features", "--epochs", "1", "--min-accuracy", "1.01", "--threads", "1", "--out", str(out)])
     assert rc == 2 and not out.exists() and list(tmp_path.iterdir()) == []
-    err = capsys.readouterr().err
-    assert "not saved" in err and len(err.strip().splitlines()) == 1
+    err = cli_stderr()
+    assert len(err) == 1 and "not saved" in err[0], err
 
 
-def test_train_bad_input_is_one_line_exit_2(tmp_path, capsys):
+def test_train_bad_input_is_one_line_exit_2(tmp_path, cli_stderr):
     assert main(["train", "digits", "--steps", "0", "--out", str(tmp_path / "m")]) == 2
     assert main(["train", "features", "--epochs", "0", "--out", str(tmp_path / "f")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = cli_stderr()
     assert err == ["stridelab train: error: steps must be >= 1, got 0", "stridelab train: error: epochs must be >= 1, got 0"]
     assert list(tmp_path.iterdir()) == []
 
