@@ -94,6 +94,58 @@ def history_plot(trials: Sequence[Any], path: str | os.PathLike, multi: bool = F
     return Path(path)
 
 
+def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, highlight: str = "learned",
+                 fid_span: float = 3.0) -> Path:
+    """Held-out recon (x, log) against held-out FID (y, log), one labelled point per schedule of the final table.
+
+    `rows` are the sweep's table rows (``schedule``, ``holdout_recon``, ``holdout_fid``); rows missing either or
+    non-finite are left out. A teacher row (recon 0, off a log axis) is drawn as the FID floor, a dashed line:
+    with a few hundred samples FID is mostly estimator bias, and no schedule can be expected below it. FIDs
+    above `fid_span` x the lowest schedule's are pinned to the top edge (a triangle, value in the label), so
+    one broken baseline does not squash the rest.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plt = _plt()
+    pts, floor = [], None
+    for r in rows:
+        name, rec, fid = str(r["schedule"]), r.get("holdout_recon"), r.get("holdout_fid")
+        if rec is None or fid is None or not (math.isfinite(rec) and math.isfinite(fid)):
+            continue
+        if name.startswith("teacher ("):
+            floor = (name, fid)
+        elif rec > 0 and fid > 0:
+            pts.append((rec, fid, name))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    top = min(f for _, f, _ in pts) * fid_span if pts else None
+    # Neighbours along x get labels above and below in turn: baselines often sit close together.
+    for i, (rec, fid, name) in enumerate(sorted(pts)):
+        bold, clipped = name == highlight, top is not None and fid > top
+        y = top if clipped else fid
+        ax.scatter([rec], [y], s=110 if bold else 30, marker="^" if clipped else "*" if bold else "o",
+                   c="black" if bold else "tab:red" if clipped else "tab:blue", zorder=5 if bold else 3)
+        label = f"{name} (FID {fid:.1f})" if clipped else name
+        ax.annotate(label, (rec, y), textcoords="offset points", xytext=(5, -11 if i % 2 and not clipped else 4),
+                    fontsize=8, fontweight="bold" if bold else "normal")
+    if floor is not None:
+        ax.axhline(floor[1], ls="--", c="gray", lw=1)
+        ax.annotate(f"{floor[0]}: FID floor {floor[1]:.2f}", (0.01, floor[1]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 4), fontsize=8, color="gray")
+    ax.set(xscale="log", yscale="log", xlabel="held-out recon (MSE vs the teacher)", ylabel="held-out FID",
+           title="every schedule of the final table on held-out seeds (lower left is better)")
+    if top is not None:
+        ax.set_ylim(top=top * 1.15)
+    # Ticks at 1, 2, 3, 5 x 10^k: a log axis spanning under a decade would otherwise show one label.
+    for axis, fmt in ((ax.xaxis, FuncFormatter(lambda v, _: f"{v:.0e}")), (ax.yaxis, FuncFormatter(lambda v, _: f"{v:g}"))):
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        axis.set_major_formatter(fmt)
+        axis.set_minor_formatter(NullFormatter())
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[int], path: str | os.PathLike,
                 reference: torch.Tensor | None = None) -> Path:
     """Samples of each schedule from the same x_T (same seeds), side by side; images as grids

@@ -589,6 +589,8 @@ def run_sweep(
             same_nfe = {k: v for k, v in named.items() if v.nfe == cfg.nfe}  # not the teacher's 250 steps
             figs += [plots.steps_plot(same_nfe, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
                      plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", objective.multi)]
+            if any("holdout_fid" in r for r in rows):
+                figs.append(plots.holdout_plot(rows, run_dir / "holdout.png", highlight=learned_name))
             grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
             uniform_n = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
             figs.append(plots.sample_grid(model, {"uniform": uniform_n, "learned": learned}, grid_seeds,

@@ -84,6 +84,7 @@ def test_outputs_and_parquet_table(tracked):
     tmp, res = tracked
     for f in ("best_schedule.json", "comparison.csv", "trials.parquet", "steps.png", "history.png", "samples.png"):
         assert (res.out_dir / f).is_file(), f
+    assert not (res.out_dir / "holdout.png").exists()  # no FID in this table: no recon-vs-FID plot
     t = pq.read_table(res.out_dir / "trials.parquet").to_pylist()
     assert len(t) == 14 and {r["state"] for r in t} <= {"COMPLETE", "PRUNED", "FAIL"}
     assert all(len(r["timesteps"]) == 10 for r in t)
@@ -285,3 +286,17 @@ def test_bad_flags_one_line_exit_2(cli_stderr, tmp_path, argv, needle):
     rc = main(["sweep", "--model", "gmm:ring8", "--out-dir", str(tmp_path), "--no-mlflow", *argv])
     err = cli_stderr()
     assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_holdout_plot_skips_rows_it_cannot_place(tmp_path):
+    from PIL import Image
+
+    from search.plots import holdout_plot
+
+    rows = [{"schedule": "learned", "holdout_recon": 1.4e-3, "holdout_fid": 3.4},
+            {"schedule": "uniform", "holdout_recon": 2.3e-3, "holdout_fid": 3.6},
+            {"schedule": "karras", "holdout_recon": float("nan"), "holdout_fid": 7.0},  # NaN: left out
+            {"schedule": "dp", "error": "boom"},                                         # failed row: left out
+            {"schedule": "teacher (250-step DDIM)", "holdout_recon": 0.0, "holdout_fid": 2.1}]  # the floor line
+    path = holdout_plot(rows, tmp_path / "h.png")
+    assert path == tmp_path / "h.png" and Image.open(path).format == "PNG" and Image.open(path).size[0] > 500

@@ -53,3 +53,4 @@ def test_held_out_table_has_the_teacher_as_fid_floor(ray_local, tmp_path):
     want = (learned["holdout_fid"] - teacher["holdout_fid"]) / (base["holdout_fid"] - teacher["holdout_fid"])
     assert learned["fid_gap_x_best_baseline"] == pytest.approx(want)
     assert (res.out_dir / "steps.png").is_file()
+    assert (res.out_dir / "holdout.png").is_file()  # recon vs FID of every row: the table has FID
