@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Optuna storage of --study: journal file or RDB URL (default %(default)s)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of --run (default sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--out", default="schedule.json", help="output JSON (default %(default)s)")
+    p.add_argument("--trial", type=int, default=None,
+                   help="with --study: export this trial number instead of the best (e.g. another point of a "
+                        "recon,fid Pareto front; the sweep's trials.parquet lists them)")
     p.add_argument("--table", default=None, help="also write every trial of --study as a Parquet table here")
     p.set_defaults(func=run)
 
@@ -32,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from search import export
 
     if args.run:
-        if args.table:
-            raise StridelabError("--table needs --study (the trials live in the Optuna study)")
+        if args.table or args.trial is not None:
+            raise StridelabError(f"{'--table' if args.table else '--trial'} needs --study (the trials live in the Optuna study)")
         from search.tracking import default_tracking_uri
 
         path = export.export_from_run(args.run, args.out, args.tracking_uri or default_tracking_uri())
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         if not study_exists(storage, args.study):
             raise StridelabError(f"no study named {args.study!r} in {args.storage}")
         study = optuna.load_study(study_name=args.study, storage=storage)
-        path = export.export_from_study(study, args.out, args.storage)
+        path = export.export_from_study(study, args.out, args.storage, trial=args.trial)
         if args.table:
             print(f"wrote {export.write_trials_parquet(study, args.table)}")
     print(f"wrote {path}")

@@ -182,13 +182,26 @@ def best_trial(study: Any) -> Any:
     return min(front, key=lambda t: sum(math.log(max(v, 1e-300)) for v in t.values))
 
 
-def export_from_study(study: Any, out: str | os.PathLike, storage_url: str | None = None) -> Path:
-    """Export the best trial of a sweep study (model, T and hash come from the study's user attrs)."""
+def trial_by_number(study: Any, number: int) -> Any:
+    """Trial `number` of `study`, which must be COMPLETE (a pruned or failed trial has no full metrics)."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise StridelabError(f"study {study.study_name!r} has no trial {number} (trials 0..{len(trials) - 1})")
+    t = trials[number]
+    if t.state.name != "COMPLETE":
+        raise StridelabError(f"trial {number} of study {study.study_name!r} is {t.state.name}, not COMPLETE")
+    return t
+
+
+def export_from_study(study: Any, out: str | os.PathLike, storage_url: str | None = None,
+                      trial: int | None = None) -> Path:
+    """Export the best trial of a sweep study, or trial number `trial` (e.g. another point of a Pareto front);
+    model, T and hash come from the study's user attrs."""
     ua = study.user_attrs
     missing = [k for k in ("model", "num_train_timesteps", "alphas_cumprod_sha256") if k not in ua]
     if missing:
         raise StridelabError(f"study {study.study_name!r} was not made by stridelab sweep (no {', '.join(missing)})")
-    t = best_trial(study)
+    t = best_trial(study) if trial is None else trial_by_number(study, trial)
     sched = schedule_of_trial(t, int(ua["num_train_timesteps"]))
     sched = Schedule(sched.timesteps, sched.num_train_timesteps, "learned" if t.user_attrs.get("kind") != "baseline"
                      else sched.name, {"space": ua.get("space"), **sched.params})

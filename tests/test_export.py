@@ -117,3 +117,31 @@ def test_export_cli_from_study_and_parquet(tmp_path, ring8, capsys):
     capsys.readouterr()
     assert main(["export", "--study", "nope", "--storage", str(tmp_path / "optuna.journal"), "--out", str(out)]) == 2
     assert "no study named" in capsys.readouterr().err
+
+    # --trial: any COMPLETE trial, e.g. another point of a Pareto front; trial 0 is the first warm start
+    capsys.readouterr()
+    first = tmp_path / "t0.json"
+    assert main(["export", "--study", "exp", "--storage", str(tmp_path / "optuna.journal"), "--trial", "0",
+                 "--out", str(first)]) == 0
+    d0 = json.loads(first.read_text())
+    assert d0["timesteps"] == list(make_schedule("uniform", 5, ring8.alphas_cumprod).timesteps)
+    assert d0["provenance"]["trial"] == 0 and d0["name"] == "uniform"
+    capsys.readouterr()
+    assert main(["export", "--study", "exp", "--storage", str(tmp_path / "optuna.journal"), "--trial", "99",
+                 "--out", str(tmp_path / "t99.json")]) == 2
+    assert "has no trial 99" in capsys.readouterr().err and not (tmp_path / "t99.json").exists()
+    assert main(["export", "--run", "0" * 32, "--trial", "1", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--trial needs --study" in capsys.readouterr().err
+
+
+def test_trial_by_number_refuses_a_trial_that_did_not_complete():
+    from search.export import trial_by_number
+
+    study = optuna.create_study(study_name="s")
+    t = study.ask()
+    study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    study.enqueue_trial({})
+    study.optimize(lambda tr: 1.0, n_trials=1)
+    assert trial_by_number(study, 1).number == 1
+    with pytest.raises(StridelabError, match="trial 0 of study 's' is PRUNED, not COMPLETE"):
+        trial_by_number(study, 0)
