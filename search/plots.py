@@ -23,6 +23,17 @@ def _plt():
     return plt
 
 
+def _log_ticks(ax: Any, xfmt: str = "{:.0e}", yfmt: str = "{:g}") -> None:
+    """Ticks at 1, 2, 3, 5 x 10^k on both (log) axes: an axis spanning under a decade otherwise shows one label,
+    and matplotlib's minor labels overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    for axis, fmt in ((ax.xaxis, xfmt), (ax.yaxis, yfmt)):
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _, f=fmt: f.format(v)))
+        axis.set_minor_formatter(NullFormatter())
+
+
 def steps_plot(schedules: Mapping[str, Schedule], alphas_cumprod: torch.Tensor, path: str | os.PathLike,
                highlight: str = "learned") -> Path:
     """Timestep and log sigma per step index for every schedule; `highlight` drawn bold."""
@@ -58,13 +69,26 @@ def history_plot(trials: Sequence[Any], path: str | os.PathLike, multi: bool = F
         front = np.ones(len(pts), dtype=bool)
         for i in range(len(pts)):
             front[i] = not any((pts[j] <= pts[i]).all() and (pts[j] < pts[i]).any() for j in range(len(pts)))
-        ax.scatter(pts[:, 0], pts[:, 1], s=12, c="tab:blue", label="trials")
-        if any(base):
-            b = np.array(base)
-            ax.scatter(pts[b, 0], pts[b, 1], s=30, marker="s", c="tab:orange", label="warm starts")
+        # FIDs far above the front (a broken baseline) are pinned to the top edge, so the front keeps the room.
+        top = float(pts[front, 1].max()) * 2.0 if len(pts) else None
+        shown = pts.copy()
+        if top is not None:
+            shown[:, 1] = np.minimum(shown[:, 1], top)
+        clipped = pts[:, 1] > top if top is not None else np.zeros(len(pts), dtype=bool)
+        b = np.array(base, dtype=bool)
+        ax.scatter(shown[~b & ~clipped, 0], shown[~b & ~clipped, 1], s=12, c="tab:blue", label="trials")
+        if b.any():
+            ax.scatter(shown[b & ~clipped, 0], shown[b & ~clipped, 1], s=30, marker="s", c="tab:orange",
+                       label="warm starts")
+        if clipped.any():
+            ax.scatter(shown[clipped, 0], shown[clipped, 1], s=30, marker="^", c="tab:red",
+                       label=f"FID > {top:.3g}, drawn at the edge")
         f = pts[front][np.argsort(pts[front][:, 0])]
         ax.plot(f[:, 0], f[:, 1], "k-o", ms=4, label="Pareto front")
-        ax.set(xscale="log", xlabel="recon", ylabel="fid", title="Pareto front")
+        ax.set(xscale="log", yscale="log", xlabel="recon (tuning seeds)", ylabel="FID (tuning seeds)",
+               title="Pareto front")
+        if len(pts):
+            _log_ticks(ax)
     else:
         xs = [t.number for t in done]
         ys = [t.values[0] for t in done]
@@ -104,8 +128,6 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
     above `fid_span` x the lowest schedule's are pinned to the top edge (a triangle, value in the label), so
     one broken baseline does not squash the rest.
     """
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     plt = _plt()
     pts, floor = [], None
     for r in rows:
@@ -135,11 +157,7 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
            title="every schedule of the final table on held-out seeds (lower left is better)")
     if top is not None:
         ax.set_ylim(top=top * 1.15)
-    # Ticks at 1, 2, 3, 5 x 10^k: a log axis spanning under a decade would otherwise show one label.
-    for axis, fmt in ((ax.xaxis, FuncFormatter(lambda v, _: f"{v:.0e}")), (ax.yaxis, FuncFormatter(lambda v, _: f"{v:g}"))):
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
-        axis.set_major_formatter(fmt)
-        axis.set_minor_formatter(NullFormatter())
+    _log_ticks(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
