@@ -33,7 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=d.sampler, help="tpe, gp, cmaes, nsga2 or random (default %(default)s)")
     p.add_argument("--space", default=d.space, help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) (default %(default)s)")
     p.add_argument("--objective", default=d.objective,
-                   help="recon, fid, recon+fid (log recon + w log fid) or recon,fid (Pareto) (default %(default)s)")
+                   help="recon (match the many-step teacher from the same noise), fid (sample quality; may leave "
+                        "the teacher's trajectory: on the bundled model it learns a different schedule), recon+fid "
+                        "(log recon + w log fid) or recon,fid (Pareto front; export other points with "
+                        "`stridelab export --trial`) (default %(default)s)")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
     p.add_argument("--num-seeds", "--seeds", dest="num_seeds", type=int, default=d.num_seeds,
                    help="tuning seeds: --seed .. --seed + N - 1 (default %(default)s)")
