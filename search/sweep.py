@@ -253,8 +253,10 @@ class Sweep:
 
             traj = teacher_trajectory(self.model, self.cfg.tuning_seeds[: self.cfg.dp_seeds], self.cfg.teacher_nfe,
                                       self.cfg.dp_grid)
+            self.log(f"dp teacher trajectory on {len(traj.grid)} grid points: {time.perf_counter() - t0:.1f} s")
             for name in ("dp", "dp_free"):
                 if name in todo:
+                    t0 = time.perf_counter()  # each placement's own time (both share the trajectory above)
                     dps[name] = dp_schedule(self.model, self.cfg.nfe, traj=traj, free_start=name == "dp_free")
                     self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
         if not todo:
