@@ -39,7 +39,7 @@ def _cpu_name() -> str:
 
 def _model_spec(tmp: str, want: str | None = None) -> str:
     from pipeline.errors import StridelabError
-    from pipeline.models import load_model
+    from pipeline.models.load import load_model
 
     if want not in (None, "tiny"):
         return want
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from pipeline.distributed import SamplerPool
-    from pipeline.models import load_model
-    from pipeline.schedules import make_schedule
+    from pipeline.models.load import load_model
+    from pipeline.core.schedules import make_schedule
 
     cores = os.cpu_count() or 1
     print(f"date     {datetime.now(timezone.utc).isoformat(timespec='seconds')}")

@@ -40,15 +40,15 @@ def main(argv=None) -> dict:
 
     from diffusers import DDIMScheduler
 
-    from pipeline.ddim import ddim_sample
-    from pipeline.denoisers import DiffusersDenoiser
-    from pipeline.noise import make_alphas_cumprod
-    from pipeline.schedules import uniform
+    from pipeline.solvers.ddim import ddim_sample
+    from pipeline.models.denoisers import DiffusersDenoiser
+    from pipeline.core.noise import make_alphas_cumprod
+    from pipeline.core.schedules import uniform
 
     if args.model == "tiny":
         unet, ac = tiny_unet(), make_alphas_cumprod()
     else:
-        from pipeline.models import load_model
+        from pipeline.models.load import load_model
 
         m = load_model(args.model)
         unet, ac = m.denoiser.model, m.alphas_cumprod
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     # The sampler's own arithmetic alone (NFE ddim_steps on the same tensors, no network): a figure
     # that background load cannot blur, unlike the small difference of two wall times above.
-    from pipeline.ddim import ddim_step
+    from pipeline.solvers.ddim import ddim_step
 
     eps = torch.randn_like(x_T)
     math_times = []

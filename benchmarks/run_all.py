@@ -261,7 +261,7 @@ def verdict(v: float | None, target: float, le: bool = True) -> str:
 
 def report(m: dict[str, Any], args: argparse.Namespace, argv: list[str], sampler: dict | None, pool: dict | None,
            sweeps: list[dict]) -> str:
-    from pipeline.reports import short_steps
+    from pipeline.io.reports import short_steps
 
     L: list[str] = []
     add = L.append
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
-        from pipeline.io import atomic_write_text
+        from pipeline.io.files import atomic_write_text
 
         atomic_write_text(args.out, report(raw["machine"], args, [a for a in shown if not a.startswith("--from-json")
                                                                    and a != args.from_json],
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             for nfe in nfes:
                 sweeps.append(run_sweep_subprocess(nfe, args, Path(tmp)))
     text = report(m, args, shown, sampler, pool, sweeps)
-    from pipeline.io import atomic_write_text
+    from pipeline.io.files import atomic_write_text
 
     atomic_write_text(args.out, text)
     if args.json:

@@ -26,10 +26,10 @@ def sample_digits(num: int, steps: int, batch_size: int = 256):
     from diffusers import DDPMScheduler, UNet2DModel
     from tqdm.auto import tqdm
 
-    from pipeline.bundled import DIGITS_DDPM_DIR
-    from pipeline.ddim import ddim_sample
-    from pipeline.denoisers import DiffusersDenoiser
-    from pipeline.seeds import initial_noise
+    from pipeline.models.bundled import DIGITS_DDPM_DIR
+    from pipeline.solvers.ddim import ddim_sample
+    from pipeline.models.denoisers import DiffusersDenoiser
+    from pipeline.core.seeds import initial_noise
 
     unet = UNet2DModel.from_pretrained(DIGITS_DDPM_DIR, subfolder="unet", use_safetensors=True).eval()
     abar = DDPMScheduler.from_pretrained(DIGITS_DDPM_DIR, subfolder="scheduler").alphas_cumprod
@@ -45,7 +45,7 @@ def sample_digits(num: int, steps: int, batch_size: int = 256):
 
 def grid_png(images01, nrow: int = 8, scale: int = 6, pad: int = 1) -> bytes:
     """An ``nrow`` x ``nrow`` PNG grid of [B, 1, 8, 8] images in [0, 1], ink black on white, grey gaps."""
-    from pipeline.images import png_bytes, tile
+    from pipeline.io.images import png_bytes, tile
 
     return png_bytes(tile(images01[: nrow * nrow], cols=nrow, scale=scale, pad=pad * scale, pad_value=0.75, ink_black=True))
 
@@ -53,9 +53,9 @@ def grid_png(images01, nrow: int = 8, scale: int = 6, pad: int = 1) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from pipeline.digits import load_digits_images, to_unit
-    from pipeline.features import extract_features, fid_from_features, kid_from_features, load_feature_net
-    from pipeline.io import atomic_write_bytes, atomic_write_json
+    from pipeline.models.digits import load_digits_images, to_unit
+    from pipeline.metrics.features import extract_features, fid_from_features, kid_from_features, load_feature_net
+    from pipeline.io.files import atomic_write_bytes, atomic_write_json
 
     p = argparse.ArgumentParser(prog="python -m jobs.digits_report", description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=1797)

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _reference(args: argparse.Namespace, model, features: str, seeds: range):
     """The FID/KID reference (computed once, on the driver)."""
-    from pipeline import fid
+    from pipeline.metrics import fid
     from pipeline.errors import StridelabError
 
     spec = args.fid_ref
@@ -86,14 +86,14 @@ def _reference(args: argparse.Namespace, model, features: str, seeds: range):
 
 
 def run_samplers(args: argparse.Namespace) -> int:
-    """--samplers: the transfer table of `pipeline.transfer` (in this process)."""
+    """--samplers: the transfer table of `pipeline.evaluation.transfer` (in this process)."""
 
     from pipeline.errors import StridelabError
-    from pipeline.evaluation import make_teacher
-    from pipeline.models import load_model
-    from pipeline.reports import format_table, write_table
-    from pipeline.schedules import check_nfe, make_schedule, resolve_schedule
-    from pipeline.transfer import SAMPLER_NAMES, transfer_table
+    from pipeline.evaluation.inprocess import make_teacher
+    from pipeline.models.load import load_model
+    from pipeline.io.reports import format_table, write_table
+    from pipeline.core.schedules import check_nfe, make_schedule, resolve_schedule
+    from pipeline.evaluation.transfer import SAMPLER_NAMES, transfer_table
 
     bad = [s for s in args.samplers if s not in SAMPLER_NAMES]
     if bad:
@@ -145,10 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.distributed import SamplerPool
     from pipeline.errors import StridelabError
-    from pipeline.fid import default_features, parse_features
-    from pipeline.models import load_model
-    from pipeline.reports import format_table, write_table
-    from pipeline.schedules import check_nfe, resolve_schedule
+    from pipeline.metrics.fid import default_features, parse_features
+    from pipeline.models.load import load_model
+    from pipeline.io.reports import format_table, write_table
+    from pipeline.core.schedules import check_nfe, resolve_schedule
 
     _check_samples_and_out(args)
     bad = [m for m in args.metrics if m not in METRICS]

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.distributed import generate_samples, write_sample_dir
     from pipeline.errors import StridelabError
-    from pipeline.models import load_model
-    from pipeline.schedules import check_nfe, resolve_schedule
+    from pipeline.models.load import load_model
+    from pipeline.core.schedules import check_nfe, resolve_schedule
 
     # Validate everything before any Ray start-up or any file is created.
     if args.num_samples < 1:

@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.errors import StridelabError
-    from pipeline.models import load_model
-    from pipeline.schedules import SCHEDULES, make_schedule
+    from pipeline.models.load import load_model
+    from pipeline.core.schedules import SCHEDULES, make_schedule
 
     model = load_model(args.model)
     names = args.names or list(SCHEDULES)

@@ -24,7 +24,7 @@ def run_digits(args: argparse.Namespace) -> int:
     """Train the DDPM on the digits and save it (EMA weights, safetensors) to ``args.out``."""
     import torch
 
-    from pipeline.training import DEFAULT_DDPM_DIR, TrainConfig, save_ddpm, train_ddpm, training_record
+    from pipeline.training.ddpm import DEFAULT_DDPM_DIR, TrainConfig, save_ddpm, train_ddpm, training_record
 
     try:
         cfg = TrainConfig(
@@ -57,7 +57,7 @@ def run_features(args: argparse.Namespace) -> int:
     """Train the digits feature CNN on the train split, report test accuracy, save to ``args.out``."""
     import torch
 
-    from pipeline.features import DEFAULT_FEATURES_DIR, FeatureTrainConfig, save_feature_net, train_feature_net
+    from pipeline.metrics.features import DEFAULT_FEATURES_DIR, FeatureTrainConfig, save_feature_net, train_feature_net
 
     try:
         cfg = FeatureTrainConfig(seed=args.seed, epochs=args.epochs, lr=args.lr)

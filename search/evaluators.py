@@ -1,7 +1,7 @@
 """Evaluators for a sweep and the objective values read from their results.
 
 An evaluator is anything with ``evaluate(schedules) -> list[ScheduleResult]`` on a fixed seed set (the
-contract of `pipeline.evaluation.InProcessEvaluator`). `EvaluatorFactory` makes one per seed set:
+contract of `pipeline.evaluation.inprocess.InProcessEvaluator`). `EvaluatorFactory` makes one per seed set:
 the Ray actor pool `pipeline.distributed.SamplerPool` (``actors=0`` runs its worker in this process),
 or `InProcessEvaluator` where the pool is not importable. The model stays resident in the pool's
 actors (or in this process) for the whole sweep: trials never load it.
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pipeline.errors import StridelabError
-from pipeline.evaluation import ScheduleResult
-from pipeline.models import LoadedModel
-from pipeline.schedules import Schedule
+from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.models.load import LoadedModel
+from pipeline.core.schedules import Schedule
 
 OBJECTIVES = ("recon", "fid", "recon+fid", "recon,fid")
 
@@ -91,7 +91,7 @@ class Objective:
 def fid_inputs(model: LoadedModel) -> tuple[str, Any]:
     """(feature extractor spec, reference) for FID on `model`: the digits CNN against the digits data for
     8x8 images, raw pixels against exact data draws for analytic models."""
-    from pipeline import fid
+    from pipeline.metrics import fid
 
     if model.spec.startswith("bundled:digits"):
         features = fid.default_features(model.sample_shape)
@@ -164,7 +164,7 @@ class EvaluatorFactory:
         else:
             if fid:
                 raise StridelabError("FID needs the evaluator of pipeline.distributed, which is not available")
-            from pipeline.evaluation import InProcessEvaluator
+            from pipeline.evaluation.inprocess import InProcessEvaluator
 
             ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe)
         self._made.append(ev)

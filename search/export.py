@@ -32,10 +32,10 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import StridelabError
-from pipeline.interop import alphas_cumprod_sha256  # noqa: F401  (re-exported: the export's model fingerprint)
-from pipeline.io import atomic_write_json
-from pipeline.noise import as_alphas_cumprod
-from pipeline.schedules import Schedule
+from pipeline.interop.apply import alphas_cumprod_sha256  # noqa: F401  (re-exported: the export's model fingerprint)
+from pipeline.io.files import atomic_write_json
+from pipeline.core.noise import as_alphas_cumprod
+from pipeline.core.schedules import Schedule
 
 EXPORT_FIELDS = ("timesteps", "sigmas", "num_train_timesteps", "nfe", "model", "alphas_cumprod_sha256",
                  "metrics", "provenance")
@@ -76,7 +76,7 @@ def export_dict(
 
 def export_for_model(schedule: Schedule, model: Any, metrics: Mapping[str, Any] | None = None,
                      prov: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`export_dict` with sigmas and hash computed from a loaded model (`pipeline.models.LoadedModel`)."""
+    """`export_dict` with sigmas and hash computed from a loaded model (`pipeline.models.load.LoadedModel`)."""
     return export_dict(schedule, model=model.spec, sigmas=schedule.sigmas(model.alphas_cumprod).tolist(),
                        alphas_hash=alphas_cumprod_sha256(model.alphas_cumprod), metrics=metrics, prov=prov)
 
@@ -154,7 +154,7 @@ def write_trials_parquet(study: Any, path: str | os.PathLike) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.io import atomic_write_bytes
+    from pipeline.io.files import atomic_write_bytes
 
     schema = pa.schema([
         ("trial", pa.int64()), ("state", pa.string()), ("kind", pa.string()), ("schedule", pa.string()),

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.schedules import Schedule
+from pipeline.core.schedules import Schedule
 
 
 def _plt():
@@ -37,7 +37,7 @@ def _log_ticks(ax: Any, xfmt: str = "{:.0e}", yfmt: str = "{:g}") -> None:
 def steps_plot(schedules: Mapping[str, Schedule], alphas_cumprod: torch.Tensor, path: str | os.PathLike,
                highlight: str = "learned") -> Path:
     """Timestep and log sigma per step index for every schedule; `highlight` drawn bold."""
-    from pipeline.noise import sigmas_of
+    from pipeline.core.noise import sigmas_of
 
     plt = _plt()
     log_sig = sigmas_of(alphas_cumprod).log().numpy()
@@ -168,9 +168,9 @@ def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[i
                 reference: torch.Tensor | None = None) -> Path:
     """Samples of each schedule from the same x_T (same seeds), side by side; images as grids
     (via ``model.to_unit``, 8x8 digits upscaled x4), other data as a 2-D scatter."""
-    from pipeline.ddim import ddim_sample
-    from pipeline.images import tile
-    from pipeline.seeds import initial_noise
+    from pipeline.solvers.ddim import ddim_sample
+    from pipeline.io.images import tile
+    from pipeline.core.seeds import initial_noise
 
     plt = _plt()
     x_T, _ = initial_noise(list(seeds), model.sample_shape)

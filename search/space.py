@@ -3,7 +3,7 @@
 Every space has the same narrow interface (`SearchSpace`):
 
 - ``suggest(trial) -> Schedule``: draw parameters from an Optuna trial (or a ``FixedTrial``) and build a
-  strictly decreasing, duplicate-free schedule (through `pipeline.schedules.project_to_distinct`);
+  strictly decreasing, duplicate-free schedule (through `pipeline.core.schedules.project_to_distinct`);
 - ``params_of(schedule) -> dict``: parameters that reproduce a given schedule (exactly where the family
   can, else the closest member), to add a baseline to a study as a warm start;
 - ``distributions()``: the Optuna distributions, for ``optuna.trial.create_trial``.
@@ -36,8 +36,8 @@ Spaces (``SPACES``):
 
 Example:
     >>> import optuna
-    >>> from pipeline.noise import make_alphas_cumprod
-    >>> from pipeline.schedules import karras
+    >>> from pipeline.core.noise import make_alphas_cumprod
+    >>> from pipeline.core.schedules import karras
     >>> abar = make_alphas_cumprod()
     >>> space = make_space("warp", 10, abar)
     >>> space.suggest(optuna.trial.FixedTrial(space.params_of(karras(10, abar)))).timesteps == karras(10, abar).timesteps
@@ -55,8 +55,8 @@ import torch
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 
 from pipeline.errors import StridelabError
-from pipeline.noise import as_alphas_cumprod, sigmas_of
-from pipeline.schedules import Schedule, check_nfe, project_to_distinct
+from pipeline.core.noise import as_alphas_cumprod, sigmas_of
+from pipeline.core.schedules import Schedule, check_nfe, project_to_distinct
 
 
 class SearchSpace(Protocol):
@@ -85,7 +85,7 @@ def inv_box_cox(y: np.ndarray, a: float) -> np.ndarray:
 
 class _LogSigmaTable:
     """log sigma(t) by linear interpolation over the model's table, and its inverse: the same maps as
-    `pipeline.noise.sigma_at` / `t_from_sigma`, in numpy (the warp fit calls them thousands of times)."""
+    `pipeline.core.noise.sigma_at` / `t_from_sigma`, in numpy (the warp fit calls them thousands of times)."""
 
     def __init__(self, alphas_cumprod: torch.Tensor):
         self.log_sigma = sigmas_of(alphas_cumprod).log().numpy()
@@ -272,7 +272,7 @@ class FreeSpace:
 
 class StepsSpace:
     """The n timesteps themselves, as integers t00 > t01 > ... (projected to distinct if a sampler breaks
-    the order). The space of the polish phase (`search.polish`), where every trial is enqueued with its
+    the order). The space of the polish phase (`search.placement.polish`), where every trial is enqueued with its
     exact timesteps; as a space for a global sampler it is the largest and the slowest to search."""
 
     name = "steps"

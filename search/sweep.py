@@ -3,7 +3,7 @@
 Flow of `run_sweep`:
 
 1. Open (or resume) the study; mark RUNNING trials left by a killed driver FAIL (`search.study`).
-2. Warm starts: every baseline of `pipeline.schedules.SCHEDULES` and the DP placement (`search.dp`) is
+2. Warm starts: every baseline of `pipeline.core.schedules.SCHEDULES` and the DP placement (`search.placement.dp`) is
    evaluated on all tuning seeds and added with ``study.add_trial`` (params from ``space.params_of``,
    user attr ``kind = "baseline"``). They are ordinary trials of the study: the sampler learns from
    them and the best trial is never worse than the best of them on the tuning seeds.
@@ -11,7 +11,7 @@ Flow of `run_sweep`:
    ``evaluate(list)`` call, ``study.tell`` each. A schedule that raises or gives NaN is told FAIL and
    the sweep goes on. Trials are counted as in `search.study` (exactly `trials` in total).
    The last `polish` trials (single objective only) refine the best schedule so far on the integer
-   timestep grid by compass search (`search.polish`): each batch enqueues untried single-step moves of
+   timestep grid by compass search (`search.placement.polish`): each batch enqueues untried single-step moves of
    the incumbent (params of the ``steps`` space, user attr ``kind = "polish"``), so the global phase
    finds the basin and the polish phase the placement no few-parameter family can express.
 4. Pruning (objective ``recon`` only): a batch is first evaluated on the first `screen_seeds` tuning
@@ -40,11 +40,11 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline.errors import StridelabError
-from pipeline.evaluation import ScheduleResult
-from pipeline.models import LoadedModel
-from pipeline.schedules import SCHEDULES, Schedule, check_nfe, make_schedule, uniform
+from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.models.load import LoadedModel
+from pipeline.core.schedules import SCHEDULES, Schedule, check_nfe, make_schedule, uniform
 from search.evaluators import OBJECTIVES, EvaluatorFactory, Objective, TrialFailed
-from search.polish import next_candidates, step_ladder
+from search.placement.polish import next_candidates, step_ladder
 from search.space import SPACES, make_space
 from search.study import (SAMPLERS, fail_stale_running, finished_count, make_sampler, make_storage, missing_store,
                           open_study)
@@ -56,7 +56,7 @@ HOLDOUT_OFFSET = 1_000_000
 
 DEFAULT_BASELINES: tuple[str, ...] = (*SCHEDULES, "dp")
 ALL_BASELINES: tuple[str, ...] = (*DEFAULT_BASELINES, "dp_free")
-"""Warm starts a sweep accepts: the default ones and ``dp_free`` (the DP choosing its start, `search.dp`)."""
+"""Warm starts a sweep accepts: the default ones and ``dp_free`` (the DP choosing its start, `search.placement.dp`)."""
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -249,7 +249,7 @@ class Sweep:
         dps: dict[str, Schedule] = {}
         if {"dp", "dp_free"} & set(todo):  # a resumed study already has its dp trials
             t0 = time.perf_counter()
-            from search.dp import dp_schedule, teacher_trajectory
+            from search.placement.dp import dp_schedule, teacher_trajectory
 
             traj = teacher_trajectory(self.model, self.cfg.tuning_seeds[: self.cfg.dp_seeds], self.cfg.teacher_nfe,
                                       self.cfg.dp_grid)
@@ -459,8 +459,8 @@ def run_sweep(
         figures: draw the plots and sample grids (the JSON, CSV and Parquet outputs are always written).
     """
     from pipeline import __version__
-    from pipeline.models import load_model
-    from pipeline.reports import format_table, short_steps, write_table
+    from pipeline.models.load import load_model
+    from pipeline.io.reports import format_table, short_steps, write_table
     from search import export, plots
     from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri, ui_command
 

@@ -1,4 +1,11 @@
-"""Import direction: pipeline/ never imports search/ or jobs/; search/ never imports jobs/."""
+"""Import direction, one layer at a time: a room imports only the rooms below it.
+
+    errors <- io <- core <- solvers <- models <- metrics <- interop <- training <- evaluation
+        <- distributed <- search <- jobs
+
+(`pipeline/errors.py` is the one error type; `pipeline/io` writes files atomically and knows no math.)
+Imports inside functions count too: a cycle hidden in a function body is still a cycle.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +16,52 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+LAYERS = [
+    "pipeline.errors", "pipeline.io", "pipeline.core", "pipeline.solvers", "pipeline.models", "pipeline.metrics",
+    "pipeline.interop", "pipeline.training", "pipeline.evaluation", "pipeline.distributed", "search", "jobs",
+]
 
-def imported_top_modules(path: Path) -> set[str]:
+
+def room(module: str) -> str | None:
+    """The layer a dotted module name belongs to (``pipeline.core.noise`` -> ``pipeline.core``)."""
+    parts = module.split(".")
+    if parts[0] == "pipeline" and len(parts) > 1 and f"pipeline.{parts[1]}" in LAYERS:
+        return f"pipeline.{parts[1]}"
+    return parts[0] if parts[0] in ("search", "jobs") else None
+
+
+def imported_modules(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
     return names
 
 
-@pytest.mark.parametrize("package,forbidden", [("pipeline", {"search", "jobs"}), ("search", {"jobs"})])
-def test_import_direction(package, forbidden):
-    files = sorted((ROOT / package).rglob("*.py"))
-    assert files
+def project_files() -> list[Path]:
+    return sorted(p for pkg in ("pipeline", "search", "jobs") for p in (ROOT / pkg).rglob("*.py"))
+
+
+def test_every_module_sits_in_a_layer():
+    files = project_files()
+    assert len(files) > 30
+    stray = [f.relative_to(ROOT) for f in files if f != ROOT / "pipeline" / "__init__.py"
+             and room(".".join(f.relative_to(ROOT).with_suffix("").parts)) is None]
+    assert not stray, f"modules outside every layer: {stray}"
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_import_direction(layer):
+    rank = LAYERS.index(layer)
+    files = [f for f in project_files() if room(".".join(f.relative_to(ROOT).with_suffix("").parts)) == layer]
+    assert files, f"no module in {layer}"
     for f in files:
-        bad = imported_top_modules(f) & forbidden
-        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+        above = {m for m in imported_modules(f) if (r := room(m)) is not None and LAYERS.index(r) > rank}
+        assert not above, f"{f.relative_to(ROOT)} ({layer}) imports from a layer above it: {sorted(above)}"
 
 
 def test_no_import_time_side_effects():
@@ -39,8 +73,8 @@ def test_no_import_time_side_effects():
         "import importlib, pkgutil, sys\n"
         "import pipeline, search, jobs\n"
         "for pkg in (pipeline, search, jobs):\n"
-        "    for m in pkgutil.iter_modules(pkg.__path__):\n"
-        "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
         "import ray\n"
         "assert not ray.is_initialized()\n"
     )

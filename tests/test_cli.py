@@ -27,7 +27,7 @@ def test_help_lists_subcommands(capsys):
 def test_schedules_prints_and_saves(tmp_path, capsys):
     out_file = tmp_path / "k.json"
     assert main(["schedules", "--nfe", "6", "--names", "karras", "--out", str(out_file)]) == 0
-    from pipeline.schedules import Schedule
+    from pipeline.core.schedules import Schedule
 
     s = Schedule.load(out_file)
     assert s.nfe == 6 and s.name == "karras"
@@ -74,7 +74,7 @@ def test_bad_input_one_line_nonzero_no_traceback_no_output(tmp_path, args, needl
 def test_atomic_write_leaves_no_temp_file_and_normal_permissions(tmp_path):
     import os
 
-    from pipeline.io import atomic_write_text
+    from pipeline.io.files import atomic_write_text
 
     p = atomic_write_text(tmp_path / "a.json", "{}\n")
     assert p.read_text() == "{}\n"

@@ -9,12 +9,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from pipeline.ddim import ddim_invert, ddim_sample, ddim_sigma, ddim_step
-from pipeline.denoisers import BatchInvariant, DiffusersDenoiser, GaussianMixtureDenoiser, gaussian_mixture
+from pipeline.solvers.ddim import ddim_invert, ddim_sample, ddim_sigma, ddim_step
+from pipeline.core.batching import BatchInvariant
+from pipeline.models.denoisers import DiffusersDenoiser, GaussianMixtureDenoiser, gaussian_mixture
 from pipeline.errors import StridelabError
-from pipeline.noise import make_alphas_cumprod
-from pipeline.schedules import make_schedule, uniform
-from pipeline.seeds import initial_noise, make_generators
+from pipeline.core.noise import make_alphas_cumprod
+from pipeline.core.schedules import make_schedule, uniform
+from pipeline.core.seeds import initial_noise, make_generators
 
 AC = make_alphas_cumprod("linear", 1000)
 

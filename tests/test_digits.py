@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline.bundled import DIGITS_DDPM_DIR
-from pipeline.digits import from_unit, load_digits_images, load_digits_labels, to_unit
-from pipeline.training import TrainConfig, ema_update, save_ddpm, train_ddpm
+from pipeline.models.bundled import DIGITS_DDPM_DIR
+from pipeline.models.digits import from_unit, load_digits_images, load_digits_labels, to_unit
+from pipeline.training.ddpm import TrainConfig, ema_update, save_ddpm, train_ddpm
 
 MAX_BYTES = 10 * 1024 * 1024
 
@@ -128,9 +128,9 @@ def test_bundled_training_record_says_ema(unet):
 def test_bundled_few_step_sample(unet):
     from diffusers import DDPMScheduler
 
-    from pipeline.ddim import ddim_sample
-    from pipeline.denoisers import DiffusersDenoiser
-    from pipeline.seeds import initial_noise
+    from pipeline.solvers.ddim import ddim_sample
+    from pipeline.models.denoisers import DiffusersDenoiser
+    from pipeline.core.seeds import initial_noise
 
     abar = DDPMScheduler.from_pretrained(DIGITS_DDPM_DIR, subfolder="scheduler").alphas_cumprod
     x_T, _ = initial_noise(range(8), (1, 8, 8))

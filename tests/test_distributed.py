@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import fid
+from pipeline.metrics import fid
 from pipeline.distributed import (
     SamplerPool,
     SamplerWorker,
     generate_samples,
-    run_fixed_batches,
     shard_bounds,
     write_sample_dir,
 )
+from pipeline.core.batching import run_fixed_batches
 from pipeline.errors import StridelabError
-from pipeline.evaluation import InProcessEvaluator
-from pipeline.models import load_model
-from pipeline.schedules import make_schedule
+from pipeline.evaluation.inprocess import InProcessEvaluator
+from pipeline.models.load import load_model
+from pipeline.core.schedules import make_schedule
 
 GMM = "gmm:blobs64"
 SEEDS = list(range(100, 148))
@@ -53,7 +53,7 @@ def unet_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def feature_net_dir(tmp_path_factory) -> str:
     """A randomly initialised digits feature net (FID/KID plumbing does not need a trained one)."""
-    from pipeline.features import DigitsFeatureNet, save_feature_net
+    from pipeline.metrics.features import DigitsFeatureNet, save_feature_net
 
     torch.manual_seed(0)
     return str(save_feature_net(DigitsFeatureNet(feature_dim=32, mean=0.3, std=0.4),
@@ -196,7 +196,7 @@ def test_pool_fid_kid_equal_single_process(gmm_pool, gmm_schedules, feature_net_
     sched = gmm_schedules[1]
     x0 = w.sample(SEEDS, sched.timesteps)
     feats = fid.features_in_chunks(fid.make_feature_fn(features), w.model.to_unit(x0), 64)
-    from pipeline.features import fid_from_features, kid_from_features
+    from pipeline.metrics.features import fid_from_features, kid_from_features
 
     got = gmm_pool.evaluate([sched])[0].extra
     assert got["fid"] == pytest.approx(fid_from_features(feats, ref.feats), rel=1e-9, abs=1e-10)
@@ -214,7 +214,7 @@ def test_teachers_own_schedule_reuses_its_samples(gmm_pool, feature_net_dir):
     w = SamplerWorker(GMM)
     x0 = w.sample(SEEDS, teacher.timesteps)
     feats = fid.features_in_chunks(fid.make_feature_fn(f"digits:{feature_net_dir}"), w.model.to_unit(x0), 64)
-    from pipeline.features import fid_from_features
+    from pipeline.metrics.features import fid_from_features
 
     ref = fid.digits_reference("test", f"digits:{feature_net_dir}")
     assert got.extra["fid"] == pytest.approx(fid_from_features(feats, ref.feats), rel=1e-6)

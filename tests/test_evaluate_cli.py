@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.models import load_model
-from pipeline.schedules import make_schedule
+from pipeline.models.load import load_model
+from pipeline.core.schedules import make_schedule
 
 BASE = ["evaluate", "--model", "gmm:ring8", "--num-samples", "24", "--teacher-nfe", "40", "--nfe", "3,6"]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline.errors import StridelabError
-from pipeline.evaluation import InProcessEvaluator
-from pipeline.models import LoadedModel, load_model
-from pipeline.noise import make_alphas_cumprod
-from pipeline.schedules import Schedule, make_schedule
+from pipeline.evaluation.inprocess import InProcessEvaluator
+from pipeline.models.load import LoadedModel, load_model
+from pipeline.core.noise import make_alphas_cumprod
+from pipeline.core.schedules import Schedule, make_schedule
 from search.export import (
     EXPORT_FIELDS,
     alphas_cumprod_sha256,

@@ -26,7 +26,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from pipeline.models import load_model
+from pipeline.models.load import load_model
 from search.study import finished_count, make_storage
 from search.sweep import SweepConfig, run_sweep
 

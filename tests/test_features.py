@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.digits import load_digits_images, load_digits_labels, to_unit
-from pipeline.features import (
+from pipeline.models.digits import load_digits_images, load_digits_labels, to_unit
+from pipeline.metrics.features import (
     DEFAULT_FEATURES_DIR,
     WEIGHTS_FILE,
     DigitsFeatureNet,

@@ -22,11 +22,11 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-from pipeline.ddim import ddim_sample
-from pipeline.ddim_scheduler import StrideDDIMScheduler
-from pipeline.denoisers import DiffusersDenoiser, gaussian_mixture
+from pipeline.solvers.ddim import ddim_sample
+from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
+from pipeline.models.denoisers import DiffusersDenoiser, gaussian_mixture
 from pipeline.errors import StridelabError
-from pipeline.interop import (
+from pipeline.interop.apply import (
     SUPPORTED_SCHEDULERS,
     alphas_cumprod_sha256,
     apply_schedule,
@@ -38,8 +38,8 @@ from pipeline.interop import (
     timesteps_for_pipeline,
     to_plain_json,
 )
-from pipeline.noise import abar_at, make_alphas_cumprod
-from pipeline.schedules import SCHEDULES, Schedule, karras, make_schedule
+from pipeline.core.noise import abar_at, make_alphas_cumprod
+from pipeline.core.schedules import SCHEDULES, Schedule, karras, make_schedule
 
 AC = make_alphas_cumprod("linear", 1000)
 AC_SD = make_alphas_cumprod("scaled_linear", 1000, 0.00085, 0.012)

@@ -13,8 +13,8 @@ import urllib.request
 import pytest
 import torch
 
-from pipeline.evaluation import InProcessEvaluator
-from pipeline.models import load_model
+from pipeline.evaluation.inprocess import InProcessEvaluator
+from pipeline.models.load import load_model
 from search.sweep import SweepConfig, run_sweep
 
 

@@ -1,4 +1,4 @@
-"""`pipeline.models.load_model`: every spec form, on real (tiny, random, saved-to-disk) diffusers models.
+"""`pipeline.models.load.load_model`: every spec form, on real (tiny, random, saved-to-disk) diffusers models.
 
 Nothing is mocked: the Hub test sets HF_HUB_OFFLINE=1 so it fails fast here and the message can be
 checked, and one bundled test points `models.ASSETS_DIR` at a tmp copy to exercise the path logic. Fixtures are module-scoped: each tiny model is built and saved once.
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import models
-from pipeline.ddim import ddim_sample
+from pipeline.models import load as models
+from pipeline.solvers.ddim import ddim_sample
 from pipeline.errors import StridelabError
-from pipeline.models import LoadedModel, load_model, scheduler_from_config
+from pipeline.models.load import LoadedModel, load_model, scheduler_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "google/ddpm-cifar10-32"
@@ -355,7 +355,7 @@ def test_classifier_free_guidance_matches_the_formula(sd_dir):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pipeline.latent import encode_prompt
+    from pipeline.models.latent import encode_prompt
 
     unet = UNet2DConditionModel.from_pretrained(sd_dir / "unet").eval()
     text_encoder = CLIPTextModel.from_pretrained(sd_dir / "text_encoder").eval()

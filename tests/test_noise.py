@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from pipeline.errors import StridelabError
-from pipeline.noise import (
+from pipeline.core.noise import (
     abar_at,
     abar_from_log_snr,
     abar_from_sigma,

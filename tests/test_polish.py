@@ -1,4 +1,4 @@
-"""Compass search on the integer timestep grid (search.polish) and the `steps` space."""
+"""Compass search on the integer timestep grid (search.placement.polish) and the `steps` space."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import optuna
 import pytest
 
-from pipeline.noise import make_alphas_cumprod
-from pipeline.schedules import make_schedule
-from search.polish import neighbours, next_candidates, step_ladder
+from pipeline.core.noise import make_alphas_cumprod
+from pipeline.core.schedules import make_schedule
+from search.placement.polish import neighbours, next_candidates, step_ladder
 from search.space import make_space
 
 T = 1000

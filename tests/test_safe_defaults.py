@@ -244,7 +244,7 @@ def test_a_pickle_beside_the_weights_is_never_opened(tiny_unet_dir, tmp_path):
     import shutil
 
     from pipeline.errors import StridelabError
-    from pipeline.models import load_model
+    from pipeline.models.load import load_model
 
     d = tmp_path / "m"
     shutil.copytree(tiny_unet_dir, d)
@@ -263,8 +263,8 @@ def test_a_pickle_beside_the_weights_is_never_opened(tiny_unet_dir, tmp_path):
 
 
 def test_schedules_and_exports_are_json(tmp_path):
-    from pipeline.models import load_model
-    from pipeline.schedules import Schedule, make_schedule
+    from pipeline.models.load import load_model
+    from pipeline.core.schedules import Schedule, make_schedule
     from search import export
 
     m = load_model("gmm:ring8")
@@ -279,7 +279,7 @@ def test_a_pickled_schedule_is_refused_not_opened(tmp_path):
     import pickle
 
     from pipeline.errors import StridelabError
-    from pipeline.schedules import Schedule
+    from pipeline.core.schedules import Schedule
 
     marker = tmp_path / "unpickled"
     p = tmp_path / "s.json"

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from jobs.cli import main
-from pipeline import distributed
-from pipeline.schedules import Schedule
+from pipeline.distributed import pool as distributed
+from pipeline.core.schedules import Schedule
 
 MODEL = "gmm:blobs64"  # [1, 8, 8] samples: images
 
@@ -44,8 +44,8 @@ def test_sample_identical_for_any_actors_and_batch_size(ray_local, tmp_path):
 
 
 def test_schedule_file_and_non_image_model(tmp_path):
-    from pipeline.models import load_model
-    from pipeline.schedules import make_schedule
+    from pipeline.models.load import load_model
+    from pipeline.core.schedules import make_schedule
 
     s = make_schedule("logsnr", 4, load_model("gmm:ring8").alphas_cumprod)
     s.save(tmp_path / "s.json")

@@ -10,8 +10,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from pipeline.errors import StridelabError
-from pipeline.noise import make_alphas_cumprod, sigma_at, sigmas_of
-from pipeline.schedules import (
+from pipeline.core.noise import make_alphas_cumprod, sigma_at, sigmas_of
+from pipeline.core.schedules import (
     SCHEDULES,
     Schedule,
     make_schedule,

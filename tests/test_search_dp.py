@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.ddim import ddim_step
-from pipeline.evaluation import InProcessEvaluator
-from pipeline.models import load_model
-from pipeline.schedules import make_schedule
-from search.dp import best_path, dp_schedule, jump_costs, start_costs, teacher_trajectory
+from pipeline.solvers.ddim import ddim_step
+from pipeline.evaluation.inprocess import InProcessEvaluator
+from pipeline.models.load import load_model
+from pipeline.core.schedules import make_schedule
+from search.placement.dp import best_path, dp_schedule, jump_costs, start_costs, teacher_trajectory
 
 
 @pytest.fixture(scope="module")

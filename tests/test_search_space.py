@@ -7,8 +7,8 @@ import optuna
 import pytest
 
 from pipeline.errors import StridelabError
-from pipeline.noise import make_alphas_cumprod
-from pipeline.schedules import SCHEDULES, Schedule, make_schedule
+from pipeline.core.noise import make_alphas_cumprod
+from pipeline.core.schedules import SCHEDULES, Schedule, make_schedule
 from search.space import SPACES, WarpSpace, make_space
 
 ABAR = make_alphas_cumprod()

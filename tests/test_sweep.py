@@ -11,8 +11,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from pipeline.evaluation import InProcessEvaluator, ScheduleResult
-from pipeline.models import load_model
+from pipeline.evaluation.inprocess import InProcessEvaluator, ScheduleResult
+from pipeline.models.load import load_model
 from search.study import finished_count, make_storage
 from search.sweep import SweepConfig, run_sweep
 

@@ -8,7 +8,7 @@ from jobs.cli import main
 
 
 def test_train_features_writes_loadable_net(tmp_path, capsys):
-    from pipeline.features import load_feature_net
+    from pipeline.metrics.features import load_feature_net
 
     out = tmp_path / "features"
     assert main(["train", "features", "--epochs", "1", "--min-accuracy", "0", "--threads", "1", "--out", str(out)]) == 0

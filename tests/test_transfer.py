@@ -1,4 +1,4 @@
-"""Transfer table (`pipeline.transfer`, `stridelab evaluate --samplers`): every sampler runs on the model's
+"""Transfer table (`pipeline.evaluation.transfer`, `stridelab evaluate --samplers`): every sampler runs on the model's
 own noise table at equal model evaluations from the same x_T, and the numbers agree with what is known.
 
 Measured on gmm:ring8 (128 seeds, 1000-step DDIM teacher), recon vs the teacher at a budget of N model
@@ -37,11 +37,11 @@ import torch
 
 from jobs.cli import main
 from pipeline.errors import StridelabError
-from pipeline.evaluation import evaluate_schedule, make_teacher
-from pipeline.interop import model_evaluations
-from pipeline.models import load_model
-from pipeline.schedules import Schedule, make_schedule
-from pipeline.transfer import (
+from pipeline.evaluation.inprocess import evaluate_schedule, make_teacher
+from pipeline.interop.apply import model_evaluations
+from pipeline.models.load import load_model
+from pipeline.core.schedules import Schedule, make_schedule
+from pipeline.evaluation.transfer import (
     SAMPLER_NAMES,
     run_sampler,
     scheduler_for,

@@ -1,6 +1,6 @@
 """Denoisers: everything a sampler can call, adapted once to one contract.
 
-Contract (see `pipeline.ddim`): ``denoiser(x: Tensor[B, ...], t: LongTensor[B]) -> eps: Tensor[B, ...]``.
+Contract (see `pipeline.solvers.ddim`): ``denoiser(x: Tensor[B, ...], t: LongTensor[B]) -> eps: Tensor[B, ...]``.
 Every denoiser also carries ``alphas_cumprod`` (float64, shape [T]) so a sampler never has to assume a
 noise schedule.
 
@@ -19,7 +19,7 @@ from typing import Literal, get_args
 import torch
 
 from pipeline.errors import StridelabError
-from pipeline.noise import as_alphas_cumprod, make_alphas_cumprod
+from pipeline.core.noise import as_alphas_cumprod, make_alphas_cumprod
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
@@ -78,52 +78,6 @@ class DiffusersDenoiser(torch.nn.Module):
         if self.prediction_type == "epsilon":
             return out
         return eps_from_prediction(out, x, self.alphas_cumprod.to(x.device)[t.to(x.device)], self.prediction_type)
-
-
-class BatchInvariant(torch.nn.Module):
-    """Call a denoiser only on batches of exactly `micro_batch` samples (the last one zero-padded).
-
-    Why: convolution and GEMM kernels pick their algorithm by batch shape, so on CPU (oneDNN) and GPU
-    (cuDNN) a sample's output can differ in the last bits between a batch of 1 and a batch of 64.
-    Calls of one fixed shape are per-sample exact (measured: permuting or zero-padding a batch changes no
-    bit), so with this wrapper sample i is bit-identical at any batch size and on any number of actors,
-    as long as every worker uses the same `micro_batch`. The cost is the padding of the last chunk.
-
-    Args:
-        denoiser: any eps denoiser; `alphas_cumprod` is passed through.
-        micro_batch: the one batch size the network ever sees.
-    """
-
-    def __init__(self, denoiser: torch.nn.Module, micro_batch: int):
-        super().__init__()
-        if micro_batch < 1:
-            raise StridelabError(f"micro_batch must be >= 1, got {micro_batch}")
-        self.inner = denoiser
-        self.micro_batch = int(micro_batch)
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.inner.alphas_cumprod
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Expose the wrapped denoiser's extras (e.g. `sample_data` of analytic models).
-            return getattr(super().__getattr__("inner"), name)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        m, B = self.micro_batch, x.shape[0]
-        outs = []
-        for i in range(0, B, m):
-            xc, tc = x[i : i + m], t[i : i + m]
-            k = xc.shape[0]
-            if k < m:
-                xc = torch.cat([xc, xc.new_zeros((m - k, *xc.shape[1:]))])
-                tc = torch.cat([tc, tc[-1:].expand(m - k)])
-            outs.append(self.inner(xc, tc)[:k])
-        return torch.cat(outs)
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):

@@ -1,6 +1,6 @@
 """Discrete DDPM noise schedules and the conversions between their coordinates.
 
-Notation (shared with `pipeline.ddim`):
+Notation (shared with `pipeline.solvers.ddim`):
 
 ==================  ==========================================================  =========================
 name here           meaning                                                     diffusers / papers

@@ -3,7 +3,7 @@
 Every schedule is a small pure function ``fn(n, alphas_cumprod, **params) -> Schedule`` returning
 exactly n distinct timesteps in strictly decreasing order, for every n in 1..T. Schedules defined in a
 continuous coordinate (sigma, logSNR, time) are mapped to fractional timesteps through the model's own
-abar table (`pipeline.noise.t_from_sigma`) and then projected onto distinct integers by
+abar table (`pipeline.core.noise.t_from_sigma`) and then projected onto distinct integers by
 `project_to_distinct`, so no int-cast can silently merge two steps (the original DDIM "quad" spacing
 returns 96 unique steps for S = 100; ours returns 100).
 
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import StridelabError
-from pipeline.io import atomic_write_json
-from pipeline.noise import as_alphas_cumprod, log_snr_from_abar, sigma_at, sigmas_of, t_from_sigma
+from pipeline.io.files import atomic_write_json
+from pipeline.core.noise import as_alphas_cumprod, log_snr_from_abar, sigma_at, sigmas_of, t_from_sigma
 
 SCHEMA_VERSION = 1
 

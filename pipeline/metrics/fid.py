@@ -12,7 +12,7 @@ rows themselves (small: 1,797 x 128 for digits) and the driver calls clean-fid's
 
 Feature extractors (``FEATURES``), each ``images01 [B, C, H, W] in [0, 1] -> float64 [B, D]``:
 
-- ``digits[:DIR]``: the small digits CNN of `pipeline.features` (bundled weights, or the net in DIR).
+- ``digits[:DIR]``: the small digits CNN of `pipeline.metrics.features` (bundled weights, or the net in DIR).
 - ``pixels``: the raw [0, 1] values, flattened: a weak but exact metric for any sample shape
   (e.g. the 2-D ``gmm:ring8``), where "FID" is the Frechet distance of the data itself.
 - ``inception``: clean-fid's Inception-v3 in ``clean`` mode (PIL bicubic resize to 299), for real
@@ -109,8 +109,8 @@ def frechet_distance(stats: FeatureStats, ref_mu: np.ndarray, ref_sigma: np.ndar
 
 
 def kid(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0) -> float:
-    """KID via clean-fid's ``kernel_distance`` (seeded subsets; see `pipeline.features.kid_from_features`)."""
-    from pipeline.features import kid_from_features
+    """KID via clean-fid's ``kernel_distance`` (seeded subsets; see `pipeline.metrics.features.kid_from_features`)."""
+    from pipeline.metrics.features import kid_from_features
 
     return kid_from_features(feats, ref_feats, seed=seed)
 
@@ -141,7 +141,7 @@ def make_feature_fn(spec: str, device: torch.device | str = "cpu") -> FeatureFn:
     if kind == "pixels":
         return lambda x: x.detach().double().flatten(1).cpu().numpy()
     if kind == "digits":
-        from pipeline.features import extract_features, load_feature_net
+        from pipeline.metrics.features import extract_features, load_feature_net
 
         try:
             net = load_feature_net(arg).to(device)
@@ -217,7 +217,7 @@ def parse_reference(spec: str) -> tuple[str, tuple[str, ...]]:
     kind, _, rest = spec.partition(":")
     args = tuple(a for a in rest.split(":") if a) if rest else ()
     if kind == "digits" and len(args) <= 1:
-        from pipeline.digits import SPLITS
+        from pipeline.models.digits import SPLITS
 
         if args and args[0] not in SPLITS:
             raise StridelabError(f"unknown digits split {args[0]!r}; choose one of {', '.join(SPLITS)}")
@@ -231,7 +231,7 @@ def parse_reference(spec: str) -> tuple[str, tuple[str, ...]]:
 
 def features_in_chunks(fn: FeatureFn, images01: torch.Tensor, size: int) -> np.ndarray:
     """`fn` on fixed-size chunks (the last one padded), so a row's features never depend on batching."""
-    from pipeline.distributed import run_fixed_batches
+    from pipeline.core.batching import run_fixed_batches
 
     if images01.shape[0] == 0:
         return np.zeros((0, 0))
@@ -241,7 +241,7 @@ def features_in_chunks(fn: FeatureFn, images01: torch.Tensor, size: int) -> np.n
 @lru_cache(maxsize=8)
 def digits_reference(split: str, features: str, chunk: int = 64) -> Reference:
     """Features of the bundled digits split (cached for the life of the process)."""
-    from pipeline.digits import load_digits_images, to_unit
+    from pipeline.models.digits import load_digits_images, to_unit
 
     f = features_in_chunks(make_feature_fn(features), to_unit(load_digits_images(split)), chunk)
     return Reference(f"digits:{split}", f.mean(axis=0), np.cov(f, rowvar=False), f)

@@ -6,21 +6,21 @@ for it in diffusers pipelines (same config keys, ``from_config`` / ``save_config
 ``step`` signature and output) with two differences:
 
 - ``set_timesteps(timesteps=[...])`` accepts any strictly decreasing list (checked by
-  `pipeline.schedules.validate_timesteps`), so pipelines that pass ``timesteps=`` through diffusers'
+  `pipeline.core.schedules.validate_timesteps`), so pipelines that pass ``timesteps=`` through diffusers'
   ``retrieve_timesteps`` work; and the config key ``schedule_timesteps`` can hold the list, so pipelines
   that only ever call ``set_timesteps(num_inference_steps)`` (``DDPMPipeline``, ``DDIMPipeline``) run it
   too, and ``pipe.save_pretrained`` saves it with the pipeline.
 - ``step`` goes from ``timesteps[i]`` to ``timesteps[i + 1]``, the next *listed* timestep, and from the
   last one to abar = 1 (``set_alpha_to_one=True``) or abar_0.
 
-The update itself is `pipeline.ddim.ddim_step` and the v / x0 -> eps conversion is
-`pipeline.denoisers.eps_from_prediction`, so this scheduler and `pipeline.ddim.ddim_sample` cannot
-drift apart. Notation as in `pipeline.ddim`.
+The update itself is `pipeline.solvers.ddim.ddim_step` and the v / x0 -> eps conversion is
+`pipeline.models.denoisers.eps_from_prediction`, so this scheduler and `pipeline.solvers.ddim.ddim_sample` cannot
+drift apart. Notation as in `pipeline.solvers.ddim`.
 
 Example::
 
-    from pipeline.ddim_scheduler import StrideDDIMScheduler
-    from pipeline.schedules import Schedule
+    from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
+    from pipeline.core.schedules import Schedule
 
     schedule = Schedule.load("schedule.json")
     pipe.scheduler = StrideDDIMScheduler.from_schedule(schedule, pipe.scheduler.config, clip_sample=False)
@@ -38,11 +38,11 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipeline.ddim import ddim_sigma, ddim_step
-from pipeline.denoisers import PREDICTION_TYPES, eps_from_prediction
+from pipeline.solvers.ddim import ddim_sigma, ddim_step
+from pipeline.models.denoisers import PREDICTION_TYPES, eps_from_prediction
 from pipeline.errors import StridelabError
-from pipeline.noise import BETA_SCHEDULES, as_alphas_cumprod, make_betas
-from pipeline.schedules import Schedule, linspace, trailing, uniform, validate_timesteps
+from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_betas
+from pipeline.core.schedules import Schedule, linspace, trailing, uniform, validate_timesteps
 
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 """``set_timesteps(num_inference_steps)`` without a stored schedule: diffusers' spacings (bit-equal)."""
@@ -137,9 +137,9 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         """A scheduler that runs `schedule`: ``from_config(config, schedule_timesteps=schedule.timesteps)``.
 
         Refuses a schedule made for another T, or (when ``schedule.meta`` has ``alphas_cumprod_sha256``)
-        for another noise schedule (see `pipeline.interop.check_compatible`).
+        for another noise schedule (see `pipeline.interop.apply.check_compatible`).
         """
-        from pipeline.interop import check_compatible
+        from pipeline.interop.apply import check_compatible
 
         sched = cls.from_config(dict(config or {}), schedule_timesteps=list(schedule.timesteps), **kwargs)
         check_compatible(schedule, sched.alphas_cumprod, what="StrideDDIMScheduler")
@@ -218,7 +218,7 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> DDIMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM update from `timestep` to the next listed timestep (`pipeline.ddim.ddim_step`).
+        """One DDIM update from `timestep` to the next listed timestep (`pipeline.solvers.ddim.ddim_step`).
 
         Args:
             model_output: the network's output at (sample, timestep): eps, v or x0 per ``prediction_type``.

@@ -4,7 +4,7 @@ Two entry points:
 
 - `SamplerPool`: a resident pool of `SamplerWorker` actors for repeated evaluation (the Optuna search).
   ``pool.evaluate(schedules) -> list[ScheduleResult]`` has exactly the contract of
-  `pipeline.evaluation.InProcessEvaluator.evaluate`. The seeds are split into one contiguous shard per
+  `pipeline.evaluation.inprocess.InProcessEvaluator.evaluate`. The seeds are split into one contiguous shard per
   actor; each actor computes the many-step DDIM teacher of its shard once and keeps it (optionally also
   on disk), so a sweep pays for the teacher once.
 - `generate_samples` / `write_sample_dir`: large sample sets through Ray Data
@@ -12,7 +12,7 @@ Two entry points:
 
 Why results do not depend on the number of actors or the batch size:
 
-1. Randomness is per sample (`pipeline.seeds`): x_T and the per-step noise of sample i come from a CPU
+1. Randomness is per sample (`pipeline.core.seeds`): x_T and the per-step noise of sample i come from a CPU
    generator seeded with seed i.
 2. The network is always called on batches of exactly ``forward_batch`` rows (`run_fixed_batches` pads
    the last one). A CPU convolution's result for a row depends on the batch *size* it runs in (kernel
@@ -46,16 +46,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.ddim import ddim_sample
-from pipeline.denoisers import BatchInvariant
-from pipeline.images import tile
-from pipeline.io import replace_directory
+from pipeline.solvers.ddim import ddim_sample
+from pipeline.core.batching import BatchInvariant, run_fixed_batches
+from pipeline.io.images import tile
+from pipeline.io.files import replace_directory
 from pipeline.errors import StridelabError
-from pipeline.evaluation import ScheduleResult
-from pipeline.metrics import inversion_errors, per_sample_mse
-from pipeline.models import LoadedModel, load_model
-from pipeline.schedules import Schedule, uniform, validate_timesteps
-from pipeline.seeds import initial_noise
+from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.metrics.recon import inversion_errors, per_sample_mse
+from pipeline.models.load import LoadedModel, load_model
+from pipeline.core.schedules import Schedule, uniform, validate_timesteps
+from pipeline.core.seeds import initial_noise
 
 DEFAULT_FORWARD_BATCH = 64
 EXTRA_METRICS: tuple[str, ...] = ("fid", "kid")
@@ -120,26 +120,6 @@ def threads_per_actor(actors: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# Batch-size-invariant calls (for denoisers: `pipeline.denoisers.BatchInvariant`)
-
-
-def run_fixed_batches(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """``fn(*chunks)`` on consecutive chunks of exactly `size` rows (the last padded by repeating its last
-    row), outputs concatenated and trimmed. Row i's output then never depends on the batch it came in."""
-    B = tensors[0].shape[0]
-    if size <= 0:
-        return fn(*tensors)
-    outs = []
-    for i in range(0, B, size):
-        parts = [t[i : i + size] for t in tensors]
-        n = parts[0].shape[0]
-        if n < size:
-            parts = [torch.cat([p, p[-1:].expand(size - n, *p.shape[1:])]) for p in parts]
-        outs.append(fn(*parts)[:n])
-    return torch.cat(outs) if outs else fn(*tensors)
-
-
-# --------------------------------------------------------------------------------------------------
 # The worker (a plain class: Ray actor, Ray Data UDF or in-process)
 
 
@@ -171,13 +151,13 @@ class SamplerWorker:
     result. Runs as a Ray actor (`SamplerPool`), inside a Ray Data UDF (`SampleBatch`) or in-process.
 
     Args:
-        model: model spec for `loader` (default `pipeline.models.load_model`).
+        model: model spec for `loader` (default `pipeline.models.load.load_model`).
         loader: ``(spec, device, dtype) -> LoadedModel``.
         device: default cuda when available, else cpu.
         dtype: model dtype name.
         forward_batch: rows per network call (fixed, for batch-size invariance; 0 = as given).
         threads: torch intra-op threads (None: leave as is).
-        features: feature extractor spec for FID/KID (`pipeline.fid.make_feature_fn`), built on first use.
+        features: feature extractor spec for FID/KID (`pipeline.metrics.fid.make_feature_fn`), built on first use.
         cache_dir: where teachers are kept on disk (safetensors), or None.
         trace_dir: if set, every call leaves ``<pid>.<n>.<method>.start`` / ``.done`` marker files there
             (for debugging and fault-injection tests).
@@ -314,7 +294,7 @@ class SamplerWorker:
         return x0
 
     def _features(self, x0: torch.Tensor) -> np.ndarray:
-        from pipeline.fid import features_in_chunks, make_feature_fn
+        from pipeline.metrics.fid import features_in_chunks, make_feature_fn
 
         if self._feature_fn is None:
             if not self.features_spec:
@@ -357,7 +337,7 @@ class SamplerWorker:
         if inversion and teach.data is not None:
             out["inversion"] = inversion_errors(self.denoiser, teach.data, ts, abar, to_unit).cpu()
         if fid or kid:
-            from pipeline.fid import FeatureStats
+            from pipeline.metrics.fid import FeatureStats
 
             f = self._features(x0)
             out["fid_stats"] = FeatureStats.of(f, fid_shift) if fid else None
@@ -423,7 +403,7 @@ class PendingEvaluation:
 class SamplerPool:
     """A resident pool of `SamplerWorker` actors evaluating schedules on a fixed seed set.
 
-    Same contract as `pipeline.evaluation.InProcessEvaluator`: ``evaluate(schedules)`` returns one
+    Same contract as `pipeline.evaluation.inprocess.InProcessEvaluator`: ``evaluate(schedules)`` returns one
     `ScheduleResult` per schedule, in order, computed on `seeds` against the teacher; per-seed recon and
     inversion errors are bit-identical to it (for models whose forward is batch-invariant, e.g. gmm:*)
     and, for any model, identical for any number of actors.
@@ -441,8 +421,8 @@ class SamplerPool:
             cluster's GPUs, or its CPUs.
         recon: compute recon errors (needs the teacher); when False, ``recon`` is NaN.
         extra_metrics: any of ("fid", "kid"), reported in ``ScheduleResult.extra``.
-        features: feature extractor spec for FID/KID (`pipeline.fid.make_feature_fn`).
-        reference: a `pipeline.fid.Reference` for FID/KID.
+        features: feature extractor spec for FID/KID (`pipeline.metrics.fid.make_feature_fn`).
+        reference: a `pipeline.metrics.fid.Reference` for FID/KID.
         loader, device, dtype, forward_batch, cache_dir, trace_dir: passed to each `SamplerWorker`.
         max_restarts: restarts per actor (and retries per task) after a crash.
         ray_address: cluster address (default ``$RAY_ADDRESS``, else a local Ray).
@@ -484,7 +464,7 @@ class SamplerPool:
         if bad:
             raise StridelabError(f"unknown metric {bad[0]!r}; extra metrics are {', '.join(EXTRA_METRICS)}")
         if extra_metrics and (reference is None or not features):
-            raise StridelabError("FID/KID need `features` and a `reference` (pipeline.fid)")
+            raise StridelabError("FID/KID need `features` and a `reference` (pipeline.metrics.fid)")
         if teacher_nfe is not None and int(teacher_nfe) < 1:
             raise StridelabError(f"teacher_nfe must be >= 1, got {teacher_nfe}")
         self.teacher_nfe = teacher_nfe
@@ -599,7 +579,7 @@ class SamplerPool:
         inv = torch.cat([p["inversion"] for p in parts]) if parts[0]["inversion"] is not None else None
         extra = None
         if extra_names:
-            from pipeline.fid import FeatureStats, frechet_distance, kid
+            from pipeline.metrics.fid import FeatureStats, frechet_distance, kid
 
             extra = {}
             if "fid" in extra_names:

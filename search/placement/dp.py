@@ -2,7 +2,7 @@
 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling", and OSS, optimal step size).
 
 1. Run the teacher (uniform DDIM over `teacher_nfe` steps, the same teacher as
-   `pipeline.evaluation.make_teacher`) from the seeds' x_T and record its state x_t at every point of a
+   `pipeline.evaluation.inprocess.make_teacher`) from the seeds' x_T and record its state x_t at every point of a
    candidate grid (a subset of the teacher's own timesteps, so the recorded states are exact).
 2. cost[i, j] = per-dimension MSE on the [0, 1] scale, averaged over the seeds, between one DDIM jump
    from the teacher state at grid point i to grid point j and the teacher state at j. Column G (one past
@@ -22,7 +22,7 @@ The accumulated one-jump error is a proxy (errors compound along a real n-step t
 why the result is also a warm start for the search rather than the final answer.
 
 Example:
-    >>> from pipeline.models import load_model
+    >>> from pipeline.models.load import load_model
     >>> model = load_model("gmm:ring8")
     >>> sched = dp_schedule(model, 10, seeds=range(32), teacher_nfe=250)
     >>> sched.nfe, sched.name
@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.ddim import ddim_sample
+from pipeline.solvers.ddim import ddim_sample
 from pipeline.errors import StridelabError
-from pipeline.models import LoadedModel
-from pipeline.noise import log_snr_from_abar
-from pipeline.schedules import Schedule, check_nfe, uniform
-from pipeline.seeds import initial_noise
+from pipeline.models.load import LoadedModel
+from pipeline.core.noise import log_snr_from_abar
+from pipeline.core.schedules import Schedule, check_nfe, uniform
+from pipeline.core.seeds import initial_noise
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _costs(model: LoadedModel, sources: TeacherTrajectory, traj: TeacherTrajecto
         eps = model.denoiser(x, torch.full((x.shape[0],), t, dtype=torch.long)).double()
         x, a_t = x.double(), abar[t].item()
         # Every jump i -> j > i at once: DDIM eta = 0, x_j = sqrt(abar_j) x0_pred + sqrt(1 - abar_j) eps
-        # (the same update as `pipeline.ddim.ddim_step`; a test pins one entry to it).
+        # (the same update as `pipeline.solvers.ddim.ddim_step`; a test pins one entry to it).
         x0_pred = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
         a_j = a_all[i + 1 :].reshape(-1, *([1] * x.ndim))
         x_j = a_j.sqrt() * x0_pred + (1 - a_j).sqrt() * eps

@@ -12,7 +12,7 @@ Distances are clean-fid's own: ``cleanfid.fid.frechet_distance`` on (mu, sigma) 
 ``cleanfid.fid.kernel_distance`` (KID, cubic polynomial kernel, subset estimate).
 
 Example:
-    >>> from pipeline.digits import load_digits_images, to_unit
+    >>> from pipeline.models.digits import load_digits_images, to_unit
     >>> f_train = extract_features(to_unit(load_digits_images("train")))
     >>> f_test = extract_features(to_unit(load_digits_images("test")))
     >>> fid_from_features(f_train, f_test) < 5.0
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.bundled import DIGITS_FEATURES_DIR, atomic_directory
-from pipeline.digits import load_digits_images, load_digits_labels, to_unit
+from pipeline.models.bundled import DIGITS_FEATURES_DIR, atomic_directory
+from pipeline.models.digits import load_digits_images, load_digits_labels, to_unit
 
 DEFAULT_FEATURES_DIR = DIGITS_FEATURES_DIR
 WEIGHTS_FILE = "model.safetensors"
@@ -170,7 +170,7 @@ def _check_unit_images(images01: torch.Tensor) -> None:
                          f"{tuple(getattr(images01, 'shape', ()))}")
     if images01.numel() and (images01.min() < -1e-4 or images01.max() > 1.0 + 1e-4):
         raise ValueError(f"images must lie in [0, 1]; got range [{float(images01.min()):.3f}, {float(images01.max()):.3f}]"
-                         " (map model outputs with pipeline.digits.to_unit)")
+                         " (map model outputs with pipeline.models.digits.to_unit)")
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ eta = 0 is the deterministic sampler (an Euler step of the probability-flow ODE 
 (sigma, x / sqrt(abar)) coordinates); eta = 1 is the DDPM posterior (ancestral) step.
 
 Denoiser contract: ``denoiser(x: Tensor[B, ...], t: LongTensor[B]) -> eps: Tensor[B, ...]``
-(see `pipeline.denoisers` for the adapter that turns any diffusers model into one).
+(see `pipeline.models.denoisers` for the adapter that turns any diffusers model into one).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.errors import StridelabError
-from pipeline.noise import as_alphas_cumprod
-from pipeline.schedules import validate_timesteps
-from pipeline.seeds import randn_per_sample
+from pipeline.core.noise import as_alphas_cumprod
+from pipeline.core.schedules import validate_timesteps
+from pipeline.core.seeds import randn_per_sample
 
 
 class Denoiser(Protocol):

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pipeline.ddim import Denoiser, ddim_invert, ddim_sample
+from pipeline.solvers.ddim import Denoiser, ddim_invert, ddim_sample
 
 
 def per_sample_mse(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StridelabError
-from pipeline.io import atomic_write_bytes, atomic_write_text
+from pipeline.io.files import atomic_write_bytes, atomic_write_text
 
 
 def _fmt(v: Any) -> str:

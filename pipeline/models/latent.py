@@ -2,7 +2,7 @@
 
 The sampler sees latents z of shape [B, C, h, w] and a text-free contract ``(z, t) -> eps``: the prompt
 is encoded once, here, and classifier-free guidance (Ho & Salimans, 2022) is folded into the denoiser.
-No file I/O happens here; `pipeline.models.load_model` reads the checkpoint and builds these.
+No file I/O happens here; `pipeline.models.load.load_model` reads the checkpoint and builds these.
 
 ==================  ==================================================  ============================
 name                meaning                                             diffusers
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.denoisers import DiffusersDenoiser
+from pipeline.models.denoisers import DiffusersDenoiser
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ diffusers (0.42), one call each (`apply_schedule`):
 ==============================  ============  ======================  =====================================
 scheduler                       passed as     model evaluations       equals DDIM on the same steps?
 ==============================  ============  ======================  =====================================
-``StrideDDIMScheduler``         timesteps     n                       yes (it *is* `pipeline.ddim.ddim_step`)
+``StrideDDIMScheduler``         timesteps     n                       yes (it *is* `pipeline.solvers.ddim.ddim_step`)
 ``DPMSolverMultistepScheduler``  timesteps     n                       solver_order=1, dpmsolver++: yes
                                                                       (DPM-Solver-1 = DDIM); order 2: no
 ``EulerDiscreteScheduler``      sigmas (n+1)  n                       yes up to float32 (Euler on the
@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import StridelabError
-from pipeline.noise import as_alphas_cumprod, t_from_sigma
-from pipeline.schedules import Schedule, project_to_distinct
+from pipeline.core.noise import as_alphas_cumprod, t_from_sigma
+from pipeline.core.schedules import Schedule, project_to_distinct
 
 SUPPORTED_SCHEDULERS: dict[str, str] = {
     "StrideDDIMScheduler": "timesteps",
@@ -107,7 +107,7 @@ def _unsupported(scheduler: Any) -> StridelabError:
     why = ""
     if name == "DDIMScheduler":
         why = (" (its set_timesteps takes no timesteps= and its step assumes even spacing, t - T // N; use "
-               "pipeline.ddim_scheduler.StrideDDIMScheduler.from_config(scheduler.config) instead)")
+               "pipeline.interop.ddim_scheduler.StrideDDIMScheduler.from_config(scheduler.config) instead)")
     return StridelabError(
         f"{name} cannot run a custom timestep schedule{why}; schedulers that can: "
         f"{', '.join(SUPPORTED_SCHEDULERS)}"
@@ -254,8 +254,8 @@ def schedule_from_sigmas(
     """Inverse of `k_diffusion_sigmas`: the integer-timestep schedule nearest to a sigma list.
 
     Each sigma is mapped to a fractional timestep by log-sigma interpolation over the model's table
-    (`pipeline.noise.t_from_sigma`, as k-diffusion's ``DiscreteSchedule``) and rounded to distinct
-    integers (`pipeline.schedules.project_to_distinct`). A trailing 0 is dropped. The round trip is exact
+    (`pipeline.core.noise.t_from_sigma`, as k-diffusion's ``DiscreteSchedule``) and rounded to distinct
+    integers (`pipeline.core.schedules.project_to_distinct`). A trailing 0 is dropped. The round trip is exact
     for schedules of integer timesteps, in float32 or float64.
 
     Raises:

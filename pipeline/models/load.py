@@ -22,7 +22,7 @@ Options (latent models only) are a URL query, e.g. ``sd-dir?prompt=a%20cat&guida
 latent model's `LoadedModel.spec` spells out all three so exports name the exact prompt.
 
 ``alphas_cumprod`` always comes from the checkpoint's scheduler config and ``prediction_type`` is
-adapted to eps by `pipeline.denoisers.DiffusersDenoiser`. Only safetensors weights are read (never pickle).
+adapted to eps by `pipeline.models.denoisers.DiffusersDenoiser`. Only safetensors weights are read (never pickle).
 diffusers and transformers are imported only when a checkpoint is loaded, so `gmm:` stays fast.
 """
 
@@ -41,11 +41,11 @@ from urllib.parse import parse_qs, urlencode
 
 import torch
 
-from pipeline.denoisers import PREDICTION_TYPES, DiffusersDenoiser, GMM_NAMES, gaussian_mixture
+from pipeline.models.denoisers import PREDICTION_TYPES, DiffusersDenoiser, GMM_NAMES, gaussian_mixture
 from pipeline.errors import StridelabError
-from pipeline.noise import BETA_SCHEDULES, as_alphas_cumprod, make_alphas_cumprod
+from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_alphas_cumprod
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED: dict[str, str] = {"digits": "digits/ddpm"}
 """bundled:<name> -> directory under `ASSETS_DIR` (a DDPMPipeline saved with safetensors)."""
 
@@ -337,7 +337,7 @@ def _load_latent(d: Path, index: dict[str, Any], spec: str, device, dtype: torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from pipeline.latent import CFGDenoiser, VAEDecoder, encode_prompt
+    from pipeline.models.latent import CFGDenoiser, VAEDecoder, encode_prompt
 
     missing = [k for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not index.get(k) or index[k][0] is None]
     if missing:

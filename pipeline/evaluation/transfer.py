@@ -3,29 +3,29 @@
 For one model, one seed set and a budget of N **model evaluations**, every sampler runs twice from the
 same x_T per seed: under the given spacing (typically a learned schedule) and under the sampler's own
 default spacing, and each output is compared with the many-step DDIM teacher
-(`pipeline.evaluation.make_teacher`), per-dimension MSE on a [0, 1] scale (`pipeline.metrics`).
+(`pipeline.evaluation.inprocess.make_teacher`), per-dimension MSE on a [0, 1] scale (`pipeline.metrics.recon`).
 
 ==================  ========================================================  ======================
 sampler             implementation                                            default spacing
 ==================  ========================================================  ======================
-``ddim``            `pipeline.ddim.ddim_sample` (eta = 0)                     diffusers DDIM's
+``ddim``            `pipeline.solvers.ddim.ddim_sample` (eta = 0)                     diffusers DDIM's
                                                                               ``leading`` = `uniform`
 ``dpmsolver++2m``   ``DPMSolverMultistepScheduler(solver_order=2,             its ``set_timesteps(n)``
                     algorithm_type="dpmsolver++")``                           (``linspace``)
 ``euler``           ``EulerDiscreteScheduler`` (Euler on the PF-ODE in sigma)  its ``set_timesteps(n)``
 ``heun``            ``HeunDiscreteScheduler`` (2 evaluations a step, 1 on the  its ``set_timesteps(n)``
-                    last: `pipeline.interop.model_evaluations`)
+                    last: `pipeline.interop.apply.model_evaluations`)
 ==================  ========================================================  ======================
 
 Equal NFE: each sampler gets the most steps m whose evaluations fit the budget
 (``model_evaluations(m) <= N``): m = N for the first-order-cost samplers, m = (N + 1) // 2 for Heun
 (2m - 1 evaluations: 9 for N = 10). A schedule with n != m steps is carried to m steps by log-sigma
-interpolation (Align Your Steps' rule, `pipeline.schedules.interpolated`); the table says which.
+interpolation (Align Your Steps' rule, `pipeline.core.schedules.interpolated`); the table says which.
 
 The diffusers schedulers are built from the model's own ``alphas_cumprod`` (``trained_betas`` =
 1 - abar_t / abar_{t-1}), so none of them runs its class's default beta table (HeunDiscrete's default is
 0.00085..0.012). diffusers rebuilds abar in float32 from those betas: it matches the model's within
-1e-6 relative, which `scheduler_for` checks; `pipeline.interop.apply_schedule` is then told to accept it.
+1e-6 relative, which `scheduler_for` checks; `pipeline.interop.apply.apply_schedule` is then told to accept it.
 
 The loop (`sample_with_scheduler`) is the one every diffusers pipeline runs, over the model's eps
 denoiser, with two details: x_T is scaled so that the first *model input* is exactly x_T (the VP sample
@@ -45,15 +45,15 @@ from typing import Any
 
 import torch
 
-from pipeline.ddim import Denoiser, ddim_sample
-from pipeline.ddim_scheduler import StrideDDIMScheduler
+from pipeline.solvers.ddim import Denoiser, ddim_sample
+from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 from pipeline.errors import StridelabError
-from pipeline.evaluation import Teacher
-from pipeline.interop import apply_schedule, check_compatible, model_evaluations
-from pipeline.metrics import per_sample_mse
-from pipeline.models import LoadedModel
-from pipeline.noise import as_alphas_cumprod
-from pipeline.schedules import Schedule, interpolated, uniform
+from pipeline.evaluation.inprocess import Teacher
+from pipeline.interop.apply import apply_schedule, check_compatible, model_evaluations
+from pipeline.metrics.recon import per_sample_mse
+from pipeline.models.load import LoadedModel
+from pipeline.core.noise import as_alphas_cumprod
+from pipeline.core.schedules import Schedule, interpolated, uniform
 
 TABLE_TOLERANCE = 1e-6
 """Max relative difference between a scheduler's float32 abar (rebuilt from betas) and the model's."""
@@ -80,7 +80,7 @@ def _registry() -> dict[str, SamplerSpec]:
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 
     return {
-        "ddim": SamplerSpec("ddim", None, {}, "DDIM, eta = 0 (pipeline.ddim)"),
+        "ddim": SamplerSpec("ddim", None, {}, "DDIM, eta = 0 (pipeline.solvers.ddim)"),
         "dpmsolver++2m": SamplerSpec("dpmsolver++2m", DPMSolverMultistepScheduler,
                                      {"solver_order": 2, "algorithm_type": "dpmsolver++"}, "DPM-Solver++(2M)"),
         "euler": SamplerSpec("euler", EulerDiscreteScheduler, {}, "Euler (EulerDiscreteScheduler)"),
@@ -111,7 +111,7 @@ def scheduler_for(name: str, alphas_cumprod: torch.Tensor | Sequence[float]) -> 
     """A fresh scheduler for sampler `name` running the model's noise table (None config: stridelab DDIM).
 
     Returns a `StrideDDIMScheduler` for ``ddim`` (only for `model_evaluations`; sampling goes through
-    `pipeline.ddim.ddim_sample`), else the diffusers scheduler with ``trained_betas`` from `alphas_cumprod`.
+    `pipeline.solvers.ddim.ddim_sample`), else the diffusers scheduler with ``trained_betas`` from `alphas_cumprod`.
 
     Raises:
         StridelabError: unknown name, or the scheduler's table differs from the model's by more than

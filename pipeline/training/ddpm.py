@@ -1,10 +1,10 @@
-"""Train the bundled DDPM on the 8x8 digits (``pipeline.digits``): a small, seeded, CPU-sized loop.
+"""Train the bundled DDPM on the 8x8 digits (``pipeline.models.digits``): a small, seeded, CPU-sized loop.
 
 The model is a diffusers ``UNet2DModel`` predicting eps (Ho et al., 2020, Eq. 14 "L_simple") under the
 linear beta schedule with T = 1000. Weights are tracked with an exponential moving average (EMA) and
 the EMA weights are what ``save_ddpm`` writes.
 
-Notation (as in ``pipeline.ddim``):
+Notation (as in ``pipeline.solvers.ddim``):
 
 ==================  ===========================================
 ``alphas_cumprod``  abar_t
@@ -34,8 +34,8 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.bundled import DIGITS_DDPM_DIR, atomic_directory
-from pipeline.digits import SPLITS, load_digits_images
+from pipeline.models.bundled import DIGITS_DDPM_DIR, atomic_directory
+from pipeline.models.digits import SPLITS, load_digits_images
 
 log = logging.getLogger(__name__)
 

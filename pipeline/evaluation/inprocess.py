@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.ddim import ddim_sample
-from pipeline.metrics import inversion_errors, per_sample_mse, recon_errors
-from pipeline.models import LoadedModel
-from pipeline.schedules import Schedule, uniform
-from pipeline.seeds import initial_noise
+from pipeline.solvers.ddim import ddim_sample
+from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors
+from pipeline.models.load import LoadedModel
+from pipeline.core.schedules import Schedule, uniform
+from pipeline.core.seeds import initial_noise
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The Evaluator contract, the in-process evaluator, the cross-solver transfer table."""

@@ -1,0 +1,8 @@
+"""Reuse elsewhere: diffusers schedulers (`timesteps=` / `sigmas=`), k-diffusion and ComfyUI sigma lists, the drop-in DDIM scheduler."""
+
+from __future__ import annotations
+
+from pipeline.interop.apply import apply_schedule, k_diffusion_sigmas
+from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
+
+__all__ = ["StrideDDIMScheduler", "apply_schedule", "k_diffusion_sigmas"]

@@ -1,0 +1,1 @@
+"""Per-sample recon / inversion errors, feature statistics (FID/KID), feature extractors."""

@@ -1,0 +1,1 @@
+"""Step placement by dynamic programming and compass-search polish."""
