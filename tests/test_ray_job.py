@@ -172,6 +172,19 @@ def test_ray_job_submit_runs_a_sweep_that_lands_in_mlflow(ray_head, tmp_path):
     parent = parents[0]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
-    assert len(children) == trials and all(c.info.status in ("FINISHED", "KILLED", "FAILED") for c in children)
+    # each child run ends with the status its Optuna trial's state maps to (COMPLETE -> FINISHED, PRUNED ->
+    # KILLED, FAIL -> FAILED), read from the job's own journal
+    import optuna
+
+    from search.study import make_storage
+
+    study = optuna.load_study(study_name="rehearsal", storage=make_storage(tmp_path / "optuna.journal"))
+    state_of = {t.number: t.state.name for t in study.trials}
+    assert len(children) == trials and sorted(int(c.data.tags["trial"]) for c in children) == sorted(state_of)
+    mlflow_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    for c in children:
+        state = state_of[int(c.data.tags["trial"])]
+        assert (c.data.tags["state"], c.info.status) == (state, mlflow_status[state]), c.data.tags
+    assert "COMPLETE" in state_of.values()
     assert any(k.startswith("holdout_recon") for k in parent.data.metrics), sorted(parent.data.metrics)
     print(f"ray job submit -> SUCCEEDED in {elapsed:.0f} s")
