@@ -62,3 +62,13 @@ def test_sqlite_url_sweep_then_resume_exact_trials(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["export", "--study", "rdb", "--storage", url, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["timesteps"] == study.best_trial.user_attrs["timesteps"]
+
+
+def test_postgresql_url_reaches_the_rdb_storage(tmp_path, cli_stderr):
+    """`postgresql://` takes the same RDBStorage path; with no server (and here no psycopg2, which docs/CLUSTER.md
+    installs on the cluster) it is one line on stderr and exit 2, never a traceback or a journal file."""
+    url = "postgresql://stridelab@127.0.0.1:9/optuna"  # port 9 (discard): nothing listens there
+    assert _sweep(tmp_path, url, 4) == 2
+    err = cli_stderr()
+    assert len(err) == 1 and url in err[0], err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("optuna.journal"))
