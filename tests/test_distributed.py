@@ -153,16 +153,35 @@ def test_teacher_disk_cache(tmp_path):
 
 
 def test_inception_offline_is_one_clear_error(monkeypatch, tmp_path):
-    """clean-fid's Inception weights cannot be fetched here: one StridelabError line, quickly."""
+    """clean-fid's Inception weights and reference statistics cannot be fetched: one StridelabError line.
+
+    Offline by construction, whatever the machine's network: clean-fid's downloader (urllib's urlopen) is
+    replaced by one that fails as a machine without a network does, so nothing is ever downloaded; what
+    bounds the wait on a stalled connection (the socket timeout set around the download) is checked."""
+    import socket
+    import urllib.error
+
+    from cleanfid import downloads_helper
+
+    calls = []
+
+    def no_network(url, *args, **kwargs):
+        calls.append((str(getattr(url, "full_url", url)), socket.getdefaulttimeout()))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(downloads_helper.urllib.request, "urlopen", no_network)
     monkeypatch.setattr(fid, "INCEPTION_DIR", str(tmp_path))  # never find a pre-fetched copy
-    t0 = time.monotonic()
+    before = socket.getdefaulttimeout()
     with pytest.raises(StridelabError) as e:
         fid.ensure_inception_weights()
     msg = str(e.value)
     assert "\n" not in msg and "offline" in msg and "pre-fetch" in msg and "Inception weights" in msg
     with pytest.raises(StridelabError, match="reference statistics .* offline"):
         fid.cleanfid_reference("no_such_dataset", 32, "train")
-    assert time.monotonic() - t0 < 2 * fid.DOWNLOAD_TIMEOUT_S + 5
+    assert [u.rsplit("/", 1)[-1] for u, _ in calls] == ["inception-2015-12-05.pt", "no_such_dataset_clean_train_32.npz"]
+    assert all(timeout == fid.DOWNLOAD_TIMEOUT_S for _, timeout in calls)  # a stalled download gives up
+    assert socket.getdefaulttimeout() == before  # and the process-wide timeout is restored
+    assert list(tmp_path.iterdir()) == []  # no half-written weights file
 
 
 # --------------------------------------------------------------------------------------------------

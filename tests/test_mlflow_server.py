@@ -1,13 +1,15 @@
-"""A tiny sweep tracked by a real `mlflow server`, read back through its REST API; export --run through it."""
+"""A real `mlflow server` (what `stridelab ui` runs): its UI page and assets, a tiny sweep tracked through it and
+read back through its REST API, export --run through it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -16,12 +18,6 @@ import torch
 from pipeline.evaluation.inprocess import InProcessEvaluator
 from pipeline.models.load import load_model
 from search.sweep import SweepConfig, run_sweep
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, timeout: float = 5.0) -> bytes:
@@ -35,39 +31,72 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+_LISTENING = re.compile(rb"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """A real `mlflow server` (the command `stridelab ui` runs) on a port the server itself picks (--port 0,
+    read back from uvicorn's "running on" line), so no other process can take it between pick and bind."""
     tmp = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
     from jobs.ui import command
 
-    cmd = command(f"sqlite:///{tmp / 'mlflow.db'}", "127.0.0.1", port)
+    cmd = command(f"sqlite:///{tmp / 'mlflow.db'}", "127.0.0.1", 0)
     cmd += ["--artifacts-destination", str(tmp / "artifacts")]
-    proc = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    log_path = tmp / "server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "MLFLOW_TRACKING_URI": ""}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 180  # ~10 s idle; minutes when the 2 cores are shared
+        url = None
         while True:
-            try:
-                if _get(f"{url}/health", 2) .strip() == b"OK":
-                    break
-            except OSError:
-                pass
+            if url is None and (m := _LISTENING.search(log_path.read_bytes())):
+                url = f"http://127.0.0.1:{int(m.group(1))}"
+            if url is not None:
+                try:
+                    if _get(f"{url}/health", 2).strip() == b"OK":
+                        break
+                except OSError:
+                    pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not come up (exit {proc.poll()})")
+                pytest.fail(f"mlflow server did not come up (exit {proc.poll()}):\n"
+                            f"{log_path.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
         yield url
     finally:
         # the server and its uvicorn worker share the session we started it in: stop exactly those
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(5)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         except ProcessLookupError:
             pass
+        log.close()
+
+
+def test_ui_page_is_the_mlflow_app(server):
+    """The page `stridelab ui` opens: the MLflow single-page app's HTML, and the script and stylesheet it
+    loads are served (the JavaScript is MLflow's: it calls the tracking REST API)."""
+    with urllib.request.urlopen(f"{server}/", timeout=30) as r:
+        assert r.status == 200 and r.headers.get_content_type() == "text/html"
+        page = r.read().decode()
+    assert "<title>MLflow</title>" in page and 'id="root"' in page, page[:500]
+    scripts = re.findall(r'<script[^>]+src="\.?/?(static-files/[^"]+\.js)"', page)
+    styles = re.findall(r'<link[^>]+href="\.?/?(static-files/[^"]+\.css)"', page)
+    assert scripts and styles, page
+    with urllib.request.urlopen(f"{server}/{scripts[0]}", timeout=60) as r:
+        assert r.status == 200 and r.headers.get_content_type() in ("text/javascript", "application/javascript")
+        js = r.read()
+    assert len(js) > 100_000 and b"ajax-api/2.0/mlflow/experiments/" in js
+    with urllib.request.urlopen(f"{server}/{styles[0]}", timeout=30) as r:
+        assert r.status == 200 and r.headers.get_content_type() == "text/css" and len(r.read()) > 1000
+    # and an asset the page does not reference is a 404, not the page again
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _get(f"{server}/static-files/static/js/no-such-file.js")
+    assert e.value.code == 404
 
 
 def test_sweep_runs_read_back_through_rest(server, tmp_path, capsys):

@@ -301,13 +301,9 @@ def test_bundled_path_is_inside_the_package(ddpm_dir, tmp_path, monkeypatch):
     assert m.spec == "bundled:digits" and m.sample_shape == (1, 8, 8) and m.data_range == (-1.0, 1.0)
 
 
-# LEAD: this test loads the REAL bundled digits DDPM. It is skipped only until pipeline/assets/digits/ddpm
-# has been trained and saved; once that directory exists it must run (and pass), never skip.
-@pytest.mark.skipif(
-    not (models.ASSETS_DIR / "digits" / "ddpm" / "model_index.json").is_file(),
-    reason="bundled digits DDPM not trained yet (pipeline/assets/digits/ddpm missing)",
-)
 def test_real_bundled_digits_model():
+    """The REAL bundled digits DDPM (it ships in pipeline/assets/digits/ddpm): missing is a failure."""
+    assert (models.ASSETS_DIR / "digits" / "ddpm" / "model_index.json").is_file(), "bundled digits DDPM missing"
     m = load_model("bundled:digits")
     assert m.sample_shape == (1, 8, 8) and m.data_range == (-1.0, 1.0) and m.decode is None
     assert torch.equal(m.alphas_cumprod, models.make_alphas_cumprod("linear", 1000))

@@ -68,9 +68,9 @@ def _kill(pids: list[int], sig: int) -> None:
             pass
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A Ray head on 127.0.0.1 with the dashboard (the Jobs API lives there); yields (dashboard URL, env, GCS port)."""
+def _start_head(tmp_path: Path, attempt: int) -> tuple[subprocess.Popen, str, dict, int, int, Path]:
+    """`ray start --head` on 127.0.0.1 with fresh free ports; returns (process, temp dir, env, GCS port,
+    dashboard port, log path)."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
     (gcs, dash, agent_http, agent_grpc, renv, metrics, client, node_mgr, obj_mgr) = _free_ports(9)
     env = {
@@ -88,45 +88,71 @@ def ray_head(tmp_path):
            f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",
            f"--ray-client-server-port={client}", f"--node-manager-port={node_mgr}",
            f"--object-manager-port={obj_mgr}", "--num-cpus=2", f"--temp-dir={temp_dir}"]
-    log = open(tmp_path / "head.log", "wb")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    log_path = tmp_path / f"head-{attempt}.log"
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, temp_dir, env, gcs, dash, log_path
+
+
+def _stop_head(head: subprocess.Popen, temp_dir: str, tmp_path: Path) -> None:
+    """This head only: its process group (ray start --block and what it spawned), then anything left that
+    names its temp dir (workers, agents) or this test's tmp dir (the job's driver)."""
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            pass
+        _kill(_pids_mentioning(temp_dir) + _pids_mentioning(str(tmp_path)), sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and (head.poll() is None or _pids_mentioning(temp_dir)):
+            time.sleep(0.5)
+        if head.poll() is not None and not _pids_mentioning(temp_dir):
+            break
+    head.wait(timeout=10)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with the dashboard (the Jobs API lives there); yields (dashboard URL, env, GCS port).
+
+    Its ports are picked free and closed before Ray binds them, so another process can take one in between:
+    a head that exits or never serves its Jobs API is stopped and started again on fresh ports (3 tries)."""
+    failures = []
+    for attempt in range(3):
+        head, temp_dir, env, gcs, dash, log_path = _start_head(tmp_path, attempt)
+        url = f"http://127.0.0.1:{dash}"
+        ok, why = _wait_for_job_api(url, env, head, log_path)
+        if ok:
+            break
+        failures.append(why)
+        _stop_head(head, temp_dir, tmp_path)
+    else:
+        pytest.fail("the Ray head did not come up in 3 tries:\n" + "\n---\n".join(failures))
     try:
-        _wait_for_job_api(url, env, head, tmp_path / "head.log")
         yield url, env, gcs
     finally:
-        # This head only: its process group (ray start --block and what it spawned), then anything left
-        # that names its temp dir (workers, agents) or this test's tmp dir (the job's driver).
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                pass
-            _kill(_pids_mentioning(temp_dir) + _pids_mentioning(str(tmp_path)), sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and (head.poll() is None or _pids_mentioning(temp_dir)):
-                time.sleep(0.5)
-            if head.poll() is not None and not _pids_mentioning(temp_dir):
-                break
-        head.wait(timeout=10)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_head(head, temp_dir, tmp_path)
 
 
-def _wait_for_job_api(url: str, env: dict, head: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    """Until `ray job list` answers (dashboard, its job module and the head's agent are up)."""
+def _wait_for_job_api(url: str, env: dict, head: subprocess.Popen, log: Path, timeout: float = 120.0) -> tuple[bool, str]:
+    """Until `ray job list` answers (dashboard, its job module and the head's agent are up): (True, "");
+    (False, why) when the head exits first or the API does not answer in `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if head.poll() is not None:
-            pytest.fail(f"ray start exited {head.returncode}:\n{log.read_text()[-3000:]}")
-        r = subprocess.run([str(RAY), "job", "list", "--address", url], env=env, capture_output=True, text=True,
-                           timeout=60)
+            return False, f"ray start exited {head.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+        try:
+            r = subprocess.run([str(RAY), "job", "list", "--address", url], env=env, capture_output=True, text=True,
+                               timeout=60)
+        except subprocess.TimeoutExpired:
+            continue
         if r.returncode == 0:
-            return
+            return True, ""
         last = (r.stderr or r.stdout)[-500:]
         time.sleep(2)
-    pytest.fail(f"the Ray Jobs API at {url} did not come up in {timeout:.0f} s: {last}")
+    return False, f"the Ray Jobs API at {url} did not come up in {timeout:.0f} s: {last}"
 
 
 def test_ray_job_submit_runs_a_sweep_that_lands_in_mlflow(ray_head, tmp_path):
@@ -172,6 +198,19 @@ def test_ray_job_submit_runs_a_sweep_that_lands_in_mlflow(ray_head, tmp_path):
     parent = parents[0]
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
-    assert len(children) == trials and all(c.info.status in ("FINISHED", "KILLED", "FAILED") for c in children)
+    # each child run ends with the status its Optuna trial's state maps to (COMPLETE -> FINISHED, PRUNED ->
+    # KILLED, FAIL -> FAILED), read from the job's own journal
+    import optuna
+
+    from search.study import make_storage
+
+    study = optuna.load_study(study_name="rehearsal", storage=make_storage(tmp_path / "optuna.journal"))
+    state_of = {t.number: t.state.name for t in study.trials}
+    assert len(children) == trials and sorted(int(c.data.tags["trial"]) for c in children) == sorted(state_of)
+    mlflow_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    for c in children:
+        state = state_of[int(c.data.tags["trial"])]
+        assert (c.data.tags["state"], c.info.status) == (state, mlflow_status[state]), c.data.tags
+    assert "COMPLETE" in state_of.values()
     assert any(k.startswith("holdout_recon") for k in parent.data.metrics), sorted(parent.data.metrics)
     print(f"ray job submit -> SUCCEEDED in {elapsed:.0f} s")

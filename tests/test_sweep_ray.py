@@ -9,8 +9,6 @@ import torch
 from search.study import make_storage
 from search.sweep import SweepConfig, run_sweep
 
-pytest.importorskip("pipeline.distributed")
-
 
 def test_actor_pool_sweep_matches_in_process(ray_local, tmp_path):
     cfg = SweepConfig(model="gmm:ring8", nfe=5, trials=6, parallel=3, num_seeds=16, holdout_seeds=8,
