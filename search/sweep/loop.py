@@ -34,7 +34,7 @@ from pipeline.models.load import LoadedModel
 from search.evaluators import Objective, TrialFailed
 from search.placement.polish import next_candidates, step_ladder
 from search.space import make_space
-from search.study import finished_count, make_sampler
+from search.study import enqueued_params, finished_count, make_sampler
 from search.sweep.config import SweepConfig
 from search.sweep.pruning import combine, safe_evaluate, screen_is_worse
 
@@ -247,8 +247,8 @@ class Sweep:
             return  # nothing to refine yet: the batch falls back to the global sampler
         keys = self.polish_space.keys
         tried = {tuple(t.user_attrs["timesteps"]) for t in trials if "timesteps" in t.user_attrs}
-        tried |= {tuple(int(t.system_attrs["fixed_params"][key]) for key in keys) for t in waiting
-                  if set(keys) <= set(t.system_attrs.get("fixed_params", {}))}
+        tried |= {tuple(int(enqueued_params(t)[key]) for key in keys) for t in waiting
+                  if set(keys) <= set(enqueued_params(t))}
         step = int(bt.user_attrs.get("polish_step", self.ladder[0]))
         rng = np.random.default_rng([self.cfg.seed, len(trials)])
         inc = bt.user_attrs["timesteps"]
