@@ -102,7 +102,14 @@ class SweepConfig:
 
     @property
     def n_screen(self) -> int:
-        return self.screen_seeds or max(AUTO_SCREEN_MIN, self.num_seeds // 4)
+        """Tuning seeds of the pruning screen: `screen_seeds`, or when 0 a quarter of them (at least
+        `AUTO_SCREEN_MIN`), always leaving at least one seed for the rest stage.
+
+        The automatic size is clamped rather than rejected: 0 is the default, so a small `num_seeds` must
+        not turn a setting nobody chose into an error; an explicit `screen_seeds` >= `num_seeds` is rejected
+        in `__post_init__`.
+        """
+        return self.screen_seeds or min(max(AUTO_SCREEN_MIN, self.num_seeds // 4), self.num_seeds - 1)
 
 
 @dataclass
