@@ -75,10 +75,7 @@ def run_sweep(
                               tracking_uri, experiment, log) if track else None
     factory = None
     if evaluators is None:
-        factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
-                                   gpus_per_actor=gpus_per_actor)
-        evaluators = factory
-        log(f"evaluator: {factory.kind}; teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
+        factory = evaluators = _evaluator_factory(cfg, model, actors, ray_address, gpus_per_actor, objective, log)
     status = "FAILED"
     try:
         t0 = time.perf_counter()
@@ -146,6 +143,16 @@ def _start_tracking(cfg: SweepConfig, study: optuna.Study, study_name: str, stor
     study.set_user_attr("mlflow_parent_runs", [*study.user_attrs.get("mlflow_parent_runs", []), tracker.run_id])
     study.set_user_attr("mlflow_tracking_uri", tracking_uri)
     return tracker
+
+
+def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_address: str | None,
+                       gpus_per_actor: float | None, objective: Objective,
+                       log: Callable[[str], None]) -> EvaluatorFactory:
+    """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
+    factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
+                               gpus_per_actor=gpus_per_actor)
+    log(f"evaluator: {factory.kind}; teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
+    return factory
 
 
 def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: Sweep,
