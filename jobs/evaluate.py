@@ -61,28 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _reference(args: argparse.Namespace, model, features: str, seeds: range):
-    """The FID/KID reference (computed once, on the driver)."""
-    from pipeline.metrics import fid
-    from pipeline.errors import StridelabError
+def _reference(args: argparse.Namespace, model):
+    """(features, reference) for FID/KID, computed once on the driver, by the policy the sweep uses."""
+    from pipeline.metrics.reference import fid_inputs
 
-    spec = args.fid_ref
-    if spec == "auto":
-        spec = "model" if callable(getattr(model.denoiser, "sample_data", None)) else "digits"
-    kind, ref_args = fid.parse_reference(spec)
-    if (kind == "cleanfid") != (features == "inception"):
-        raise StridelabError(f"--fid-ref {spec} needs --fid-features inception and vice versa")
-    if kind == "digits":
-        return fid.digits_reference(ref_args[0], features)
-    if kind == "model":
-        sample_data = getattr(model.denoiser, "sample_data", None)
-        if not callable(sample_data):
-            raise StridelabError(f"--fid-ref model: {args.model} cannot draw data; use digits or cleanfid:...")
-        # Reference draws use seeds disjoint from the sampling seeds (offset by 10^9).
-        ref_seeds = [10**9 + s for s in seeds]
-        return fid.model_reference(model.to_unit(sample_data(ref_seeds)), features)
-    fid.ensure_inception_weights()
-    return fid.cleanfid_reference(ref_args[0], int(ref_args[1]), ref_args[2], kid="kid" in args.metrics)
+    return fid_inputs(model, args.fid_features, args.fid_ref, kid="kid" in args.metrics)
 
 
 def run_samplers(args: argparse.Namespace) -> int:
@@ -145,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.distributed import SamplerPool
     from pipeline.errors import StridelabError
-    from pipeline.metrics.fid import default_features, parse_features
     from pipeline.models.load import load_model
     from pipeline.io.reports import format_table, write_table
     from pipeline.core.schedules import check_nfe, resolve_schedule
@@ -169,9 +151,7 @@ def run(args: argparse.Namespace) -> int:
     extra = [m for m in args.metrics if m in ("fid", "kid")]
     features = reference = None
     if extra:
-        features = default_features(model.sample_shape) if args.fid_features == "auto" else args.fid_features
-        parse_features(features)
-        reference = _reference(args, model, features, seeds)
+        features, reference = _reference(args, model)
     has_data = callable(getattr(model.denoiser, "sample_data", None))
     want_inv = "inversion" in args.metrics and has_data
     if "inversion" in args.metrics and not has_data:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.metrics.reference import fid_inputs
 from pipeline.models.load import LoadedModel
 from pipeline.core.schedules import Schedule
 
@@ -86,22 +87,6 @@ class Objective:
         if metrics["recon"] <= 0 or metrics["fid"] <= 0:
             raise TrialFailed("recon+fid needs positive recon and fid (log scale)")
         return [math.log(metrics["recon"]) + self.fid_weight * math.log(metrics["fid"])]
-
-
-def fid_inputs(model: LoadedModel) -> tuple[str, Any]:
-    """(feature extractor spec, reference) for FID on `model`: the digits CNN against the digits data for
-    8x8 images, raw pixels against exact data draws for analytic models."""
-    from pipeline.metrics import fid
-
-    if model.spec.startswith("bundled:digits"):
-        features = fid.default_features(model.sample_shape)
-        return features, fid.digits_reference("all", features)
-    sample_data = getattr(model.denoiser, "sample_data", None)
-    if sample_data is None:
-        raise StridelabError(f"no FID reference for {model.spec}: it is neither bundled:digits nor an analytic model")
-    # Analytic mixtures are not digits, even when shaped 8x8: compare their raw values with exact draws.
-    data = sample_data(range(10_000_000, 10_002_000))
-    return "pixels", fid.model_reference(model.to_unit(data), "pixels")
 
 
 class EvaluatorFactory:

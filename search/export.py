@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline import __version__
 from pipeline.errors import StridelabError
 from pipeline.interop.apply import alphas_cumprod_sha256  # noqa: F401  (re-exported: the export's model fingerprint)

@@ -135,10 +135,27 @@ def fail_stale_running(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         if t.state == TrialState.WAITING:
             continue  # enqueued, never started: the next ask() picks it up
-        study._storage.set_trial_user_attr(t._trial_id, "stale", True)
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        _set_running_user_attr(study, t, "stale", True)  # before tell: a finished trial takes no attrs
+        study.tell(t.number, state=TrialState.FAIL)
         stale.append(t.number)
     return stale
+
+
+def _set_running_user_attr(study: optuna.Study, trial: optuna.trial.FrozenTrial, key: str, value: Any) -> None:
+    """Set a user attr on a RUNNING trial that another (dead) process asked.
+
+    Optuna has no public call for this: `Trial.set_user_attr` needs the `Trial` object of the process that
+    asked the trial, and `FrozenTrial` is a read-only copy; only the storage can, keyed by the trial id.
+    """
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)
+
+
+def enqueued_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The params a WAITING trial was enqueued with (``study.enqueue_trial``); empty for other trials.
+
+    Optuna exposes them only through the system attr it keeps them in until the trial is asked.
+    """
+    return dict(trial.system_attrs.get("fixed_params", {}))
 
 
 def finished_count(study: optuna.Study) -> int:

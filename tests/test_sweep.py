@@ -11,6 +11,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import InProcessEvaluator, ScheduleResult
 from pipeline.models.load import load_model
 from search.study import finished_count, make_storage
@@ -276,6 +277,36 @@ def test_polish_is_off_for_two_objectives():
     assert cfg(objective="recon,fid", sampler="nsga2", polish=4).polish_trials == 0
     assert cfg(polish=100).polish_trials == 14 - len(BASELINES)
     assert cfg(polish=4).polish_trials == 4
+
+
+def test_automatic_screen_always_leaves_rest_seeds():
+    """screen_seeds = 0 (the default) sizes the screen from num_seeds but never takes every tuning seed."""
+    assert SweepConfig().n_screen == 64  # the default sweep: 256 // 4, unchanged
+    assert cfg(num_seeds=24).n_screen == 8
+    assert cfg(num_seeds=8).n_screen == 7 and cfg(num_seeds=8, screen_seeds=0).n_screen == 7
+    assert cfg(num_seeds=2).n_screen == 1
+    assert cfg(num_seeds=8, screen_seeds=3).n_screen == 3
+
+
+@pytest.mark.parametrize("screen_seeds", [8, 9, -1])
+def test_explicit_screen_must_leave_rest_seeds(screen_seeds):
+    with pytest.raises(StridelabError, match="screen-seeds must be in \\[0, 8\\)"):
+        cfg(num_seeds=8, screen_seeds=screen_seeds)
+
+
+def test_small_seed_sets_prune_without_an_empty_stage(tmp_path, ring8, evaluators):
+    """The crash of `--num-seeds 8` (the screen took all 8 seeds, the rest stage got none) is gone."""
+    asked: list[tuple[int, ...]] = []
+
+    def recording(seeds):
+        asked.append(tuple(seeds))
+        return evaluators(seeds)
+
+    res = run_sweep(cfg(nfe=5, trials=8, num_seeds=8, holdout_seeds=4, polish=2), study_name="small",
+                    out_dir=tmp_path / "out", model=ring8, evaluators=recording, track=False, figures=False,
+                    log=lambda *_: None)
+    assert asked[:2] == [tuple(range(7)), (7,)] and all(asked)
+    assert sum(res.counts.values()) == 8 and res.rows[0]["schedule"].startswith("learned")
 
 
 @pytest.mark.parametrize("argv,needle", [

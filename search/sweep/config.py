@@ -1,0 +1,126 @@
+"""What a sweep does (`SweepConfig`) and what it hands back (`SweepResult`).
+
+Seed ranges (``s`` = `SweepConfig.seed`):
+    tuning seeds    ``s .. s + num_seeds - 1``; the pruning screen is the first `SweepConfig.n_screen` of them
+    held-out seeds  ``s + HOLDOUT_OFFSET .. s + HOLDOUT_OFFSET + holdout_seeds - 1``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.schedules import SCHEDULES, Schedule
+from pipeline.errors import StridelabError
+from search.defaults import DEFAULT_MODEL, DEFAULTS
+from search.evaluators import OBJECTIVES, Objective
+from search.space import SPACES
+from search.study import SAMPLERS
+
+HOLDOUT_OFFSET = 1_000_000
+"""Held-out seeds start here (plus --seed): disjoint from any tuning range shorter than this."""
+
+DEFAULT_BASELINES: tuple[str, ...] = (*SCHEDULES, "dp")
+ALL_BASELINES: tuple[str, ...] = (*DEFAULT_BASELINES, "dp_free")
+"""Warm starts a sweep accepts: the default ones and ``dp_free`` (the DP choosing its start, `search.placement.dp`)."""
+
+AUTO_SCREEN_MIN = 8
+"""The automatic pruning screen (``screen_seeds = 0``) uses at least this many tuning seeds."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep does (everything that changes its numbers); logged as the parent run's params."""
+
+    model: str = DEFAULT_MODEL
+    nfe: int = DEFAULTS["nfe"]
+    trials: int = DEFAULTS["trials"]
+    parallel: int = DEFAULTS["parallel"]
+    sampler: str = DEFAULTS["sampler"]
+    space: str = DEFAULTS["space"]
+    objective: str = DEFAULTS["objective"]
+    fid_weight: float = DEFAULTS["fid_weight"]
+    num_seeds: int = DEFAULTS["num_seeds"]
+    holdout_seeds: int = DEFAULTS["holdout_seeds"]
+    seed: int = DEFAULTS["seed"]
+    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    prune: bool = True
+    screen_seeds: int = DEFAULTS["screen_seeds"]
+    prune_p: float = 0.05
+    teacher_nfe: int | None = DEFAULTS["teacher_nfe"]
+    polish: int = DEFAULTS["polish"]
+    dp_seeds: int = 64
+    dp_grid: int = 160
+    grid_seeds: int = 64
+    holdout_fid: bool = True
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise StridelabError(msg)
+
+        need(isinstance(self.nfe, int) and self.nfe >= 1, f"--nfe must be an integer >= 1, got {self.nfe!r}")
+        need(self.trials >= 1, f"--trials must be >= 1, got {self.trials}")
+        need(self.parallel >= 1, f"--parallel must be >= 1, got {self.parallel}")
+        need(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        need(self.space in SPACES, f"unknown search space {self.space!r}; choose one of {', '.join(SPACES)}")
+        need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        need(2 <= self.num_seeds < HOLDOUT_OFFSET, f"--num-seeds must be in [2, {HOLDOUT_OFFSET}), got {self.num_seeds}")
+        need(self.holdout_seeds >= 1, f"--holdout-seeds must be >= 1, got {self.holdout_seeds}")
+        need(0 < self.prune_p < 1, f"prune p-value threshold must be in (0, 1), got {self.prune_p}")
+        need(0 <= self.screen_seeds < self.num_seeds, f"--screen-seeds must be in [0, {self.num_seeds}), got {self.screen_seeds}")
+        bad = [b for b in self.baselines if b not in ALL_BASELINES]
+        need(not bad, f"unknown baseline {bad[0]!r}; choose from {', '.join(ALL_BASELINES)}" if bad else "")
+        need(len(self.baselines) <= self.trials,
+             f"--trials ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
+        need(isinstance(self.polish, int) and self.polish >= 0, f"--polish must be an integer >= 0, got {self.polish!r}")
+        if self.objective == "recon,fid":
+            need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
+        Objective(self.objective, self.fid_weight)
+
+    @property
+    def tuning_seeds(self) -> list[int]:
+        return list(range(self.seed, self.seed + self.num_seeds))
+
+    @property
+    def holdout_seed_list(self) -> list[int]:
+        start = self.seed + HOLDOUT_OFFSET
+        return list(range(start, start + self.holdout_seeds))
+
+    @property
+    def pruning(self) -> bool:
+        return self.prune and self.objective == "recon"
+
+    @property
+    def polish_trials(self) -> int:
+        """Trials of the polish phase: `polish`, capped to what the warm starts leave; 0 for two objectives
+        (a single-step move has no single 'better' on a Pareto front)."""
+        if Objective(self.objective, self.fid_weight).multi:
+            return 0
+        return min(self.polish, self.trials - len(self.baselines))
+
+    @property
+    def n_screen(self) -> int:
+        """Tuning seeds of the pruning screen: `screen_seeds`, or when 0 a quarter of them (at least
+        `AUTO_SCREEN_MIN`), always leaving at least one seed for the rest stage.
+
+        The automatic size is clamped rather than rejected: 0 is the default, so a small `num_seeds` must
+        not turn a setting nobody chose into an error; an explicit `screen_seeds` >= `num_seeds` is rejected
+        in `__post_init__`.
+        """
+        return self.screen_seeds or min(max(AUTO_SCREEN_MIN, self.num_seeds // 4), self.num_seeds - 1)
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    best: Schedule
+    best_trial: int
+    rows: list[dict[str, Any]]
+    export_path: Path | None
+    out_dir: Path
+    parent_run_id: str | None
+    tracking_uri: str | None
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,107 @@
+"""Honest numbers: the schedules re-evaluated on held-out seeds and the comparison table built from them.
+
+Columns of a row (one schedule): ``schedule, nfe, holdout_<metric>`` (``recon`` and, when evaluated, ``fid``),
+``tuning_recon`` (its mean on the tuning seeds), ``timesteps``, and the ratios
+    ``x_best_baseline``          holdout_recon / min over the `SCHEDULES` rows
+    ``fid_x_best_baseline``      holdout_fid / min over the `SCHEDULES` rows
+    ``fid_gap_x_best_baseline``  (holdout_fid - teacher's) / (best baseline's - teacher's): the share of the
+                                 gap to the teacher's FID floor left open (only with a teacher row)
+Rows: the learned schedule first, then the rest by held-out recon, the teacher last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.core.schedules import SCHEDULES, Schedule, uniform
+from pipeline.evaluation.inprocess import ScheduleResult
+from search import export
+from search.sweep.config import SweepConfig
+
+TEACHER_PREFIX = "teacher ("
+
+
+def learned_schedule(bt: optuna.trial.FrozenTrial, space: str, num_train_timesteps: int) -> tuple[str, Schedule]:
+    """(row name, schedule) of the best trial; a warm start that stayed best is named ``learned (= name)``."""
+    best = export.schedule_of_trial(bt, num_train_timesteps)
+    name = "learned" if bt.user_attrs.get("kind") != "baseline" else f"learned (= {best.name})"
+    learned = Schedule(best.timesteps, best.num_train_timesteps, "learned",
+                       {"space": "steps" if bt.user_attrs.get("kind") == "polish" else space,
+                        **{k: float(v) for k, v in bt.params.items()}})
+    return name, learned
+
+
+def warm_schedules(study: optuna.Study, num_train_timesteps: int) -> dict[str, Schedule]:
+    """Every completed warm start of the study by name."""
+    return {t.user_attrs["schedule"]: export.schedule_of_trial(t, num_train_timesteps)
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("kind") == "baseline" and t.state == TrialState.COMPLETE}
+
+
+def teacher_schedule(cfg: SweepConfig, alphas_cumprod: Any, num_train_timesteps: int) -> tuple[str, Schedule]:
+    """The teacher's own row: its FID on the same seeds is the floor no NFE-n schedule can beat (with a few
+    hundred samples FID's bias dominates it), so the table can say how much of the gap is closed."""
+    n_teacher = cfg.teacher_nfe or num_train_timesteps
+    return f"{TEACHER_PREFIX}{n_teacher}-step DDIM)", Schedule(
+        uniform(n_teacher, alphas_cumprod).timesteps, num_train_timesteps, "teacher")
+
+
+def tuning_recon(study: optuna.Study, bt: optuna.trial.FrozenTrial, learned_name: str) -> dict[str, float | None]:
+    """Mean recon on the tuning seeds of every warm start and of the learned schedule, by row name."""
+    tuning = {t.user_attrs["schedule"]: t.user_attrs.get("recon") for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get("kind") == "baseline"}
+    tuning[learned_name] = bt.user_attrs.get("recon")
+    return tuning
+
+
+def objective_metrics(r: ScheduleResult) -> dict[str, float]:
+    """Mean recon and every extra metric (fid) of one result, as floats."""
+    out = {"recon": float(r.recon.double().mean())}
+    for k, v in (r.extra or {}).items():
+        out[k] = float(v)
+    return out
+
+
+def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult | Exception],
+                 tuning: Mapping[str, float | None]) -> list[dict[str, Any]]:
+    """The comparison table (module docstring) from the held-out `results` of `named` (the learned one first)."""
+    rows = []
+    for (name, s), r in zip(named.items(), results):
+        row: dict[str, Any] = {"schedule": name, "nfe": s.nfe}
+        if isinstance(r, Exception):
+            row["error"] = str(r)
+        else:
+            row.update({f"holdout_{k}": v for k, v in objective_metrics(r).items()})
+        row["tuning_recon"] = tuning.get(name)
+        row["timesteps"] = " ".join(map(str, s.timesteps))
+        rows.append(row)
+    best_fid = _add_ratios(rows)
+    teacher_rows = [r for r in rows if r["schedule"].startswith(TEACHER_PREFIX)]
+    if teacher_rows and "holdout_fid" in teacher_rows[0]:
+        _add_fid_gap(rows, teacher_rows[0]["holdout_fid"], best_fid)
+    others = [r for r in rows[1:] if r not in teacher_rows]
+    return rows[:1] + sorted(others, key=lambda r: r.get("holdout_recon", math.inf)) + teacher_rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> float | None:
+    """Add ``x_best_baseline`` and ``fid_x_best_baseline`` in place; returns the best baseline's FID."""
+    best_base: dict[str, float | None] = {}
+    for metric, col in (("holdout_recon", "x_best_baseline"), ("holdout_fid", "fid_x_best_baseline")):
+        best_base[metric] = min((r[metric] for r in rows if r["schedule"] in SCHEDULES and metric in r),
+                                default=None)
+        for r in rows:
+            if best_base[metric] and metric in r:
+                r[col] = r[metric] / best_base[metric]
+    return best_base["holdout_fid"]
+
+
+def _add_fid_gap(rows: list[dict[str, Any]], floor: float, best_fid: float | None) -> None:
+    """Add ``fid_gap_x_best_baseline`` in place (only where the best baseline is above the floor)."""
+    for r in rows:
+        if best_fid is not None and best_fid > floor and "holdout_fid" in r:
+            r["fid_gap_x_best_baseline"] = (r["holdout_fid"] - floor) / (best_fid - floor)

@@ -1,0 +1,286 @@
+"""The sweep's loop (`Sweep`): warm starts, batches of ask / evaluate / tell, the pruning screen, polish moves.
+
+Warm starts: every baseline of `pipeline.core.schedules.SCHEDULES` and the DP placement
+(`search.placement.dp`) is evaluated on all tuning seeds and added with ``study.add_trial`` (params from
+``space.params_of``, user attr ``kind = "baseline"``), so the sampler learns from them and the best trial
+is never worse than the best of them on the tuning seeds.
+
+Search: ``study.ask()`` `parallel` trials, build their schedules, evaluate them in one ``evaluate(list)``
+call, ``study.tell`` each. A schedule that raises or gives NaN is told FAIL and the sweep goes on. Trials
+are counted as in `search.study` (exactly `trials` in total). The last `polish` trials (single objective
+only) refine the best schedule so far on the integer timestep grid by compass search
+(`search.placement.polish`): each batch enqueues untried single-step moves of the incumbent (params of the
+``steps`` space, user attr ``kind = "polish"``).
+
+Pruning (objective ``recon`` only): see `search.sweep.pruning`; survivors are told the mean over all
+tuning seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.core.schedules import Schedule, make_schedule
+from pipeline.errors import StridelabError
+from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.models.load import LoadedModel
+from search.evaluators import Objective, TrialFailed
+from search.placement.polish import next_candidates, step_ladder
+from search.space import make_space
+from search.study import enqueued_params, finished_count, make_sampler
+from search.sweep.config import SweepConfig
+from search.sweep.pruning import combine, safe_evaluate, screen_is_worse
+
+
+class Sweep:
+    """One sweep invocation (see the module docstring). Use `run_sweep`."""
+
+    def __init__(self, cfg: SweepConfig, model: LoadedModel, evaluators: Callable[[Sequence[int]], Any],
+                 study: optuna.Study, tracker: Any, log: Callable[[str], None] = print):
+        self.cfg, self.model, self.study, self.tracker, self.log = cfg, model, study, tracker, log
+        self.objective = Objective(cfg.objective, cfg.fid_weight)
+        self.space = make_space(cfg.space, cfg.nfe, model.alphas_cumprod)
+        self.polish_space = make_space("steps", cfg.nfe, model.alphas_cumprod)
+        self.ladder = step_ladder(model.num_train_timesteps)
+        seeds = cfg.tuning_seeds
+        if cfg.pruning:
+            self.screen = evaluators(seeds[: cfg.n_screen])
+            self.rest = evaluators(seeds[cfg.n_screen :])
+        else:
+            self.screen, self.rest = None, evaluators(seeds)
+        self.per_seed: dict[int, np.ndarray] = {
+            t.number: np.asarray(t.user_attrs["recon_per_seed"])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "recon_per_seed" in t.user_attrs
+        }
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate_full(self, schedules: list[Schedule]) -> list[ScheduleResult | Exception]:
+        if self.screen is None:
+            return safe_evaluate(self.rest, schedules)
+        a = safe_evaluate(self.screen, schedules)
+        b = safe_evaluate(self.rest, schedules)
+        return [x if isinstance(x, Exception) else y if isinstance(y, Exception) else combine(x, y) for x, y in zip(a, b)]
+
+    def _record(self, res: ScheduleResult) -> tuple[dict, list[float]]:
+        """Metrics and objective values of one result; raises TrialFailed."""
+        m = self.objective.metrics(res)
+        vals = self.objective.values(m)
+        if not all(math.isfinite(v) for v in vals):
+            raise TrialFailed("non-finite objective")
+        return m, vals
+
+    def _attrs(self, sched: Schedule, m: dict[str, float] | None, res: ScheduleResult | None) -> dict[str, Any]:
+        ua: dict[str, Any] = {"schedule": sched.name, "timesteps": list(sched.timesteps),
+                              "sigmas": [float(v) for v in sched.sigmas(self.model.alphas_cumprod)]}
+        if m:
+            ua.update(m)
+        if res is not None:
+            ua["seconds"] = float(res.seconds)
+            ua["recon_per_seed"] = [float(v) for v in res.recon.double()]
+        return ua
+
+    def _track(self, number: int, state: str, sched: Schedule | None, params: dict, ua: dict, kind: str) -> None:
+        if self.tracker is None:
+            return
+        p = {"kind": kind, "space": "steps" if kind == "polish" else self.cfg.space,
+             "sampler": "compass" if kind == "polish" else self.cfg.sampler,
+             **{f"p.{k}": round(float(v), 6) for k, v in params.items()}}
+        if sched is not None:
+            p.update(schedule=sched.name, timesteps=" ".join(map(str, sched.timesteps)))
+        metrics = {k: ua.get(k) for k in ("recon", "fid", "seconds", "screen_recon", "screen_p")}
+        self.tracker.log_trial(number, state, p, metrics)
+
+    # -- warm starts --------------------------------------------------------------------------------
+    def warm_start(self) -> None:
+        have = {t.user_attrs.get("schedule") for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get("kind") == "baseline"}
+        todo = [b for b in self.cfg.baselines if b not in have]
+        dps: dict[str, Schedule] = {}
+        if {"dp", "dp_free"} & set(todo):  # a resumed study already has its dp trials
+            t0 = time.perf_counter()
+            from search.placement.dp import dp_schedule, teacher_trajectory
+
+            traj = teacher_trajectory(self.model, self.cfg.tuning_seeds[: self.cfg.dp_seeds], self.cfg.teacher_nfe,
+                                      self.cfg.dp_grid)
+            self.log(f"dp teacher trajectory on {len(traj.grid)} grid points: {time.perf_counter() - t0:.1f} s")
+            for name in ("dp", "dp_free"):
+                if name in todo:
+                    t0 = time.perf_counter()  # each placement's own time (both share the trajectory above)
+                    dps[name] = dp_schedule(self.model, self.cfg.nfe, traj=traj, free_start=name == "dp_free")
+                    self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
+        if not todo:
+            return
+        scheds = [dps[b] if b in dps else make_schedule(b, self.cfg.nfe, self.model.alphas_cumprod) for b in todo]
+        results = self.evaluate_full(scheds)
+        dists = self.space.distributions()
+        for sched, res in zip(scheds, results):
+            params = self.space.params_of(sched)
+            exact = self.space.build(params).timesteps == sched.timesteps
+            ua: dict[str, Any] = {"kind": "baseline", "params_exact": exact}
+            state, values = TrialState.FAIL, None
+            try:
+                if isinstance(res, Exception):
+                    raise TrialFailed(f"{type(res).__name__}: {res}")
+                m, values = self._record(res)
+                ua.update(self._attrs(sched, m, res))
+                state = TrialState.COMPLETE
+            except TrialFailed as e:
+                ua.update(self._attrs(sched, None, None), error=str(e))
+            ft = optuna.trial.create_trial(params=params, distributions=dists, values=values, state=state, user_attrs=ua)
+            self.study.add_trial(ft)
+            number = self.study.get_trials(deepcopy=False)[-1].number
+            if state == TrialState.COMPLETE:
+                self.per_seed[number] = np.asarray(ua["recon_per_seed"])
+            self._track(number, state.name, sched, params, ua, "baseline")
+
+    # -- search -------------------------------------------------------------------------------------
+    def _best_screen(self) -> np.ndarray | None:
+        try:
+            best = self.study.best_trial
+        except ValueError:
+            return None
+        errs = self.per_seed.get(best.number)
+        return None if errs is None else errs[: self.cfg.n_screen]
+
+    def _fail(self, trial: optuna.Trial, sched: Schedule | None, err: str) -> None:
+        kind = trial.user_attrs.get("kind", "search")
+        trial.set_user_attr("kind", kind)
+        trial.set_user_attr("error", err[:500])
+        if sched is not None:
+            trial.set_user_attr("schedule", sched.name)
+            trial.set_user_attr("timesteps", list(sched.timesteps))
+        self.study.tell(trial, state=TrialState.FAIL)
+        self._track(trial.number, "FAIL", sched, trial.params, {"error": err}, kind)
+
+    def run_batch(self, k: int) -> None:
+        """Ask `k` trials, screen them (when pruning), evaluate the survivors on the rest and tell each."""
+        live = self._ask(k)
+        screen_res: dict[int, ScheduleResult] = {}
+        if self.screen is not None and live:
+            live, screen_res = self._screen(live)
+        rest = safe_evaluate(self.rest, [s for _, s in live])
+        for (trial, sched), res in zip(live, rest):
+            if isinstance(res, Exception):
+                self._fail(trial, sched, f"{type(res).__name__}: {res}")
+                continue
+            self._tell(trial, sched, res, screen_res.get(trial.number))
+
+    def _ask(self, k: int) -> list[tuple[optuna.Trial, Schedule]]:
+        """`k` new trials with their schedules; a trial whose params build no valid schedule is told FAIL."""
+        live: list[tuple[optuna.Trial, Schedule]] = []
+        for trial in [self.study.ask() for _ in range(k)]:
+            space = self.polish_space if trial.user_attrs.get("kind") == "polish" else self.space
+            try:
+                live.append((trial, space.suggest(trial)))
+            except (StridelabError, ValueError) as e:
+                self._fail(trial, None, f"bad schedule: {e}")
+        return live
+
+    def _screen(self, live: list[tuple[optuna.Trial, Schedule]]
+                ) -> tuple[list[tuple[optuna.Trial, Schedule]], dict[int, ScheduleResult]]:
+        """Evaluate `live` on the screen seeds and tell PRUNED those worse than the best trial there.
+
+        Returns the survivors and their screen results by trial number."""
+        best = self._best_screen()
+        kept, screen_res = [], {}
+        for (trial, sched), res in zip(live, safe_evaluate(self.screen, [s for _, s in live])):
+            if isinstance(res, Exception):
+                self._fail(trial, sched, f"{type(res).__name__}: {res}")
+                continue
+            errs = res.recon.double().numpy()
+            mean = float(errs.mean())
+            if not math.isfinite(mean):
+                self._fail(trial, sched, "non-finite recon")
+                continue
+            screen_res[trial.number] = res
+            trial.report(mean, len(errs))
+            prune, p = (False, 1.0) if best is None else screen_is_worse(errs, best, self.cfg.prune_p)
+            if prune:
+                kind = trial.user_attrs.get("kind", "search")
+                ua = {"kind": kind, "screen_recon": mean, "screen_p": p, "seconds": float(res.seconds),
+                      **self._attrs(sched, None, None)}
+                for key, v in ua.items():
+                    trial.set_user_attr(key, v)
+                self.study.tell(trial, state=TrialState.PRUNED)
+                self._track(trial.number, "PRUNED", sched, trial.params, ua, kind)
+            else:
+                kept.append((trial, sched))
+        return kept, screen_res
+
+    def _tell(self, trial: optuna.Trial, sched: Schedule, res: ScheduleResult, screened: ScheduleResult | None) -> None:
+        """Tell one evaluated trial COMPLETE (FAIL when its metrics are unusable); `screened`: its screen result."""
+        if screened is not None:
+            res = combine(screened, res)
+        try:
+            m, vals = self._record(res)
+        except TrialFailed as e:
+            self._fail(trial, sched, str(e))
+            return
+        kind = trial.user_attrs.get("kind", "search")
+        ua = {"kind": kind, **self._attrs(sched, m, res)}
+        if screened is not None:
+            ua["screen_recon"] = float(screened.recon.double().mean())
+        for key, v in ua.items():
+            trial.set_user_attr(key, v)
+        self.study.tell(trial, vals if self.objective.multi else vals[0])
+        self.per_seed[trial.number] = np.asarray(ua["recon_per_seed"])
+        self._track(trial.number, "COMPLETE", sched, trial.params, ua, kind)
+
+    def enqueue_polish(self, k: int) -> None:
+        """Enqueue up to `k` compass-search moves of the best trial (fewer if some are already WAITING,
+        e.g. enqueued by a driver that was stopped before asking them)."""
+        trials = self.study.get_trials(deepcopy=False)
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        need = k - len(waiting)
+        if need <= 0:
+            return
+        try:
+            bt = self.study.best_trial
+        except ValueError:
+            return  # nothing to refine yet: the batch falls back to the global sampler
+        keys = self.polish_space.keys
+        tried = {tuple(t.user_attrs["timesteps"]) for t in trials if "timesteps" in t.user_attrs}
+        tried |= {tuple(int(enqueued_params(t)[key]) for key in keys) for t in waiting
+                  if set(keys) <= set(enqueued_params(t))}
+        step = int(bt.user_attrs.get("polish_step", self.ladder[0]))
+        rng = np.random.default_rng([self.cfg.seed, len(trials)])
+        inc = bt.user_attrs["timesteps"]
+        parent = trials[bt.user_attrs["polish_from"]] if "polish_from" in bt.user_attrs else None
+        move = [a - b for a, b in zip(inc, parent.user_attrs["timesteps"])] if parent is not None else None
+        for ts, s in next_candidates(inc, step, tried, need, self.model.num_train_timesteps, self.ladder, rng, move):
+            self.study.enqueue_trial(dict(zip(keys, ts)),
+                                     user_attrs={"kind": "polish", "polish_step": s, "polish_from": bt.number})
+
+    def search(self) -> None:
+        # CMA-ES starts from the warm starts (WS-CMA-ES) instead of the middle of the box.
+        if self.cfg.sampler == "cmaes":
+            src = [t for t in self.study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("kind") == "baseline"]
+            self.study.sampler = make_sampler("cmaes", self.cfg.seed, source_trials=src)
+        t0, start = time.perf_counter(), finished_count(self.study)
+        global_end = self.cfg.trials - self.cfg.polish_trials
+        while (done := finished_count(self.study)) < self.cfg.trials:
+            if done < global_end:
+                self.run_batch(min(self.cfg.parallel, global_end - done))
+            else:
+                k = min(self.cfg.parallel, self.cfg.trials - done)
+                self.enqueue_polish(k)
+                self.run_batch(k)
+            n = finished_count(self.study)
+            if self.objective.multi:
+                best = f"Pareto front {len(self.study.best_trials)}"
+            else:
+                try:
+                    best = f"best {self.study.best_value:.4g}"
+                except ValueError:
+                    best = "no complete trial yet"
+            self.log(f"  trials {n}/{self.cfg.trials}  {best}  ({time.perf_counter() - t0:.0f} s)")
+        if finished_count(self.study) > start:
+            self.log(f"search: {finished_count(self.study) - start} trials in {time.perf_counter() - t0:.1f} s")
+

@@ -1,0 +1,117 @@
+"""A finished sweep's outputs: files in its run directory, the MLflow parent run, the printed summary.
+
+Files (in ``<out_dir>/<study>/``, each also an artifact of the parent run): ``best_schedule.json``
+(`search.export`), ``comparison.csv`` (the held-out table), ``trials.parquet`` (every trial), and with
+figures ``steps.png``, ``history.png``, ``holdout.png`` (when FID was evaluated) and ``samples.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from pipeline.core.schedules import Schedule, make_schedule
+from pipeline.models.load import LoadedModel
+from search.sweep.config import HOLDOUT_OFFSET, SweepConfig
+
+TABLE_COLUMNS = ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid", "fid_x_best_baseline",
+                 "fid_gap_x_best_baseline", "tuning_recon", "timesteps"]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out step's results: the best trial, the learned schedule, every row's schedule and the table."""
+
+    best_trial: optuna.trial.FrozenTrial
+    learned_name: str
+    learned: Schedule
+    named: Mapping[str, Schedule]
+    rows: list[dict[str, Any]]
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """The learned row's held-out numbers and ratios, and the best trial's tuning numbers."""
+        metrics = {k: v for k, v in self.rows[0].items() if k.startswith("holdout_") or k.endswith("x_best_baseline")}
+        bt = self.best_trial
+        metrics.update({f"tuning_{k}": bt.user_attrs[k] for k in ("recon", "fid") if bt.user_attrs.get(k) is not None})
+        return metrics
+
+
+@dataclass(frozen=True)
+class Written:
+    export_path: Path
+    table_path: Path
+    parquet_path: Path
+    figures: tuple[Path, ...]
+
+
+def write_files(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldOut, run_dir: Path,
+                provenance: dict[str, Any], multi: bool, figures: bool) -> Written:
+    """Write the JSON export, the CSV table, the Parquet trials table and (with `figures`) the plots."""
+    from pipeline.io.reports import write_table
+    from search import export
+
+    export_path = export.write_export(run_dir / "best_schedule.json",
+                                      export.export_for_model(held.learned, model, held.summary_metrics(), provenance))
+    table_path = write_table(held.rows, run_dir / "comparison.csv")
+    parquet_path = export.write_trials_parquet(study, run_dir / "trials.parquet")
+    figs = _draw(cfg, model, study, held, run_dir, multi) if figures else []
+    return Written(export_path, table_path, parquet_path, tuple(figs))
+
+
+def sweep_provenance(cfg: SweepConfig, study_name: str, storage_spec: str, trial: int,
+                     run_id: str | None) -> dict[str, Any]:
+    """Where the exported schedule came from: study, trial, MLflow run and both seed ranges."""
+    from search import export
+
+    return export.provenance(study=study_name, storage=storage_spec, trial=trial, mlflow_run_id=run_id,
+                             tuning_seeds=[cfg.seed, cfg.num_seeds],
+                             holdout_seeds=[cfg.seed + HOLDOUT_OFFSET, cfg.holdout_seeds])
+
+
+def _draw(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldOut, run_dir: Path,
+          multi: bool) -> list[Path]:
+    from search import plots
+
+    same_nfe = {k: v for k, v in held.named.items() if v.nfe == cfg.nfe}  # not the teacher's 250 steps
+    figs = [plots.steps_plot(same_nfe, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
+            plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", multi)]
+    if any("holdout_fid" in r for r in held.rows):
+        figs.append(plots.holdout_plot(held.rows, run_dir / "holdout.png", highlight=held.learned_name))
+    grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
+    uniform_n = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
+    figs.append(plots.sample_grid(model, {"uniform": uniform_n, "learned": held.learned}, grid_seeds,
+                                  run_dir / "samples.png"))
+    return figs
+
+
+def _metric_key(schedule: str) -> str:
+    """An MLflow metric name for a row: ``learned (= dp)`` -> ``holdout_recon/learned_eq_dp``."""
+    return f"holdout_recon/{schedule.replace(' ', '_').replace('(', '').replace(')', '').replace('=', 'eq')}"
+
+
+def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
+    """Every file as an artifact, the numeric summary and each row's held-out recon as metrics."""
+    for p in [written.export_path, written.table_path, written.parquet_path, *written.figures]:
+        tracker.log_artifact(p)
+    tracker.log_metrics({**{k: v for k, v in held.summary_metrics().items() if isinstance(v, (int, float))},
+                         **{_metric_key(r["schedule"]): r["holdout_recon"] for r in held.rows if "holdout_recon" in r}})
+    tracker.set_tag("best_trial", str(held.best_trial.number))
+
+
+def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, counts: dict[str, int],
+                  written: Written, tracker: Any) -> None:
+    """The held-out table, the trial counts and where the outputs went."""
+    from pipeline.io.reports import format_table, short_steps
+    from search.tracking import ui_command
+
+    log("")
+    log(format_table([{**r, "timesteps": short_steps(r["timesteps"], 10)} for r in held.rows], TABLE_COLUMNS))
+    log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
+    log(f"exported schedule: {written.export_path}")
+    log(f"trials table: {written.parquet_path}")
+    if tracker is not None:
+        log(f"MLflow run {tracker.run_id}: {ui_command(tracker.tracking_uri)}")

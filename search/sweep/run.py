@@ -1,0 +1,198 @@
+"""`run_sweep`: one sweep end to end, as a list of named steps (see `search.sweep` for the flow)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from pipeline.core.schedules import check_nfe
+from pipeline.errors import StridelabError
+from pipeline.models.load import LoadedModel
+from search.evaluators import EvaluatorFactory, Objective
+from search.study import fail_stale_running, finished_count, make_sampler, make_storage, missing_store, open_study
+from search.sweep import holdout
+from search.sweep.config import SweepConfig, SweepResult
+from search.sweep.loop import Sweep
+from search.sweep.outputs import HeldOut, log_to_tracker, print_summary, sweep_provenance, write_files
+from search.sweep.pruning import safe_evaluate
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def run_sweep(
+    cfg: SweepConfig,
+    *,
+    study_name: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
+    out_dir: str | Path = "results/sweep",
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    track: bool = True,
+    actors: int = 0,
+    ray_address: str | None = None,
+    gpus_per_actor: float | None = None,
+    model: LoadedModel | None = None,
+    evaluators: Callable[[Sequence[int]], Any] | None = None,
+    figures: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepResult:
+    """Run (or resume) a sweep end to end; see `search.sweep`.
+
+    Args:
+        cfg: the sweep's settings.
+        study_name: default: model, NFE, space, objective and a timestamp.
+        storage: Optuna storage, a journal file path or an RDB URL (default ``<out_dir>/optuna.journal``).
+        resume: continue `study_name` up to ``cfg.trials`` trials in total.
+        out_dir: root of the outputs; this sweep writes into ``<out_dir>/<study_name>/``.
+        tracking_uri, experiment: MLflow (default sqlite in the working directory); `track` False: none.
+        actors, ray_address: the evaluator (0 = in this process).
+        gpus_per_actor: GPUs each actor requests as given (autoscaling clusters; see `EvaluatorFactory`).
+        model: an already loaded model (default: ``load_model(cfg.model)``).
+        evaluators: ``seeds -> evaluator`` (default `EvaluatorFactory`); tests inject stand-ins here.
+        figures: draw the plots and sample grids (the JSON, CSV and Parquet outputs are always written).
+    """
+    from pipeline.models.load import load_model
+
+    t_start = time.perf_counter()
+    storage_spec = storage or str(Path(out_dir) / "optuna.journal")
+    missing = missing_store(storage_spec) if resume else None
+    if missing is not None:  # before opening it, which would create an empty store
+        raise StridelabError(f"--resume: no study named {study_name!r}: {missing} does not exist")
+    model = model or load_model(cfg.model)
+    check_nfe(cfg.nfe, model.num_train_timesteps)
+    objective = Objective(cfg.objective, cfg.fid_weight)
+    study_name = study_name or default_study_name(cfg)
+    study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log)
+    run_dir = Path(out_dir) / study_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = _start_tracking(cfg, study, study_name, storage_spec, resume, actors, gpus_per_actor,
+                              tracking_uri, experiment, log) if track else None
+    factory = None
+    if evaluators is None:
+        factory = evaluators = _evaluator_factory(cfg, model, actors, ray_address, gpus_per_actor, objective, log)
+    status = "FAILED"
+    try:
+        t0 = time.perf_counter()
+        sweep = Sweep(cfg, model, evaluators, study, tracker, log)
+        log(f"study {study_name} ({storage_spec}): {finished_count(study)} trials so far; "
+            f"teachers on {cfg.num_seeds} tuning seeds: {time.perf_counter() - t0:.1f} s")
+        sweep.warm_start()
+        sweep.search()
+        held = _held_out(cfg, model, study, sweep, factory, evaluators, log)
+        prov = sweep_provenance(cfg, study_name, storage_spec, held.best_trial.number,
+                                tracker.run_id if tracker else None)
+        written = write_files(cfg, model, study, held, run_dir, prov, objective.multi, figures)
+        if tracker is not None:
+            log_to_tracker(tracker, written, held)
+        status = "FINISHED"
+        counts = state_counts(study)
+        print_summary(log, cfg, held, counts, written, tracker)
+        return SweepResult(study_name, held.learned, held.best_trial.number, held.rows, written.export_path, run_dir,
+                           tracker.run_id if tracker else None, tracker.tracking_uri if tracker else None,
+                           time.perf_counter() - t_start, counts)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.end(status)
+        if factory is not None:
+            factory.close()
+
+
+def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_name: str, resume: bool,
+                objective: Objective, log: Callable[[str], None]) -> optuna.Study:
+    """Create (or resume, checking the identity it records and failing stale RUNNING trials) the study."""
+    from search import export
+
+    sampler = make_sampler(cfg.sampler, cfg.seed, multi_objective=objective.multi)
+    identity = {"model": cfg.model, "nfe": cfg.nfe, "space": cfg.space, "objective": cfg.objective,
+                "num_train_timesteps": model.num_train_timesteps,
+                "alphas_cumprod_sha256": export.alphas_cumprod_sha256(model.alphas_cumprod),
+                "tuning_seeds": [cfg.seed, cfg.num_seeds], "teacher_nfe": cfg.teacher_nfe}
+    study = open_study(make_storage(storage_spec), study_name, objective.directions, sampler, identity, resume)
+    stale = fail_stale_running(study) if resume else []
+    if stale:
+        log(f"resume: trials {stale} were left RUNNING by a stopped driver: marked FAIL, not counted")
+    return study
+
+
+def _start_tracking(cfg: SweepConfig, study: optuna.Study, study_name: str, storage_spec: str, resume: bool,
+                    actors: int, gpus_per_actor: float | None, tracking_uri: str | None, experiment: str | None,
+                    log: Callable[[str], None]) -> Any:
+    """Start the MLflow parent run (closing runs a killed driver left RUNNING) and record it on the study."""
+    from pipeline import __version__
+    from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri()
+    tracker = Tracker(tracking_uri, experiment or DEFAULT_EXPERIMENT)
+    if resume:  # a driver killed mid-run never ended its MLflow runs
+        closed = tracker.close_stale(study.user_attrs.get("mlflow_parent_runs", []))
+        if closed:
+            log(f"resume: MLflow runs {closed} were left RUNNING by a stopped driver: marked KILLED")
+    tracker.start(study_name, {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume,
+                               "actors": actors, "gpus_per_actor": gpus_per_actor,
+                               "stridelab_version": __version__},
+                  tags={"stridelab.kind": "sweep", "study": study_name})
+    study.set_user_attr("mlflow_parent_runs", [*study.user_attrs.get("mlflow_parent_runs", []), tracker.run_id])
+    study.set_user_attr("mlflow_tracking_uri", tracking_uri)
+    return tracker
+
+
+def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_address: str | None,
+                       gpus_per_actor: float | None, objective: Objective,
+                       log: Callable[[str], None]) -> EvaluatorFactory:
+    """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
+    factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
+                               gpus_per_actor=gpus_per_actor)
+    log(f"evaluator: {factory.kind}; teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
+    return factory
+
+
+def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: Sweep,
+              factory: EvaluatorFactory | None, evaluators: Callable[[Sequence[int]], Any],
+              log: Callable[[str], None]) -> HeldOut:
+    """Re-evaluate the learned schedule and every warm start (and, with FID, the teacher) on held-out seeds."""
+    from search import export
+
+    T = model.num_train_timesteps
+    bt = export.best_trial(study)
+    learned_name, learned = holdout.learned_schedule(bt, cfg.space, T)
+    named = {learned_name: learned, **holdout.warm_schedules(study, T)}
+    for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
+        if factory is not None:
+            factory.release(ev)  # the search is over: free its actors for the held-out pool
+    t0 = time.perf_counter()
+    hold_eval = None
+    if factory is not None and cfg.holdout_fid:
+        try:
+            hold_eval = factory(cfg.holdout_seed_list, fid=True)
+        except StridelabError as e:
+            log(f"no held-out FID: {e}")
+    if hold_eval is not None:
+        teacher_name, teacher = holdout.teacher_schedule(cfg, model.alphas_cumprod, T)
+        named[teacher_name] = teacher
+    hold_eval = hold_eval or evaluators(cfg.holdout_seed_list)
+    results = safe_evaluate(hold_eval, list(named.values()))
+    log(f"held-out evaluation on {cfg.holdout_seeds} seeds: {time.perf_counter() - t0:.1f} s")
+    rows = holdout.holdout_rows(named, results, holdout.tuning_recon(study, bt, learned_name))
+    return HeldOut(bt, learned_name, learned, named, rows)
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    """Trials of the study by state name."""
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def default_study_name(cfg: SweepConfig) -> str:
+    safe = "".join(c if c.isalnum() else "-" for c in cfg.model).strip("-")
+    return f"{safe}-nfe{cfg.nfe}-{cfg.space}-{cfg.objective.replace(',', '_').replace('+', 'p')}-{time.strftime('%Y%m%d-%H%M%S')}"
