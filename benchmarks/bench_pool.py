@@ -24,7 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def _cpu_name() -> str:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     import torch
 
-    from pipeline.distributed import SamplerPool
+    from pipeline.distributed import SamplerPool, init_ray
     from pipeline.models.load import load_model
     from pipeline.core.schedules import make_schedule
 
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         t_local = statistics.median(_time(local, schedules, args.reps))
         print(f"in-process ({torch.get_num_threads()} threads): {t_local:.3f} s  {work / t_local:9.0f} samples/s")
 
-        ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="warning")
+        init_ray("local", num_cpus=cores)  # a fresh local Ray on every core, whatever $RAY_ADDRESS says
         with SamplerPool(spec, seeds, args.teacher_nfe, actors=args.actors) as pool:
             t_pool = statistics.median(_time(pool, schedules, args.reps))
         print(f"ray pool ({args.actors} actors):     {t_pool:.3f} s  {work / t_pool:9.0f} samples/s")

@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.distributed import SamplerPool
     from pipeline.errors import StridelabError
+    from pipeline.metrics.recon import recon_sem
     from pipeline.models.load import load_model
     from pipeline.io.reports import format_table, write_table
     from pipeline.core.schedules import check_nfe, resolve_schedule
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         if recon:
             rec = res.recon
             row["recon"] = rec.mean().item()
-            row["recon_sem"] = (rec.std() / rec.numel() ** 0.5).item() if rec.numel() > 1 else 0.0
+            row["recon_sem"] = recon_sem(rec)
         if res.inversion is not None:
             row["inversion"] = res.inversion.mean().item()
         row.update(res.extra or {})

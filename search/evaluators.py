@@ -16,7 +16,6 @@ Objectives (`Objective`):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -124,8 +123,7 @@ class EvaluatorFactory:
                 log("the Ray actor pool (pipeline.distributed) is not available: evaluating in this process")
                 self.actors = 0
             else:
-                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                from pipeline.distributed import init_ray
+                from pipeline.distributed import init_ray  # sets RAY_USAGE_STATS_ENABLED
 
                 # Ray is started here, not by the first pool, so closing one pool never stops the others.
                 self._owns_ray = init_ray(ray_address)
@@ -161,15 +159,14 @@ class EvaluatorFactory:
     def _cpus_per_actor(self) -> float | None:
         """A fixed CPU share per actor such that `LIVE_POOLS` pools always fit on the cluster (sizing from
         the CPUs free at creation time can leave a later pool waiting forever); None on GPU clusters."""
-        import math
-
         import ray
+
+        from pipeline.distributed import cpus_per_actor
 
         res = ray.cluster_resources()
         if res.get("GPU", 0) >= 1:
             return None
-        share = 0.9 * float(res.get("CPU", 1.0)) / (self.LIVE_POOLS * self.actors)
-        return max(0.01, math.floor(100 * min(1.0, share)) / 100)
+        return cpus_per_actor(float(res.get("CPU", 1.0)), self.LIVE_POOLS * self.actors, 0.9)
 
     def release(self, ev: Any) -> None:
         """Close one evaluator (its actors and their CPUs go back to Ray)."""

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.distributed import pool as distributed
+from pipeline.distributed import data as distributed
 from pipeline.core.schedules import Schedule
 
 MODEL = "gmm:blobs64"  # [1, 8, 8] samples: images

@@ -1,17 +1,14 @@
-"""Ray: cluster set-up, sampler actors (model loaded once, teacher per seed shard), the actor pool, Ray Data sampling."""
+"""Ray: cluster set-up (`cluster`), sampler actors (`worker`: model loaded once, teacher per seed shard),
+the actor pool (`pool`), Ray Data sampling to Parquet (`data`)."""
 
 from __future__ import annotations
 
-from pipeline.distributed.pool import (
-    SamplerPool,
-    SamplerWorker,
-    actor_resources,
-    generate_samples,
-    init_ray,
-    shard_bounds,
-    write_sample_dir,
-)
+from pipeline.distributed.cluster import actor_resources, cpus_per_actor, init_ray, threads_per_actor
+from pipeline.distributed.data import SampleBatch, generate_samples, write_sample_dir
+from pipeline.distributed.pool import PendingEvaluation, SamplerPool, shard_bounds
+from pipeline.distributed.worker import SamplerWorker
 
 __all__ = [
-    "SamplerPool", "SamplerWorker", "actor_resources", "generate_samples", "init_ray", "shard_bounds", "write_sample_dir",
+    "PendingEvaluation", "SampleBatch", "SamplerPool", "SamplerWorker", "actor_resources", "cpus_per_actor",
+    "generate_samples", "init_ray", "shard_bounds", "threads_per_actor", "write_sample_dir",
 ]

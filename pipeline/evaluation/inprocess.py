@@ -6,15 +6,16 @@ schedule, so differences are the schedule's alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.solvers.ddim import ddim_sample
-from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors
+from pipeline.solvers.ddim import Denoiser, ddim_sample
+from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors, recon_sem
+from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel
-from pipeline.core.schedules import Schedule, uniform
+from pipeline.core.schedules import Schedule
 from pipeline.core.seeds import initial_noise
 
 
@@ -39,15 +40,51 @@ class Teacher:
 
 def make_teacher(model: LoadedModel, seeds: Sequence[int], nfe: int | None = None, batch_size: int = 512) -> Teacher:
     """Run the teacher (uniform DDIM with `nfe` steps, default every training timestep)."""
-    T = model.num_train_timesteps
-    nfe = T if nfe is None else nfe
-    ts = uniform(nfe, model.alphas_cumprod).timesteps
+    nfe = model.num_train_timesteps if nfe is None else nfe
+    ts = teacher_timesteps(model.alphas_cumprod, nfe)
     x_T, _ = initial_noise(seeds, model.sample_shape)
-    outs = [
-        ddim_sample(model.denoiser, x_T[i : i + batch_size], ts, model.alphas_cumprod)
-        for i in range(0, len(seeds), batch_size)
-    ]
-    return Teacher(tuple(int(s) for s in seeds), x_T, torch.cat(outs), nfe, tuple(ts))
+    x0 = run_teacher(model.denoiser, x_T, ts, model.alphas_cumprod, batch_size=batch_size)
+    return Teacher(tuple(int(s) for s in seeds), x_T, x0, nfe, tuple(ts))
+
+
+@dataclass(frozen=True)
+class ShardMetrics:
+    """One schedule on one seed shard.
+
+    Attributes:
+        x0: the schedule's samples [b, ...] (model range; the teacher's own tensor for the teacher's schedule).
+        recon: per-seed MSE vs the teacher [b] (float64, [0, 1] scale), or None when not asked for.
+        inversion: per-seed inversion round-trip MSE [b], or None without data.
+    """
+
+    x0: torch.Tensor
+    recon: torch.Tensor | None
+    inversion: torch.Tensor | None
+
+
+def evaluate_shard(
+    denoiser: Denoiser,
+    alphas_cumprod: torch.Tensor,
+    to_unit: Callable[[torch.Tensor], torch.Tensor],
+    timesteps: Sequence[int],
+    x_T: torch.Tensor,
+    teacher_x0: torch.Tensor | None,
+    teacher_ts: Sequence[int],
+    data: torch.Tensor | None = None,
+) -> ShardMetrics:
+    """Sample `timesteps` from the shard's x_T [b, ...] and score it against the teacher.
+
+    The one evaluate-a-shard policy of every evaluator (in-process and Ray actors): the teacher's own
+    schedule is not sampled again (its samples are the teacher's, its recon exactly 0); recon is computed
+    when `teacher_x0` is given; inversion when `data` (x_0 drawn from the data, [b, ...]) is given.
+    """
+    if teacher_x0 is not None and tuple(timesteps) == tuple(teacher_ts):
+        x0 = teacher_x0  # the teacher's own schedule (its FID is the floor of the table): already sampled
+    else:
+        x0 = ddim_sample(denoiser, x_T, timesteps, alphas_cumprod)
+    rec = per_sample_mse(to_unit(x0), to_unit(teacher_x0)) if teacher_x0 is not None else None  # = recon_errors
+    inv = inversion_errors(denoiser, data, timesteps, alphas_cumprod, to_unit) if data is not None else None
+    return ShardMetrics(x0, rec, inv)
 
 
 def evaluate_schedule(
@@ -58,7 +95,7 @@ def evaluate_schedule(
 ) -> dict[str, float]:
     """Mean recon MSE vs the teacher (and inversion round-trip MSE when data is given), [0, 1] scale."""
     rec = recon_errors(model.denoiser, teacher.x_T, schedule.timesteps, model.alphas_cumprod, teacher.x0, model.to_unit)
-    out = {"recon": rec.mean().item(), "recon_sem": (rec.std() / rec.numel() ** 0.5).item() if rec.numel() > 1 else 0.0}
+    out = {"recon": rec.mean().item(), "recon_sem": recon_sem(rec)}
     if data_x0 is not None:
         inv = inversion_errors(model.denoiser, data_x0, schedule.timesteps, model.alphas_cumprod, model.to_unit)
         out["inversion"] = inv.mean().item()
@@ -111,15 +148,7 @@ class InProcessEvaluator:
         out = []
         for s in schedules:
             t0 = time.perf_counter()
-            if tuple(s.timesteps) == self.teacher.timesteps:  # the teacher itself: exactly zero, nothing to sample
-                x0 = self.model.to_unit(self.teacher.x0)
-                rec = per_sample_mse(x0, x0)
-            else:
-                rec = recon_errors(self.model.denoiser, self.teacher.x_T, s.timesteps, self.model.alphas_cumprod,
-                                   self.teacher.x0, self.model.to_unit)
-            inv = None
-            if self.data is not None:
-                inv = inversion_errors(self.model.denoiser, self.data, s.timesteps, self.model.alphas_cumprod,
-                                       self.model.to_unit)
-            out.append(ScheduleResult(s, rec, inv, time.perf_counter() - t0))
+            m = evaluate_shard(self.model.denoiser, self.model.alphas_cumprod, self.model.to_unit, s.timesteps,
+                               self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data)
+            out.append(ScheduleResult(s, m.recon, m.inversion, time.perf_counter() - t0))
         return out

@@ -50,7 +50,7 @@ from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import Teacher
 from pipeline.interop.apply import apply_schedule, check_compatible, model_evaluations
-from pipeline.metrics.recon import per_sample_mse
+from pipeline.metrics.recon import per_sample_mse, recon_sem
 from pipeline.models.load import LoadedModel
 from pipeline.core.noise import as_alphas_cumprod
 from pipeline.core.schedules import Schedule, interpolated, uniform
@@ -281,7 +281,7 @@ def transfer_table(
                 "model": model.spec, "sampler": name, "spacing": kind,
                 "schedule": label if kind == "learned" else "default", "nfe": nfe, "steps": m, "evals": evals,
                 "recon": rec.mean().item(),
-                "recon_sem": (rec.std() / rec.numel() ** 0.5).item() if rec.numel() > 1 else 0.0,
+                "recon_sem": recon_sem(rec),
                 "vs_default": None,
                 "t_rounded": sum(not _is_integral(t) for t in ts), "how": how, "timesteps": _fmt_t(ts),
             }

@@ -1,4 +1,4 @@
-"""Image grids: one tiling function for every sample grid the project writes."""
+"""Image grids and PNG encoding: one tiling function and one encoder for every image the project writes."""
 
 from __future__ import annotations
 
@@ -36,10 +36,15 @@ def tile(images01: torch.Tensor | np.ndarray, cols: int = 8, scale: int = 4, pad
     return out[..., 0] if c == 1 else out
 
 
+def hwc(img_chw: np.ndarray) -> np.ndarray:
+    """One image [C, H, W] (C = 1 grey or 3 RGB) in the layout PIL reads: [H, W] or [H, W, 3]."""
+    return img_chw[0] if img_chw.shape[0] == 1 else img_chw.transpose(1, 2, 0)
+
+
 def png_bytes(array_u8: np.ndarray) -> bytes:
-    """Encode a uint8 [H, W] or [H, W, 3] array as PNG."""
+    """Encode a uint8 [H, W] or [H, W, 3] array as PNG (see `hwc` for [C, H, W] images)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(array_u8).save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array_u8)).save(buf, format="PNG")
     return buf.getvalue()

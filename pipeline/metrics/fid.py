@@ -115,12 +115,6 @@ def kid(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0) -> float:
     return kid_from_features(feats, ref_feats, seed=seed)
 
 
-def chunked(n: int, size: int) -> Iterator[slice]:
-    """Slices [0, size), [size, 2 size), ... covering range(n)."""
-    for i in range(0, n, size):
-        yield slice(i, min(i + size, n))
-
-
 # --------------------------------------------------------------------------------------------------
 # Feature extractors (built once per worker)
 

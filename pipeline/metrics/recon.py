@@ -18,6 +18,11 @@ def per_sample_mse(a01: torch.Tensor, b01: torch.Tensor) -> torch.Tensor:
     return ((a01.double() - b01.double()) ** 2).flatten(1).mean(1)
 
 
+def recon_sem(errors: torch.Tensor) -> float:
+    """Standard error of the mean of per-sample errors [B]: std / sqrt(B) (0 for a single sample)."""
+    return (errors.std() / errors.numel() ** 0.5).item() if errors.numel() > 1 else 0.0
+
+
 def recon_errors(
     denoiser: Denoiser,
     x_T: torch.Tensor,

@@ -2,7 +2,7 @@
 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling", and OSS, optimal step size).
 
 1. Run the teacher (uniform DDIM over `teacher_nfe` steps, the same teacher as
-   `pipeline.evaluation.inprocess.make_teacher`) from the seeds' x_T and record its state x_t at every point of a
+   `pipeline.metrics.teacher`) from the seeds' x_T and record its state x_t at every point of a
    candidate grid (a subset of the teacher's own timesteps, so the recorded states are exact).
 2. cost[i, j] = per-dimension MSE on the [0, 1] scale, averaged over the seeds, between one DDIM jump
    from the teacher state at grid point i to grid point j and the teacher state at j. Column G (one past
@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.solvers.ddim import ddim_sample
 from pipeline.errors import StridelabError
+from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel
 from pipeline.core.noise import log_snr_from_abar
-from pipeline.core.schedules import Schedule, check_nfe, uniform
+from pipeline.core.schedules import Schedule, check_nfe
 from pipeline.core.seeds import initial_noise
 
 
@@ -80,8 +80,7 @@ def teacher_trajectory(
     model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, grid_size: int = 160
 ) -> TeacherTrajectory:
     """Run the teacher once and keep its states on a `candidate_grid` of `grid_size` points."""
-    T = model.num_train_timesteps
-    teacher_ts = uniform(T if teacher_nfe is None else teacher_nfe, model.alphas_cumprod).timesteps
+    teacher_ts = teacher_timesteps(model.alphas_cumprod, teacher_nfe)
     grid = candidate_grid(teacher_ts, model.alphas_cumprod, grid_size)
     keep = set(grid)
     x_T, _ = initial_noise(list(seeds), model.sample_shape)
@@ -91,7 +90,7 @@ def teacher_trajectory(
         if info["t_next"] in keep:
             states[info["t_next"]] = info["x"].clone()
 
-    x0 = ddim_sample(model.denoiser, x_T, teacher_ts, model.alphas_cumprod, callback=record)
+    x0 = run_teacher(model.denoiser, x_T, teacher_ts, model.alphas_cumprod, callback=record)
     return TeacherTrajectory(grid, torch.stack([states[t] for t in grid]), x0)
 
 
