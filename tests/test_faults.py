@@ -2,8 +2,9 @@
 
 1. a sampler actor SIGKILLed in the middle of a trial: Ray restarts it and retries the task; the sweep
    finishes with exactly the requested trials and the same numbers as a sweep nobody disturbed;
-2. the sweep driver SIGKILLed mid-run, then ``--resume``: exactly the requested trials, none twice, the
-   trials finished before the kill kept, and no MLflow run left RUNNING;
+2. the sweep driver, holding 2 Ray actors, SIGKILLed inside a batch, then ``--resume``: exactly the
+   requested trials, none twice, the trials finished before the kill kept and equal to an undisturbed run's,
+   no MLflow run left RUNNING, and at most one child run lost (the trial told just before the kill);
 3. a model that returns NaN for some schedules: those trials are FAIL (with the reason), the others
    COMPLETE, and the sweep finishes.
 
@@ -169,9 +170,9 @@ def test_actor_killed_mid_trial_sweep_completes_with_the_same_trials(ray_local, 
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. the sweep driver killed mid-run, then --resume
+# 2. the sweep driver, holding 2 Ray actors, killed mid-run, then --resume; compared with an undisturbed run
 
-TRIALS = 40
+TRIALS = 30
 
 
 def sweep_cmd(tmp: Path, *extra: str) -> list[str]:
@@ -179,25 +180,39 @@ def sweep_cmd(tmp: Path, *extra: str) -> list[str]:
             "--parallel", "2", "--num-seeds", "32", "--holdout-seeds", "8", "--teacher-nfe", "50",
             "--baselines", "uniform,quadratic,karras", "--storage", str(tmp / "optuna.journal"),
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--study-name", "s", "--out-dir", str(tmp / "out"),
-            "--actors", "0", "--no-holdout-fid", *extra]
+            "--actors", "2", "--no-holdout-fid", *extra]
 
 
-def test_driver_sigkill_then_resume_exact_trials_and_no_running_mlflow_runs(tmp_path):
-    from mlflow import MlflowClient
-
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(sweep_cmd(tmp_path), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    journal, before = tmp_path / "optuna.journal", None
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of the process group this test started (the killed driver's local Ray)."""
     try:
-        deadline = time.monotonic() + 240
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """An undisturbed sweep, and the same command SIGKILLed inside a batch and resumed (own Ray each)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))
+    clean, tmp = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("killed")
+    r = subprocess.run(sweep_cmd(clean), cwd=clean, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    log = (tmp / "first.log").open("w")
+    proc = subprocess.Popen(sweep_cmd(tmp), cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    journal = tmp / "optuna.journal"
+    try:
+        deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
             if journal.exists():
                 try:
                     trials = study_of(journal).get_trials(deepcopy=False)
                 except KeyError:  # study not created yet
                     trials = []
-                # Kill inside a batch: some trials finished, at least one asked and still being evaluated.
+                # Kill inside a batch: some trials finished, at least one asked and still on the actors.
                 if sum(t.state.is_finished() for t in trials) >= 6 and any(t.state == TrialState.RUNNING for t in trials):
                     os.kill(proc.pid, signal.SIGKILL)
                     break
@@ -206,51 +221,96 @@ def test_driver_sigkill_then_resume_exact_trials_and_no_running_mlflow_runs(tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
+        _kill_group(proc)
         log.close()
-    assert rc == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
-    before = {t.number: (t.state, t.values, t.params) for t in study_of(journal).trials if t.state.is_finished()}
-    assert 6 <= len(before) < TRIALS
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("stridelab-sweep")
-    dead = client.search_runs([exp.experiment_id], "tags.`stridelab.kind` = 'sweep'")
-    assert [r.info.status for r in dead] == ["RUNNING"]  # the killed driver's parent run, never ended
+    assert rc == -signal.SIGKILL, (tmp / "first.log").read_text()[-2000:]
+    before = [t for t in study_of(journal).trials if t.state.is_finished()]
+    from mlflow import MlflowClient
 
-    r = subprocess.run(sweep_cmd(tmp_path, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    study = study_of(journal)
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("stridelab-sweep")
+    dead = [x.info.status for x in client.search_runs([exp.experiment_id], "tags.`stridelab.kind` = 'sweep'")]
+    resumed = subprocess.run(sweep_cmd(tmp, "--resume"), cwd=tmp, env=env, capture_output=True, text=True,
+                             timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    return dict(clean=clean, tmp=tmp, before=before, dead=dead, resumed=resumed)
+
+
+def _counted(study: optuna.Study) -> list:
+    return [t for t in study.trials if not t.user_attrs.get("stale")]
+
+
+def test_driver_with_actors_sigkilled_then_resumed_exact_trials_and_mlflow_runs(killed_and_resumed):
+    from mlflow import MlflowClient
+
+    k = killed_and_resumed
+    tmp, before, r = k["tmp"], k["before"], k["resumed"]
+    assert 6 <= len(before) < TRIALS
+    assert k["dead"] == ["RUNNING"]  # the killed driver's parent run, never ended
+    study, clean = study_of(tmp / "optuna.journal"), study_of(k["clean"] / "optuna.journal")
     trials = study.trials
-    # Exactly TRIALS counted trials; the one(s) killed mid-evaluation are FAIL + stale, not counted.
-    assert finished_count(study) == TRIALS
+    # Exactly TRIALS counted trials; the one(s) killed on the actors are FAIL + stale, not counted.
+    assert finished_count(study) == TRIALS == finished_count(clean) == len(clean.trials)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     stale = [t for t in trials if t.user_attrs.get("stale")]
     assert stale and all(t.state == TrialState.FAIL for t in stale)
     assert len(trials) == TRIALS + len(stale)
-    # No duplicates: each warm start once; the trials finished before the kill kept as they were.
     warm = [t.user_attrs["schedule"] for t in trials if t.user_attrs.get("kind") == "baseline"]
     assert sorted(warm) == ["karras", "quadratic", "uniform"]
     counted_ts = [tuple(t.user_attrs["timesteps"]) for t in trials
                   if t.state.is_finished() and not t.user_attrs.get("stale") and "timesteps" in t.user_attrs]
     assert len(counted_ts) >= TRIALS - 2 and len(set(counted_ts)) == len(counted_ts)  # no schedule evaluated twice
-    for n, (state, values, params) in before.items():
-        assert (trials[n].state, trials[n].values, trials[n].params) == (state, values, params)
+    # What finished before the kill is kept, and is what the undisturbed run has for the same trials.
+    for t in before:
+        ref = clean.trials[t.number]
+        assert (trials[t.number].state, trials[t.number].values, trials[t.number].params) == (t.state, t.values, t.params)
+        assert (t.state, t.values, t.params, t.user_attrs.get("timesteps")) == (
+            ref.state, ref.values, ref.params, ref.user_attrs.get("timesteps"))
+    # The held-out rows of the warm starts equal the undisturbed run's, number for number.
+    rows = {n: [x for x in _read_csv(d / "out" / "s" / "comparison.csv") if not x["schedule"].startswith("learned")]
+            for n, d in (("killed", tmp), ("clean", k["clean"]))}
+    assert len(rows["clean"]) >= 3 and rows["killed"] == rows["clean"]
 
-    # MLflow: nothing RUNNING; the dead driver's parent KILLED, the resumed one FINISHED; one child per trial.
+    # MLflow: nothing RUNNING; the dead driver's parent KILLED, the resumed one FINISHED; one child per
+    # counted trial, except that a kill between Optuna's tell and MLflow's log loses that one trial's child:
+    # at most one, and only the trial told last before the kill.
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("stridelab-sweep")
     runs = client.search_runs([exp.experiment_id], "", max_results=1000)
     assert [x.info.run_id for x in runs if x.info.status == "RUNNING"] == []
     parents = {x.info.run_id: x for x in runs if x.data.tags.get("stridelab.kind") == "sweep"}
     assert sorted(x.info.status for x in parents.values()) == ["FINISHED", "KILLED"]
-    assert list(parents) and set(study.user_attrs["mlflow_parent_runs"]) == set(parents)
+    assert set(study.user_attrs["mlflow_parent_runs"]) == set(parents)
     kids = [x for x in runs if x.data.tags.get("mlflow.parentRunId") in parents]
     numbers = [int(x.data.tags["trial"]) for x in kids]
     assert len(numbers) == len(set(numbers)), "a trial was logged twice"
     counted = {t.number: t for t in trials if not t.user_attrs.get("stale")}
     assert set(numbers) <= set(counted)
-    # A kill between Optuna's tell and MLflow's log loses at most that batch's child runs.
-    assert len(numbers) >= TRIALS - 2
+    last_told = max(before, key=lambda t: t.datetime_complete).number
+    assert set(counted) - set(numbers) <= {last_told}
     for x in kids:
         assert x.data.tags["state"] == counted[int(x.data.tags["trial"])].state.name
     assert "resume: trials" in r.stdout and "marked FAIL" in r.stdout
+
+
+RESUME_RESEEDS = (
+    "a resumed sweep builds a fresh sampler seeded with --seed (search/study.make_sampler via search/sweep.py), so "
+    "the trials asked after --resume are not the ones an undisturbed run asks: the sampler's RNG restarts")
+
+
+@pytest.mark.xfail(strict=True, reason=RESUME_RESEEDS)
+def test_resumed_study_equals_the_undisturbed_one(killed_and_resumed):
+    k = killed_and_resumed
+    got, ref = _counted(study_of(k["tmp"] / "optuna.journal")), _counted(study_of(k["clean"] / "optuna.journal"))
+    assert [t.user_attrs.get("timesteps") for t in got] == [t.user_attrs.get("timesteps") for t in ref]
+    assert [t.values for t in got] == [t.values for t in ref]
+
+
+def _read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 # --------------------------------------------------------------------------------------------------
