@@ -34,14 +34,11 @@ def eta_value(text: str) -> float:
 
 
 def gpus_value(text: str) -> float:
-    """--gpus-per-actor: a number in (0, 8] (fractions pack several actors on one GPU)."""
+    """--gpus-per-actor: a number; its range is checked once, by the library (`check_gpus`)."""
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GPUs in (0, 8], got {text!r}") from None
-    if not 0.0 < v <= 8.0:
-        raise argparse.ArgumentTypeError(f"GPUs per actor must be in (0, 8], got {v}")
-    return v
 
 
 GPUS_HELP = ("GPUs each Ray actor requests, as given (e.g. 1, or 0.5 for two actors per GPU). Needed on an "
@@ -50,8 +47,7 @@ GPUS_HELP = ("GPUs each Ray actor requests, as given (e.g. 1, or 0.5 for two act
 
 
 def check_gpus(args: argparse.Namespace) -> None:
-    """--gpus-per-actor only means something with Ray actors."""
-    from pipeline.errors import StridelabError
+    """--gpus-per-actor in (0, 8] and only with Ray actors: the library's one check, run before any start-up."""
+    from pipeline.distributed.pool import check_gpus_per_actor
 
-    if getattr(args, "gpus_per_actor", None) is not None and args.actors == 0:
-        raise StridelabError("--gpus-per-actor needs Ray actors (--actors >= 1)")
+    check_gpus_per_actor(getattr(args, "gpus_per_actor", None), args.actors)

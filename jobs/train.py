@@ -1,19 +1,12 @@
 """``stridelab train digits|features``: train the bundled digits DDPM or the digits FID feature net.
 
 Both write their output atomically (temporary file/dir beside the target, then rename).
-Run standalone with ``python -m jobs.train digits ...`` as well.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
-import sys
-
-from pipeline.errors import StridelabError
-
-log = logging.getLogger(__name__)
 
 
 def _command_line(argv_tail: list[str]) -> str:
@@ -26,16 +19,13 @@ def run_digits(args: argparse.Namespace) -> int:
 
     from pipeline.training.ddpm import DEFAULT_DDPM_DIR, TrainConfig, save_ddpm, train_ddpm, training_record
 
-    try:
-        cfg = TrainConfig(
-            seed=args.seed,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            max_minutes=args.max_minutes if args.max_minutes > 0 else None,
-        )
-    except ValueError as exc:
-        raise StridelabError(str(exc)) from exc
+    cfg = TrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_minutes=args.max_minutes if args.max_minutes > 0 else None,
+    )
     torch.set_num_threads(args.threads)
     out = args.out or DEFAULT_DDPM_DIR
     unet, history = train_ddpm(cfg)
@@ -57,12 +47,10 @@ def run_features(args: argparse.Namespace) -> int:
     """Train the digits feature CNN on the train split, report test accuracy, save to ``args.out``."""
     import torch
 
+    from pipeline.errors import StridelabError
     from pipeline.metrics.features import DEFAULT_FEATURES_DIR, FeatureTrainConfig, save_feature_net, train_feature_net
 
-    try:
-        cfg = FeatureTrainConfig(seed=args.seed, epochs=args.epochs, lr=args.lr)
-    except ValueError as exc:
-        raise StridelabError(str(exc)) from exc
+    cfg = FeatureTrainConfig(seed=args.seed, epochs=args.epochs, lr=args.lr)
     torch.set_num_threads(args.threads)
     net, report = train_feature_net(cfg)
     if report["test_accuracy"] < args.min_accuracy:
@@ -115,20 +103,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="refuse to save below this test accuracy (default: %(default)s)")
     f.add_argument("--out", default=None, help="output directory (default: pipeline/assets/digits/features)")
     f.set_defaults(func=run_features)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m jobs.train digits|features ...``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m jobs.train")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except StridelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

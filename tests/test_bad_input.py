@@ -112,7 +112,7 @@ CASES = [
     Case("sweep-gpus-without-actors", sweep("--gpus-per-actor", "1"), "--gpus-per-actor needs Ray actors",
          out="results"),
     Case("sample-gpus-zero", sample("--schedule", "uniform", "--nfe", "5", "--gpus-per-actor", "0"),
-         "GPUs per actor must be in (0, 8]", out="samples"),
+         "--gpus-per-actor must be in (0, 8]", out="samples"),
     # -- model specs and configs ----------------------------------------------------------------------
     Case("model-missing-dir", ("evaluate", "--model", "no/such/dir", "--out", "table.csv"), "does not exist", out="table.csv"),
     Case("model-unknown-scheme", ("evaluate", "--model", "foo:bar", "--out", "table.csv"), "unknown model spec scheme",

@@ -92,3 +92,59 @@ def test_cli_stderr_fixture_drops_only_ray_forwarded_lines(cli_stderr):
     print("(raylet) something", file=sys.stderr)
     print("stridelab sample: error: --actors must be >= 0 (pid=1 is not a flag)", file=sys.stderr)
     assert cli_stderr() == ["stridelab sample: error: --actors must be >= 0 (pid=1 is not a flag)"]
+
+
+BUGGY = """
+import sys
+import pipeline.core.schedules as schedules
+def make_schedule(*a, **k):
+    raise {exc}("a bug deep inside numpy")
+schedules.make_schedule = make_schedule
+from jobs.cli import main
+sys.exit(main(["schedules", "--model", "gmm:ring8", "--nfe", "5", "--names", "uniform"]))
+"""
+
+
+@pytest.mark.parametrize("exc", ["ValueError", "RuntimeError"])
+def test_a_bug_keeps_its_traceback(tmp_path, exc):
+    """Only StridelabError is bad input: a ValueError/RuntimeError from inside a command is a bug, so it is
+    not squeezed into one line (its traceback is what a bug report needs) and the exit code is not 2."""
+    r = subprocess.run([sys.executable, "-c", BUGGY.format(exc=exc)], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=300)
+    assert r.returncode not in (0, 2), r.stderr
+    assert "Traceback" in r.stderr and f"{exc}: a bug deep inside numpy" in r.stderr
+    assert "in make_schedule" in r.stderr  # the frame that raised
+
+
+def test_stridelab_error_is_one_line_exit_2_with_flags(monkeypatch, cli_stderr):
+    """A library StridelabError names parameters in backticks; the CLI prints them as its flags."""
+    import pipeline.core.schedules as schedules
+    from pipeline.errors import StridelabError
+
+    def make_schedule(*a, **k):
+        raise StridelabError("must be >= 2 here; see `names`", param="nfe")
+
+    monkeypatch.setattr(schedules, "make_schedule", make_schedule)
+    assert main(["schedules", "--model", "gmm:ring8", "--nfe", "5", "--names", "uniform"]) == 2
+    assert cli_stderr() == ["stridelab schedules: error: --nfe must be >= 2 here; see --names"]
+
+
+def test_library_messages_name_parameters_not_flags():
+    from pipeline.errors import StridelabError
+
+    e = StridelabError("needs Ray actors (`actors` >= 1)", param="gpus_per_actor")
+    assert str(e) == "`gpus_per_actor` needs Ray actors (`actors` >= 1)" and e.param == "gpus_per_actor"
+    assert e.render({"actors": "--actors"}.get) == "`gpus_per_actor` needs Ray actors (--actors >= 1)"
+
+
+def test_report_digits_stale_cache_is_one_line(tmp_path, cli_stderr):
+    import torch
+
+    cache = tmp_path / "cache.pt"
+    torch.save({"x0": torch.zeros(3, 1, 8, 8), "steps": 5, "wall_s": 1.0}, cache)
+    rc = main(["report", "digits", "--num", "4", "--steps", "5", "--samples", str(cache),
+               "--grid", str(tmp_path / "g.png"), "--json", str(tmp_path / "m.json")])
+    assert rc == 2
+    assert cli_stderr() == [f"stridelab report: error: {cache} holds 3 samples at 5 steps; delete it or change "
+                            "--num/--steps"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.pt"]
