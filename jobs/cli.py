@@ -17,9 +17,14 @@ COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sa
 DESCRIPTION = """\
 stridelab learns where a DDIM sampler should place its steps.
 
-Typical use:
+The main job:
+  stridelab sweep                                   # learn a 10-step schedule for the bundled digits DDPM
+                                                    # (bundled:digits; results/sweep/, MLflow in ./mlflow.db)
+Also:
   stridelab schedules --nfe 10                      # the baseline stride schedules, side by side
   stridelab evaluate --model gmm:ring8 --nfe 5,10   # recon / inversion error of each schedule
+  stridelab export --study-name NAME                # a sweep's schedule as JSON
+One vocabulary: --model (default bundled:digits), --num-seeds and --seed, --actors, --out (a file), --out-dir (a directory).
 """
 
 

@@ -272,11 +272,11 @@ def test_polish_is_off_for_two_objectives():
 
 @pytest.mark.parametrize("argv,needle", [
     (["--nfe", "0"], "--nfe"),
-    (["--sampler", "sgd"], "unknown sampler"),
+    (["--optuna-sampler", "sgd"], "unknown sampler"),
     (["--space", "spline"], "unknown search space"),
     (["--objective", "lpips"], "unknown objective"),
     (["--trials", "3"], "--trials"),
-    (["--baselines", "uniform,nope"], "unknown baseline"),
+    (["--schedules", "uniform,nope"], "unknown baseline"),
     (["--polish", "-1"], "--polish"),
     (["--actors", "-1"], "--actors"),
 ])
