@@ -25,6 +25,10 @@ from pathlib import Path
 
 import pytest
 
+# The module fixture runs every case (three subprocesses at a time) inside the first test: on a busy 2-core
+# box ~110 cases take longer than the suite-wide 600 s per test.
+pytestmark = pytest.mark.timeout(2400)
+
 ROOT = Path(__file__).resolve().parents[1]
 T = 1000  # gmm:ring8's training timesteps
 
