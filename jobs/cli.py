@@ -1,7 +1,8 @@
 """The `stridelab` command. Each subcommand lives in its own module with `register(subparsers)`.
 
-Bad input raises `StridelabError` (or a validator's `ValueError`); here it becomes one line on stderr
-and exit code 2, never a traceback. Heavy imports (torch, ray, mlflow) happen inside each command's
+Bad input raises `StridelabError`; here it becomes one line on stderr and exit code 2, with every
+parameter the library names in backticks rendered as this command's flag. Any other exception is a bug
+and keeps its traceback. Heavy imports (torch, ray, mlflow) happen inside each command's
 `run`, so `stridelab --help` stays instant.
 """
 
@@ -11,14 +12,19 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sample", "jobs.sweep", "jobs.export", "jobs.ui"]
+COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sample", "jobs.sweep", "jobs.export", "jobs.ui", "jobs.report"]
 
 DESCRIPTION = """\
 stridelab learns where a DDIM sampler should place its steps.
 
-Typical use:
+The main job:
+  stridelab sweep                                   # learn a 10-step schedule for the bundled digits DDPM
+                                                    # (bundled:digits; results/sweep/, MLflow in ./mlflow.db)
+Also:
   stridelab schedules --nfe 10                      # the baseline stride schedules, side by side
   stridelab evaluate --model gmm:ring8 --nfe 5,10   # recon / inversion error of each schedule
+  stridelab export --study-name NAME                # a sweep's schedule as JSON
+One vocabulary: --model (default bundled:digits), --num-seeds and --seed, --actors, --out (a file), --out-dir (a directory).
 """
 
 
@@ -35,6 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Parameter (argparse dest) -> its flag, for `parser` and the subparsers below it."""
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                flags = {**flag_names(child), **flags}
+        elif action.option_strings:
+            flags.setdefault(action.dest, next((o for o in action.option_strings if o.startswith("--")),
+                                               action.option_strings[0]))
+    return flags
+
+
+def error_line(exc, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """One line for a `StridelabError`: library parameter names become this command's flags."""
+    flags = {**flag_names(parser), **getattr(args, "param_flags", {})}
+    msg = exc.render(flags.get).splitlines()
+    return msg[0] if msg and msg[0] else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (StridelabError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"stridelab {args.command}: error: {msg}", file=sys.stderr)
+    except StridelabError as e:
+        command = parser._subparsers._group_actions[0].choices[args.command]
+        print(f"stridelab {args.command}: error: {error_line(e, command, args)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error. Silence the flush at exit.

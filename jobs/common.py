@@ -1,8 +1,64 @@
-"""Argument parsing helpers shared by the subcommands."""
+"""The flags the subcommands share, defined once: same name, same meaning, same default everywhere.
+
+Choice lists in help come from the library's registries, imported only when a subcommand's help is
+printed (`LazyChoices`), so `stridelab --help` stays instant. Old spellings stay as hidden
+aliases that print one deprecation line on stderr (`add_deprecated_alias`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+from collections.abc import Iterator
+
+DEFAULT_MODEL = "bundled:digits"
+"""The model of every subcommand: the bundled digits DDPM (ships in pipeline/assets, loads offline)."""
+
+MODEL_HELP = (
+    "model spec: gmm:NAME (analytic Gaussian mixture: ring8, gauss, blobs64), bundled:NAME (shipped with "
+    "stridelab: digits), a local diffusers directory (DDPM/DDIM pipeline, UNet2DModel folder or a "
+    "Stable-Diffusion-style latent pipeline, which takes options DIR?prompt=TEXT&negative_prompt=TEXT&guidance=7.5), "
+    "or a Hugging Face Hub id [hf:]ORG/NAME (safetensors only) (default %(default)s)"
+)
+
+GPUS_HELP = ("GPUs each Ray actor requests, as given, in (0, 8] (e.g. 1, or 0.5 for two actors per GPU); needs "
+             "--actors >= 1. Needed on an autoscaling cluster whose GPU workers may be scaled to zero: without "
+             "it the actors size themselves from the GPUs present at start (one each), or run on CPUs when "
+             "there are none")
+
+
+class LazyChoices:
+    """A registry's names, read from ``module.attr`` on first use (the registries import torch/optuna).
+
+    Help lists them through `show_names`; the values are checked by the library, whose StridelabError
+    is one line (argparse's own errors print a usage block first).
+    """
+
+    def __init__(self, module: str, attr: str, extra: tuple[str, ...] = ()):
+        self.module, self.attr, self.extra = module, attr, extra
+
+    def names(self) -> list[str]:
+        return [*getattr(importlib.import_module(self.module), self.attr), *self.extra]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __str__(self) -> str:
+        return ", ".join(self.names())
+
+
+SCHEDULE_NAMES = LazyChoices("pipeline.core.schedules", "SCHEDULES")
+OPTUNA_SAMPLERS = LazyChoices("search.study", "SAMPLERS")
+SOLVERS = LazyChoices("pipeline.evaluation.transfer", "SAMPLER_NAMES")
+WARM_STARTS = LazyChoices("search.sweep", "ALL_BASELINES")
+
+
+def show_names(action: argparse.Action, registry: LazyChoices) -> argparse.Action:
+    """Let `action`'s help say ``%(names)s``: the registry's names, read only when help is printed. The value
+    itself is checked by the library (one StridelabError line), not by argparse."""
+    action.names = registry
+    return action
 
 
 def int_list(text: str) -> list[int]:
@@ -34,24 +90,85 @@ def eta_value(text: str) -> float:
 
 
 def gpus_value(text: str) -> float:
-    """--gpus-per-actor: a number in (0, 8] (fractions pack several actors on one GPU)."""
+    """--gpus-per-actor: a number; its range is checked once, by the library (`check_gpus`)."""
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of GPUs in (0, 8], got {text!r}") from None
-    if not 0.0 < v <= 8.0:
-        raise argparse.ArgumentTypeError(f"GPUs per actor must be in (0, 8], got {v}")
-    return v
 
 
-GPUS_HELP = ("GPUs each Ray actor requests, as given (e.g. 1, or 0.5 for two actors per GPU). Needed on an "
-             "autoscaling cluster whose GPU workers may be scaled to zero: without it the actors size "
-             "themselves from the GPUs present at start (one each), or run on CPUs when there are none")
+def teacher_nfe_value(text: str) -> int | None:
+    """--teacher-nfe: a step count; 0 means every training timestep (stored as None, as the library reads it)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (0 = every training timestep), got {text!r}") from None
+    return None if v == 0 else v
 
 
-def check_gpus(args: argparse.Namespace) -> None:
-    """--gpus-per-actor only means something with Ray actors."""
+class _Deprecated(argparse.Action):
+    """An old spelling: stores like the new flag, after one line on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, flag: bool = False, **kw):
+        self.new, self.flag = new, flag
+        if flag:
+            kw["nargs"] = 0
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{option_string} is deprecated, use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.flag else values)
+
+
+def add_deprecated_alias(p, old: str, new: str, dest: str, **kw) -> None:
+    """Accept `old` as a hidden spelling of `new` (same `dest`, same `type`); it warns once on stderr."""
+    p.add_argument(old, dest=dest, action=_Deprecated, new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+
+
+def add_seeds_args(p: argparse.ArgumentParser, default: int, what: str) -> None:
+    """--num-seeds N and --seed S: seeds S .. S+N-1, one per sample (old spelling --num-samples)."""
+    p.add_argument("--num-seeds", type=int, default=default, help=f"{what}: seeds --seed .. --seed + N - 1, "
+                                                                  "one per sample (default %(default)s)")
+    add_deprecated_alias(p, "--num-samples", "--num-seeds", "num_seeds", type=int)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default %(default)s)")
+
+
+def add_teacher_nfe_arg(p: argparse.ArgumentParser, default: int | None) -> None:
+    shown = "every training timestep" if default is None else default
+    p.add_argument("--teacher-nfe", type=teacher_nfe_value, default=default,
+                   help=f"steps of the uniform DDIM teacher; 0 = every training timestep (default {shown})")
+
+
+def add_ray_args(p: argparse.ArgumentParser, actors: int) -> None:
+    """--actors, --ray-address, --gpus-per-actor: where the work runs."""
+    p.add_argument("--actors", type=int, default=actors, help="Ray actors; 0 = in this process (default %(default)s)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
+
+
+def check_actors(args: argparse.Namespace) -> None:
+    """--actors >= 0 and --gpus-per-actor in (0, 8] only with actors: checked before any Ray start-up."""
+    from pipeline.distributed import check_gpus_per_actor
     from pipeline.errors import StridelabError
 
-    if getattr(args, "gpus_per_actor", None) is not None and args.actors == 0:
-        raise StridelabError("--gpus-per-actor needs Ray actors (--actors >= 1)")
+    if args.actors < 0:
+        raise StridelabError(f"--actors must be >= 0 (0 = in this process), got {args.actors}")
+    check_gpus_per_actor(getattr(args, "gpus_per_actor", None), args.actors)
+
+
+def check_writable_parent(path: str, flag: str) -> None:
+    """Fail in one line, before any work, when `path` could never be created: its nearest existing
+    ancestor is a file (e.g. /dev/null/x, where mkdir would end in a FileExistsError traceback)."""
+    from pathlib import Path
+
+    from pipeline.errors import StridelabError
+
+    parent = Path(path).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StridelabError(f"{flag} {path}: {parent} is not a directory")

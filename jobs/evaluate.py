@@ -5,20 +5,24 @@ from __future__ import annotations
 import argparse
 import os
 
-from jobs.common import GPUS_HELP, check_gpus, gpus_value, int_list, name_list
+from jobs.common import (SOLVERS, add_deprecated_alias, add_model_arg, add_ray_args, add_seeds_args, add_teacher_nfe_arg,
+                         check_actors, check_writable_parent, int_list, name_list, show_names)
 
 DEFAULT_SCHEDULES = "uniform,quadratic,karras,logsnr,time_quadratic"
 METRICS = ("recon", "inversion", "fid", "kid")
+DEFAULT_METRICS = ("recon", "inversion")
 
 
 def _check_samples_and_out(args: argparse.Namespace) -> None:
     """Checks both paths share, made before any model is loaded."""
     from pipeline.errors import StridelabError
 
-    if args.num_samples < 1:
-        raise StridelabError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_seeds < 1:
+        raise StridelabError(f"--num-seeds must be >= 1, got {args.num_seeds}")
     if args.out and os.path.splitext(args.out)[1] not in (".csv", ".parquet"):
         raise StridelabError(f"--out must end in .csv or .parquet, got {args.out!r}")
+    if args.out:
+        check_writable_parent(args.out, "--out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,19 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
             "split over A Ray actors; the numbers do not depend on A."
         ),
     )
-    p.add_argument("--model", default="gmm:ring8", help="model spec (default %(default)s)")
-    p.add_argument("--schedules", "--schedule", type=name_list, default=name_list(DEFAULT_SCHEDULES),
-                   help="comma-separated schedule names or .json files (default %(default)s)")
+    add_model_arg(p)
+    p.add_argument("--schedules", type=name_list, default=name_list(DEFAULT_SCHEDULES), metavar="NAMES",
+                   help=f"comma-separated schedule names or .json files (default {DEFAULT_SCHEDULES})")
+    add_deprecated_alias(p, "--schedule", "--schedules", "schedules", type=name_list)
     p.add_argument("--nfe", type=int_list, default=None,
-                   help="comma-separated NFEs (default 5,10,20; with --samplers: model evaluations, default the schedule's)")
-    p.add_argument("--num-samples", type=int, default=256, help="samples (seeds) per schedule (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; seeds are seed..seed+num_samples-1")
-    p.add_argument("--teacher-nfe", type=int, default=None, help="teacher steps (default: all T timesteps)")
-    p.add_argument("--metrics", type=name_list, default=["recon", "inversion"],
-                   help=f"comma-separated, from {','.join(METRICS)} (default recon,inversion)")
-    p.add_argument("--actors", type=int, default=0, help="Ray actors; 0 = in this process (default %(default)s)")
-    p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+                   help="comma-separated NFEs (default 5,10,20; with --solvers: model evaluations, default the schedule's)")
+    add_seeds_args(p, 256, "seeds (samples) per schedule")
+    add_teacher_nfe_arg(p, None)
+    p.add_argument("--metrics", type=name_list, default=list(DEFAULT_METRICS),
+                   metavar="NAMES", help=f"comma-separated, from {', '.join(METRICS)} (default {','.join(DEFAULT_METRICS)})")
+    add_ray_args(p, 0)
     p.add_argument("--fid-features", default="auto",
                    help="feature extractor: digits[:DIR], pixels, inception, or auto (digits for 1x8x8 samples, "
                         "inception for larger images, pixels otherwise)")
@@ -53,11 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reference set: digits[:SPLIT], model (exact draws of an analytic model), "
                         "cleanfid:NAME:RES[:SPLIT], or auto (model when it can draw data, else digits)")
     p.add_argument("--teacher-cache", default=None, help="directory to keep teacher outputs in (safetensors)")
-    p.add_argument("--out", default=None, help="write the table here (.csv or .parquet)")
-    p.add_argument("--samplers", type=name_list, default=None,
-                   help="transfer table: run ONE schedule (--schedule FILE.json or a name) in each of these samplers "
-                        "(ddim,dpmsolver++2m,euler,heun) and each sampler's default spacing, at equal model "
-                        "evaluations (--nfe; Heun spends 2 per step but 1 on the last) and the same seeds; recon only")
+    p.add_argument("--out", default=None, help="output file: the table, .csv or .parquet (default: print only)")
+    solvers = p.add_argument("--solvers", type=name_list, default=None, metavar="NAMES",
+                   help="transfer table: run ONE schedule (--schedules FILE.json or one name) in each of these diffusion "
+                        "solvers (%(names)s) and each solver's default spacing, at equal model evaluations (--nfe; Heun "
+                        "spends 2 per step but 1 on the last) and the same seeds; recon only")
+    show_names(solvers, SOLVERS)
+    add_deprecated_alias(p, "--samplers", "--solvers", "solvers", type=name_list)
     p.set_defaults(func=run)
 
 
@@ -68,8 +72,8 @@ def _reference(args: argparse.Namespace, model):
     return fid_inputs(model, args.fid_features, args.fid_ref, kid="kid" in args.metrics)
 
 
-def run_samplers(args: argparse.Namespace) -> int:
-    """--samplers: the transfer table of `pipeline.evaluation.transfer` (in this process)."""
+def run_solvers(args: argparse.Namespace) -> int:
+    """--solvers: the transfer table of `pipeline.evaluation.transfer` (in this process)."""
 
     from pipeline.errors import StridelabError
     from pipeline.evaluation.inprocess import make_teacher
@@ -78,16 +82,16 @@ def run_samplers(args: argparse.Namespace) -> int:
     from pipeline.core.schedules import check_nfe, make_schedule, resolve_schedule
     from pipeline.evaluation.transfer import SAMPLER_NAMES, transfer_table
 
-    bad = [s for s in args.samplers if s not in SAMPLER_NAMES]
+    bad = [s for s in args.solvers if s not in SAMPLER_NAMES]
     if bad:
-        raise StridelabError(f"unknown sampler {bad[0]!r}; choose from {', '.join(SAMPLER_NAMES)}")
+        raise StridelabError(f"unknown sampler {bad[0]!r}; choose a diffusion solver from {', '.join(SAMPLER_NAMES)}")
     if len(args.schedules) != 1:
-        raise StridelabError("--samplers compares one schedule with each sampler's default: pass --schedule FILE.json "
+        raise StridelabError("--solvers compares one schedule with each solver's default: pass --schedules FILE.json "
                              "(or one schedule name with --nfe)")
     if args.actors:
-        raise StridelabError("--samplers runs in this process; drop --actors")
+        raise StridelabError("--solvers runs in this process; drop --actors")
     if args.gpus_per_actor is not None:
-        raise StridelabError("--samplers runs in this process; drop --gpus-per-actor")
+        raise StridelabError("--solvers runs in this process; drop --gpus-per-actor")
     _check_samples_and_out(args)
     model = load_model(args.model)
     T = model.num_train_timesteps
@@ -100,16 +104,16 @@ def run_samplers(args: argparse.Namespace) -> int:
         check_nfe(n, T)
     if args.teacher_nfe is not None:
         check_nfe(args.teacher_nfe, T)
-    seeds = range(args.seed, args.seed + args.num_samples)
-    print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_samples} seeds, in-process ...", flush=True)
+    seeds = range(args.seed, args.seed + args.num_seeds)
+    print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_seeds} seeds, in-process ...", flush=True)
     teacher = make_teacher(model, seeds, args.teacher_nfe)
     rows = []
     for n in args.nfe or [schedule.nfe]:
         if schedule is not None:
-            rows += transfer_table(model, teacher, schedule, args.samplers, n, label=spec)
+            rows += transfer_table(model, teacher, schedule, args.solvers, n, label=spec)
         else:
             rows += transfer_table(model, teacher, lambda m: make_schedule(spec, m, model.alphas_cumprod),
-                                   args.samplers, n, label=spec)
+                                   args.solvers, n, label=spec)
     print("equal NFE = equal model evaluations: each sampler takes the most steps that fit (Heun: 2 per step, 1 on "
           "the last); a schedule with other step counts is log-sigma interpolated (column how)")
     print(format_table(rows, ["sampler", "spacing", "nfe", "steps", "evals", "recon", "recon_sem", "vs_default",
@@ -121,8 +125,8 @@ def run_samplers(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
 
-    if getattr(args, "samplers", None):
-        return run_samplers(args)
+    if getattr(args, "solvers", None):
+        return run_solvers(args)
     if args.nfe is None:
         args.nfe = [5, 10, 20]
 
@@ -137,9 +141,7 @@ def run(args: argparse.Namespace) -> int:
     bad = [m for m in args.metrics if m not in METRICS]
     if bad:
         raise StridelabError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
-    if args.actors < 0:
-        raise StridelabError(f"--actors must be >= 0 (0 = in-process), got {args.actors}")
-    check_gpus(args)
+    check_actors(args)
     model = load_model(args.model)
     T = model.num_train_timesteps
     for n in args.nfe:
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         check_nfe(args.teacher_nfe, T)
     # Resolve every schedule before any sampling, so a bad name fails in a second, not after the teacher.
     jobs = [(spec, n, resolve_schedule(spec, n, model.alphas_cumprod)) for n in args.nfe for spec in args.schedules]
-    seeds = range(args.seed, args.seed + args.num_samples)
+    seeds = range(args.seed, args.seed + args.num_seeds)
     extra = [m for m in args.metrics if m in ("fid", "kid")]
     features = reference = None
     if extra:
@@ -160,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     recon = "recon" in args.metrics
     where = "in-process" if args.actors == 0 else f"on {args.actors} Ray actors"
     if recon:
-        print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_samples} seeds, {where} ...", flush=True)
+        print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_seeds} seeds, {where} ...", flush=True)
     with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
                      extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
                      cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor) as pool:

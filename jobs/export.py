@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.common import add_deprecated_alias
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -11,22 +13,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="export a sweep's best schedule as JSON",
         description=(
             "Export the best schedule of a sweep, from its MLflow parent run (--run) or its Optuna study "
-            "(--study, --storage). The JSON has timesteps (descending), sigmas (n+1, ending in 0), "
+            "(--study-name, --storage). The JSON has timesteps (descending), sigmas (n+1, ending in 0), "
             "num_train_timesteps, nfe, the model id and a sha256 of its alphas_cumprod, metrics and "
             "provenance; `Schedule.load` reads it back."
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default=None, help="the sweep's MLflow parent run id")
-    src.add_argument("--study", default=None, help="Optuna study name (with --storage)")
+    src.add_argument("--study-name", default=None, help="Optuna study name (with --storage)")
+    add_deprecated_alias(src, "--study", "--study-name", "study_name")
     p.add_argument("--storage", default="results/sweep/optuna.journal",
-                   help="Optuna storage of --study: journal file or RDB URL (default %(default)s)")
+                   help="Optuna storage of --study-name: journal file or RDB URL (default %(default)s)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of --run (default sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--out", default="schedule.json", help="output JSON (default %(default)s)")
+    p.add_argument("--out", default="schedule.json", help="output file: the schedule JSON (default %(default)s)")
     p.add_argument("--trial", type=int, default=None,
-                   help="with --study: export this trial number instead of the best (e.g. another point of a "
+                   help="with --study-name: export this trial number instead of the best (e.g. another point of a "
                         "recon,fid Pareto front; the sweep's trials.parquet lists them)")
-    p.add_argument("--table", default=None, help="also write every trial of --study as a Parquet table here")
+    p.add_argument("--table", default=None, help="output file: also write every trial of --study-name as a Parquet table here")
     p.set_defaults(func=run)
 
 
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.run:
         if args.table or args.trial is not None:
-            raise StridelabError(f"{'--table' if args.table else '--trial'} needs --study (the trials live in the Optuna study)")
+            raise StridelabError(f"{'--table' if args.table else '--trial'} needs --study-name (the trials live in the Optuna study)")
         from search.tracking import default_tracking_uri
 
         path = export.export_from_run(args.run, args.out, args.tracking_uri or default_tracking_uri())
@@ -46,11 +49,11 @@ def run(args: argparse.Namespace) -> int:
         from search.study import make_storage, missing_store, study_exists
 
         if missing_store(args.storage) is not None:  # opening it would create an empty store
-            raise StridelabError(f"no study named {args.study!r}: {args.storage} does not exist")
+            raise StridelabError(f"no study named {args.study_name!r}: {args.storage} does not exist")
         storage = make_storage(args.storage)
-        if not study_exists(storage, args.study):
-            raise StridelabError(f"no study named {args.study!r} in {args.storage}")
-        study = optuna.load_study(study_name=args.study, storage=storage)
+        if not study_exists(storage, args.study_name):
+            raise StridelabError(f"no study named {args.study_name!r} in {args.storage}")
+        study = optuna.load_study(study_name=args.study_name, storage=storage)
         path = export.export_from_study(study, args.out, args.storage, trial=args.trial)
         if args.table:
             print(f"wrote {export.write_trials_parquet(study, args.table)}")

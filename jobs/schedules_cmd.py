@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import name_list
+from jobs.common import SCHEDULE_NAMES, add_deprecated_alias, add_model_arg, name_list, show_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +13,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list the baseline stride schedules for a model",
         description="Print each baseline schedule's timesteps for a given NFE, or save one as JSON.",
     )
-    p.add_argument("--model", default="gmm:ring8", help="model spec whose alphas_cumprod defines sigmas (default %(default)s)")
+    add_model_arg(p)  # its alphas_cumprod defines the sigmas
     p.add_argument("--nfe", type=int, default=10, help="number of steps (default %(default)s)")
-    p.add_argument("--names", type=name_list, default=None, help="comma-separated schedule names (default: all)")
+    show_names(p.add_argument("--schedules", type=name_list, default=None, metavar="NAMES",
+                              help="comma-separated schedule names, from %(names)s (default: all)"), SCHEDULE_NAMES)
+    add_deprecated_alias(p, "--names", "--schedules", "schedules", type=name_list)
     p.add_argument("--sigmas", action="store_true", help="print sigmas (k-diffusion style, ending in 0) too")
-    p.add_argument("--out", default=None, help="save the (single) named schedule as JSON here")
+    p.add_argument("--out", default=None, help="output file: save the one schedule of --schedules as JSON here")
     p.set_defaults(func=run)
 
 
@@ -27,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.core.schedules import SCHEDULES, make_schedule
 
     model = load_model(args.model)
-    names = args.names or list(SCHEDULES)
+    names = args.schedules or list(SCHEDULES)
     if args.out and len(names) != 1:
-        raise StridelabError("--out saves one schedule: give exactly one name with --names")
+        raise StridelabError("--out saves one schedule: give exactly one name with --schedules")
     for name in names:
         s = make_schedule(name, args.nfe, model.alphas_cumprod)
         print(f"{name:>15}: {list(s.timesteps)}")

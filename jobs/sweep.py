@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import GPUS_HELP, check_gpus, gpus_value, name_list
+from jobs.common import (OPTUNA_SAMPLERS, WARM_STARTS, add_deprecated_alias, add_model_arg, add_ray_args,
+                         add_seeds_args, add_teacher_nfe_arg, check_actors, name_list, show_names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from types import SimpleNamespace
 
-    from search.defaults import DEFAULT_MODEL, DEFAULTS
+    from search.defaults import DEFAULTS
 
     d = SimpleNamespace(**DEFAULTS)
     p = sub.add_parser(
@@ -25,27 +26,32 @@ def register(sub: argparse._SubParsersAction) -> None:
             "seeds and printed as a table; the schedule is exported as JSON and everything is tracked in MLflow."
         ),
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (default %(default)s)")
+    add_model_arg(p)
     p.add_argument("--nfe", type=int, default=d.nfe, help="steps of the learned schedule (default %(default)s)")
     p.add_argument("--trials", type=int, default=d.trials,
                    help="trials in the study in total, warm starts included (default %(default)s)")
     p.add_argument("--parallel", type=int, default=d.parallel, help="trials asked and evaluated together (default %(default)s)")
-    p.add_argument("--sampler", default=d.sampler, help="tpe, gp, cmaes, nsga2 or random (default %(default)s)")
-    p.add_argument("--space", default=d.space, help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) (default %(default)s)")
-    p.add_argument("--objective", default=d.objective,
+    show_names(p.add_argument("--optuna-sampler", metavar="NAME", default=d.sampler,
+                              help="Optuna sampler that proposes the trials: %(names)s (default %(default)s)"),
+               OPTUNA_SAMPLERS)
+    add_deprecated_alias(p, "--sampler", "--optuna-sampler", "optuna_sampler")
+    p.add_argument("--space", metavar="NAME", default=d.space,
+                   help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) "
+                        "(default %(default)s)")
+    p.add_argument("--objective", metavar="NAME", default=d.objective,
                    help="recon (match the many-step teacher from the same noise), fid (sample quality; may leave "
                         "the teacher's trajectory: on the bundled model it learns a different schedule), recon+fid "
                         "(log recon + w log fid) or recon,fid (Pareto front; export other points with "
                         "`stridelab export --trial`) (default %(default)s)")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
-    p.add_argument("--num-seeds", "--seeds", dest="num_seeds", type=int, default=d.num_seeds,
-                   help="tuning seeds: --seed .. --seed + N - 1 (default %(default)s)")
+    add_seeds_args(p, d.num_seeds, "tuning seeds")
+    add_deprecated_alias(p, "--seeds", "--num-seeds", "num_seeds", type=int)
     p.add_argument("--holdout-seeds", type=int, default=d.holdout_seeds,
                    help="held-out seeds for the final table, a disjoint range (default %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="first tuning seed and sampler seed (default %(default)s)")
-    p.add_argument("--baselines", type=name_list, default=None,
-                   help="comma-separated warm-start schedules (default: every baseline schedule and dp; add dp_free for "
-                        "the DP that also chooses its first timestep)")
+    show_names(p.add_argument("--schedules", type=name_list, default=None, metavar="NAMES",
+                   help="comma-separated warm-start schedules, from %(names)s (default: all but dp_free, the DP that "
+                        "also chooses its first timestep)"), WARM_STARTS)
+    add_deprecated_alias(p, "--baselines", "--schedules", "schedules", type=name_list)
     p.add_argument("--polish", type=int, default=d.polish,
                    help="trials (of --trials) that refine the best schedule at the end by moving one step at a "
                         "time on the integer grid (compass search; single objective only; default %(default)s)")
@@ -54,8 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seeds of the pruning screen (default: a quarter of the tuning seeds, at least 8)")
     p.add_argument("--no-holdout-fid", dest="holdout_fid", action="store_false",
                    help="skip FID in the held-out table (FID needs the pipeline.distributed evaluator)")
-    p.add_argument("--teacher-nfe", type=int, default=d.teacher_nfe,
-                   help="teacher steps, uniform DDIM (default %(default)s; 0 = every training timestep)")
+    add_teacher_nfe_arg(p, d.teacher_nfe)
     p.add_argument("--study-name", default=None, help="Optuna study name (default: model, nfe, space, objective, time)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: a journal file path or an RDB URL such as sqlite:///s.db or "
@@ -64,25 +69,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default stridelab-sweep)")
     p.add_argument("--no-mlflow", dest="track", action="store_false", help="do not track in MLflow")
-    p.add_argument("--out-dir", default="results/sweep", help="outputs go to <out-dir>/<study-name>/ (default %(default)s)")
-    p.add_argument("--actors", type=int, default=d.actors, help="Ray actors per seed set; 0 evaluates in this process (default %(default)s)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
+    p.add_argument("--out-dir", default="results/sweep",
+                   help="output directory: outputs go to <out-dir>/<study-name>/ (default %(default)s)")
+    add_ray_args(p, d.actors)
+    p.set_defaults(param_flags={"sampler": "--optuna-sampler", "baselines": "--schedules"})
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.errors import StridelabError
     from search.sweep import DEFAULT_BASELINES, SweepConfig, run_sweep
 
-    if args.actors < 0:
-        raise StridelabError(f"--actors must be >= 0, got {args.actors}")
-    check_gpus(args)
+    check_actors(args)
     cfg = SweepConfig(
-        model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.sampler,
+        model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.optuna_sampler,
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
-        holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.baselines or DEFAULT_BASELINES), prune=args.prune,
-        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe or None, holdout_fid=args.holdout_fid,
+        holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.schedules or DEFAULT_BASELINES), prune=args.prune,
+        screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
         polish=args.polish,
     )
     run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,

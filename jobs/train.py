@@ -1,19 +1,14 @@
 """``stridelab train digits|features``: train the bundled digits DDPM or the digits FID feature net.
 
 Both write their output atomically (temporary file/dir beside the target, then rename).
-Run standalone with ``python -m jobs.train digits ...`` as well.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
-import sys
 
-from pipeline.errors import StridelabError
-
-log = logging.getLogger(__name__)
+from jobs.common import add_deprecated_alias
 
 
 def _command_line(argv_tail: list[str]) -> str:
@@ -21,28 +16,25 @@ def _command_line(argv_tail: list[str]) -> str:
 
 
 def run_digits(args: argparse.Namespace) -> int:
-    """Train the DDPM on the digits and save it (EMA weights, safetensors) to ``args.out``."""
+    """Train the DDPM on the digits and save it (EMA weights, safetensors) to ``args.out_dir``."""
     import torch
 
     from pipeline.training.ddpm import DEFAULT_DDPM_DIR, TrainConfig, save_ddpm, train_ddpm, training_record
 
-    try:
-        cfg = TrainConfig(
-            seed=args.seed,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            max_minutes=args.max_minutes if args.max_minutes > 0 else None,
-        )
-    except ValueError as exc:
-        raise StridelabError(str(exc)) from exc
+    cfg = TrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_minutes=args.max_minutes if args.max_minutes > 0 else None,
+    )
     torch.set_num_threads(args.threads)
-    out = args.out or DEFAULT_DDPM_DIR
+    out = args.out_dir or DEFAULT_DDPM_DIR
     unet, history = train_ddpm(cfg)
     command = _command_line(
         ["digits", "--steps", str(args.steps), "--max-minutes", str(args.max_minutes), "--seed", str(args.seed),
          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads)]
-        + (["--out", str(args.out)] if args.out else [])
+        + (["--out-dir", str(args.out_dir)] if args.out_dir else [])
     )
     path = save_ddpm(unet, out, training_record(cfg, history, command))
     print(
@@ -54,15 +46,13 @@ def run_digits(args: argparse.Namespace) -> int:
 
 
 def run_features(args: argparse.Namespace) -> int:
-    """Train the digits feature CNN on the train split, report test accuracy, save to ``args.out``."""
+    """Train the digits feature CNN on the train split, report test accuracy, save to ``args.out_dir``."""
     import torch
 
+    from pipeline.errors import StridelabError
     from pipeline.metrics.features import DEFAULT_FEATURES_DIR, FeatureTrainConfig, save_feature_net, train_feature_net
 
-    try:
-        cfg = FeatureTrainConfig(seed=args.seed, epochs=args.epochs, lr=args.lr)
-    except ValueError as exc:
-        raise StridelabError(str(exc)) from exc
+    cfg = FeatureTrainConfig(seed=args.seed, epochs=args.epochs, lr=args.lr)
     torch.set_num_threads(args.threads)
     net, report = train_feature_net(cfg)
     if report["test_accuracy"] < args.min_accuracy:
@@ -71,9 +61,9 @@ def run_features(args: argparse.Namespace) -> int:
         )
     command = _command_line(
         ["features", "--epochs", str(args.epochs), "--seed", str(args.seed), "--lr", str(args.lr)]
-        + (["--out", str(args.out)] if args.out else [])
+        + (["--out-dir", str(args.out_dir)] if args.out_dir else [])
     )
-    path = save_feature_net(net, args.out or DEFAULT_FEATURES_DIR, {**report, "command": command})
+    path = save_feature_net(net, args.out_dir or DEFAULT_FEATURES_DIR, {**report, "command": command})
     print(f"saved {path}: test accuracy {report['test_accuracy']:.4f} ({report['test_size']} images)")
     return 0
 
@@ -99,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
     d.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    d.add_argument("--out", default=None, help="output directory (default: pipeline/assets/digits/ddpm)")
+    d.add_argument("--out-dir", default=None, help="output directory (default: pipeline/assets/digits/ddpm)")
+    add_deprecated_alias(d, "--out", "--out-dir", "out_dir")
     d.set_defaults(func=run_digits)
 
     f = sub.add_parser(
@@ -113,22 +104,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     f.add_argument("--min-accuracy", type=float, default=0.97,
                    help="refuse to save below this test accuracy (default: %(default)s)")
-    f.add_argument("--out", default=None, help="output directory (default: pipeline/assets/digits/features)")
+    f.add_argument("--out-dir", default=None, help="output directory (default: pipeline/assets/digits/features)")
+    add_deprecated_alias(f, "--out", "--out-dir", "out_dir")
     f.set_defaults(func=run_features)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m jobs.train digits|features ...``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m jobs.train")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except StridelabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

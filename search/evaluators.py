@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pipeline.distributed import check_gpus_per_actor
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
 from pipeline.metrics.reference import fid_inputs
@@ -106,8 +107,7 @@ class EvaluatorFactory:
                  gpus_per_actor: float | None = None):
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
         self.gpus_per_actor = gpus_per_actor
-        if gpus_per_actor is not None and self.actors < 1:
-            raise StridelabError("--gpus-per-actor needs Ray actors (--actors >= 1)")
+        check_gpus_per_actor(gpus_per_actor, self.actors)
         self._made: list[Any] = []
         self._owns_ray = False
         self._fid_inputs = fid_inputs(model) if fid else None

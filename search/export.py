@@ -105,7 +105,7 @@ def check_schedule_for_model(schedule: Schedule, model: Any, allow: bool = False
         msg = (f"schedule was tuned for {schedule.meta.get('model', 'another model')} (alphas_cumprod sha256 "
                f"{want[:12]}...), but {model.spec} has {have[:12]}...: its timesteps mean other noise levels here")
         if not allow:
-            raise StridelabError(msg + "; pass allow=True (--allow-other-model) to use it anyway")
+            raise StridelabError(msg + "; pass `allow` to use it anyway")
         warnings.warn(msg, stacklevel=2)
 
 

@@ -111,9 +111,9 @@ def open_study(
     """Create `name`, or load it when `resume` (checking `identity` against what the study recorded)."""
     exists = study_exists(storage, name)
     if exists and not resume:
-        raise StridelabError(f"study {name!r} already exists in this storage; pass --resume or a new --study-name")
+        raise StridelabError(f"study {name!r} already exists in this storage; pass `resume` or a new `study_name`")
     if not exists and resume:
-        raise StridelabError(f"--resume: no study named {name!r} in this storage")
+        raise StridelabError(f"`resume`: no study named {name!r} in this storage")
     if not exists:
         study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler)
         for k, v in identity.items():
@@ -123,9 +123,9 @@ def open_study(
     diffs = [f"{k}: study has {study.user_attrs.get(k)!r}, asked {v!r}" for k, v in identity.items()
              if study.user_attrs.get(k) != v]
     if diffs:
-        raise StridelabError(f"--resume: study {name!r} was made with other settings ({'; '.join(diffs)})")
+        raise StridelabError(f"`resume`: study {name!r} was made with other settings ({'; '.join(diffs)})")
     if [d.name.lower() for d in study.directions] != directions:
-        raise StridelabError(f"--resume: study {name!r} has directions {study.directions}, asked {directions}")
+        raise StridelabError(f"`resume`: study {name!r} has directions {study.directions}, asked {directions}")
     return study
 
 

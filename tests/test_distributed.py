@@ -329,5 +329,5 @@ def test_gpus_per_actor_is_requested_as_given(ray_local):
     assert "num_gpus" not in actor_resources(2)
     assert actor_resources(2, gpus_per_actor=1) == {"num_gpus": 1.0, "num_cpus": 1.0}
     assert actor_resources(4, gpus_per_actor=0.5) == {"num_gpus": 0.5, "num_cpus": 1.0}
-    with pytest.raises(StridelabError, match="gpus-per-actor"):
+    with pytest.raises(StridelabError, match="gpus_per_actor"):
         actor_resources(2, gpus_per_actor=0)

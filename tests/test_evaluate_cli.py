@@ -13,7 +13,7 @@ from jobs.cli import main
 from pipeline.models.load import load_model
 from pipeline.core.schedules import make_schedule
 
-BASE = ["evaluate", "--model", "gmm:ring8", "--num-samples", "24", "--teacher-nfe", "40", "--nfe", "3,6"]
+BASE = ["evaluate", "--model", "gmm:ring8", "--num-seeds", "24", "--teacher-nfe", "40", "--nfe", "3,6"]
 
 
 def _csv(path):
@@ -58,7 +58,7 @@ def test_fid_and_kid_columns(tmp_path, capsys):
     (["--nfe", "0"], "nfe"),
     (["--schedules", "uniform,nope"], "unknown schedule"),
     (["--metrics", "recon,bogus"], "unknown metric"),
-    (["--num-samples", "0"], "--num-samples"),
+    (["--num-seeds", "0"], "--num-seeds"),
     (["--fid-ref", "cleanfid:x", "--metrics", "fid"], "FID reference"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, cli_stderr, bad, needle):

@@ -102,7 +102,7 @@ def test_export_cli_from_study_and_parquet(tmp_path, ring8, capsys):
     finally:
         torch.set_num_threads(n)
     out = tmp_path / "s.json"
-    rc = main(["export", "--study", "exp", "--storage", str(tmp_path / "optuna.journal"), "--out", str(out),
+    rc = main(["export", "--study-name", "exp", "--storage", str(tmp_path / "optuna.journal"), "--out", str(out),
                "--table", str(tmp_path / "t.parquet")])
     assert rc == 0, capsys.readouterr().err
     d = json.loads(out.read_text())
@@ -115,19 +115,19 @@ def test_export_cli_from_study_and_parquet(tmp_path, ring8, capsys):
     # the sweep's own export is the same schedule
     assert json.loads((res.out_dir / "best_schedule.json").read_text())["timesteps"] == d["timesteps"]
     capsys.readouterr()
-    assert main(["export", "--study", "nope", "--storage", str(tmp_path / "optuna.journal"), "--out", str(out)]) == 2
+    assert main(["export", "--study-name", "nope", "--storage", str(tmp_path / "optuna.journal"), "--out", str(out)]) == 2
     assert "no study named" in capsys.readouterr().err
 
     # --trial: any COMPLETE trial, e.g. another point of a Pareto front; trial 0 is the first warm start
     capsys.readouterr()
     first = tmp_path / "t0.json"
-    assert main(["export", "--study", "exp", "--storage", str(tmp_path / "optuna.journal"), "--trial", "0",
+    assert main(["export", "--study-name", "exp", "--storage", str(tmp_path / "optuna.journal"), "--trial", "0",
                  "--out", str(first)]) == 0
     d0 = json.loads(first.read_text())
     assert d0["timesteps"] == list(make_schedule("uniform", 5, ring8.alphas_cumprod).timesteps)
     assert d0["provenance"]["trial"] == 0 and d0["name"] == "uniform"
     capsys.readouterr()
-    assert main(["export", "--study", "exp", "--storage", str(tmp_path / "optuna.journal"), "--trial", "99",
+    assert main(["export", "--study-name", "exp", "--storage", str(tmp_path / "optuna.journal"), "--trial", "99",
                  "--out", str(tmp_path / "t99.json")]) == 2
     assert "has no trial 99" in capsys.readouterr().err and not (tmp_path / "t99.json").exists()
     assert main(["export", "--run", "0" * 32, "--trial", "1", "--out", str(tmp_path / "r.json")]) == 2

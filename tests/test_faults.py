@@ -178,7 +178,7 @@ TRIALS = 30
 def sweep_cmd(tmp: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", "sweep", "--model", "gmm:ring8", "--nfe", "5", "--trials", str(TRIALS),
             "--parallel", "2", "--num-seeds", "32", "--holdout-seeds", "8", "--teacher-nfe", "50",
-            "--baselines", "uniform,quadratic,karras", "--storage", str(tmp / "optuna.journal"),
+            "--schedules", "uniform,quadratic,karras", "--storage", str(tmp / "optuna.journal"),
             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--study-name", "s", "--out-dir", str(tmp / "out"),
             "--actors", "2", "--no-holdout-fid", *extra]
 

@@ -295,7 +295,7 @@ def test_bundled_path_is_inside_the_package(ddpm_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(models, "ASSETS_DIR", tmp_path)
     with pytest.raises(StridelabError) as e:
         load_model("bundled:digits")
-    assert "missing" in one_line_error(e) and "jobs.train digits" in str(e.value)
+    assert "missing" in one_line_error(e) and "stridelab train digits" in str(e.value)
     shutil.copytree(ddpm_dir, tmp_path / "digits" / "ddpm")
     m = load_model("bundled:digits")
     assert m.spec == "bundled:digits" and m.sample_shape == (1, 8, 8) and m.data_range == (-1.0, 1.0)

@@ -166,7 +166,7 @@ def test_ray_job_submit_runs_a_sweep_that_lands_in_mlflow(ray_head, tmp_path):
         'python -c "import os, sys; print(\'job python:\', sys.executable); print(\'job RAY_ADDRESS:\', '
         'os.environ.get(\'RAY_ADDRESS\'))" && '
         f"stridelab sweep --ray-address auto --model gmm:ring8 --nfe 4 --trials {trials} --parallel 2 --actors 2 "
-        "--num-seeds 16 --holdout-seeds 8 --teacher-nfe 50 --baselines uniform,logsnr --no-holdout-fid "
+        "--num-seeds 16 --holdout-seeds 8 --teacher-nfe 50 --schedules uniform,logsnr --no-holdout-fid "
         f"--study-name rehearsal --storage {tmp_path}/optuna.journal --tracking-uri {tracking} "
         f"--experiment rehearsal --out-dir {tmp_path}/results --seed 0"
     )

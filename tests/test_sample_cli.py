@@ -19,8 +19,8 @@ MODEL = "gmm:blobs64"  # [1, 8, 8] samples: images
 
 
 def _args(out, *extra):
-    return ["sample", "--model", MODEL, "--schedule", "karras", "--nfe", "5", "--num-samples", "40", "--eta", "0.5",
-            "--seed", "3", "--no-progress", "--out", str(out), *extra]
+    return ["sample", "--model", MODEL, "--schedule", "karras", "--nfe", "5", "--num-seeds", "40", "--eta", "0.5",
+            "--seed", "3", "--no-progress", "--out-dir", str(out), *extra]
 
 
 def test_sample_identical_for_any_actors_and_batch_size(ray_local, tmp_path):
@@ -50,8 +50,8 @@ def test_schedule_file_and_non_image_model(tmp_path):
     s = make_schedule("logsnr", 4, load_model("gmm:ring8").alphas_cumprod)
     s.save(tmp_path / "s.json")
     out = tmp_path / "o"
-    assert main(["sample", "--model", "gmm:ring8", "--schedule", str(tmp_path / "s.json"), "--num-samples", "50",
-                 "--actors", "0", "--no-progress", "--out", str(out)]) == 0
+    assert main(["sample", "--model", "gmm:ring8", "--schedule", str(tmp_path / "s.json"), "--num-seeds", "50",
+                 "--actors", "0", "--no-progress", "--out-dir", str(out)]) == 0
     t = pq.read_table(out / "samples.parquet")
     assert t.num_rows == 50 and "image" not in t.column_names and t.schema.field("sample").type.list_size == 2
     assert (out / "grid.png").is_file()
@@ -61,7 +61,7 @@ def test_schedule_file_and_non_image_model(tmp_path):
     (["--schedule", "nope"], "unknown schedule"),
     (["--nfe", "0"], "nfe"),
     (["--actors", "-2"], "--actors"),
-    (["--num-samples", "0"], "--num-samples"),
+    (["--num-seeds", "0"], "--num-seeds"),
     (["--batch-size", "0"], "--batch-size"),
     (["--model", "gmm:nope"], "mixture"),
 ])

@@ -178,7 +178,7 @@ def test_bad_names_and_params_list_the_choices():
         make_schedule("karras", 10, AC, rhoo=3)
     with pytest.raises(StridelabError, match="rho must be > 0"):
         make_schedule("karras", 10, AC, rho=-1)
-    with pytest.raises(StridelabError, match="needs --nfe"):
+    with pytest.raises(StridelabError, match="needs `nfe`"):
         resolve_schedule("karras", None, AC)
 
 

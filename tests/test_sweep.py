@@ -308,7 +308,7 @@ def test_automatic_screen_always_leaves_rest_seeds():
 
 @pytest.mark.parametrize("screen_seeds", [8, 9, -1])
 def test_explicit_screen_must_leave_rest_seeds(screen_seeds):
-    with pytest.raises(StridelabError, match="screen-seeds must be in \\[0, 8\\)"):
+    with pytest.raises(StridelabError, match="`screen_seeds` must be in \\[0, 8\\)"):
         cfg(num_seeds=8, screen_seeds=screen_seeds)
 
 
@@ -329,11 +329,11 @@ def test_small_seed_sets_prune_without_an_empty_stage(tmp_path, ring8, evaluator
 
 @pytest.mark.parametrize("argv,needle", [
     (["--nfe", "0"], "--nfe"),
-    (["--sampler", "sgd"], "unknown sampler"),
+    (["--optuna-sampler", "sgd"], "unknown sampler"),
     (["--space", "spline"], "unknown search space"),
     (["--objective", "lpips"], "unknown objective"),
     (["--trials", "3"], "--trials"),
-    (["--baselines", "uniform,nope"], "unknown baseline"),
+    (["--schedules", "uniform,nope"], "unknown baseline"),
     (["--polish", "-1"], "--polish"),
     (["--actors", "-1"], "--actors"),
 ])

@@ -11,7 +11,7 @@ def test_train_features_writes_loadable_net(tmp_path, capsys):
     from pipeline.metrics.features import load_feature_net
 
     out = tmp_path / "features"
-    assert main(["train", "features", "--epochs", "1", "--min-accuracy", "0", "--threads", "1", "--out", str(out)]) == 0
+    assert main(["train", "features", "--epochs", "1", "--min-accuracy", "0", "--threads", "1", "--out-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["command"].startswith("stridelab train features --epochs 1")
@@ -22,15 +22,15 @@ def test_train_features_writes_loadable_net(tmp_path, capsys):
 
 def test_train_features_refuses_low_accuracy(tmp_path, cli_stderr):
     out = tmp_path / "features"
-    rc = main(["train", "features", "--epochs", "1", "--min-accuracy", "1.01", "--threads", "1", "--out", str(out)])
+    rc = main(["train", "features", "--epochs", "1", "--min-accuracy", "1.01", "--threads", "1", "--out-dir", str(out)])
     assert rc == 2 and not out.exists() and list(tmp_path.iterdir()) == []
     err = cli_stderr()
     assert len(err) == 1 and "not saved" in err[0], err
 
 
 def test_train_bad_input_is_one_line_exit_2(tmp_path, cli_stderr):
-    assert main(["train", "digits", "--steps", "0", "--out", str(tmp_path / "m")]) == 2
-    assert main(["train", "features", "--epochs", "0", "--out", str(tmp_path / "f")]) == 2
+    assert main(["train", "digits", "--steps", "0", "--out-dir", str(tmp_path / "m")]) == 2
+    assert main(["train", "features", "--epochs", "0", "--out-dir", str(tmp_path / "f")]) == 2
     err = cli_stderr()
     assert err == ["stridelab train: error: steps must be >= 1, got 0", "stridelab train: error: epochs must be >= 1, got 0"]
     assert list(tmp_path.iterdir()) == []
@@ -38,7 +38,7 @@ def test_train_bad_input_is_one_line_exit_2(tmp_path, cli_stderr):
 
 def test_train_digits_writes_pipeline(tmp_path):
     out = tmp_path / "ddpm"
-    rc = main(["train", "digits", "--steps", "2", "--batch-size", "4", "--max-minutes", "0", "--threads", "1", "--out", str(out)])
+    rc = main(["train", "digits", "--steps", "2", "--batch-size", "4", "--max-minutes", "0", "--threads", "1", "--out-dir", str(out)])
     assert rc == 0
     rec = json.loads((out / "TRAINING.json").read_text())
     assert rec["steps"] == 2 and rec["weights"] == "EMA" and rec["config"]["max_minutes"] is None

@@ -150,8 +150,8 @@ def test_cli_transfer_table(tmp_path, capsys):
     js = tmp_path / "learned.json"
     LEARNED.save(js)
     out = tmp_path / "t.csv"
-    argv = ["evaluate", "--model", "gmm:ring8", "--samplers", "ddim,dpmsolver++2m,euler,heun", "--schedule", str(js),
-            "--num-samples", "16", "--teacher-nfe", "100", "--out", str(out)]
+    argv = ["evaluate", "--model", "gmm:ring8", "--solvers", "ddim,dpmsolver++2m,euler,heun", "--schedules", str(js),
+            "--num-seeds", "16", "--teacher-nfe", "100", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "equal NFE = equal model evaluations" in text and "heun" in text
@@ -161,18 +161,18 @@ def test_cli_transfer_table(tmp_path, capsys):
     assert rows[0]["schedule"] == str(js) and rows[0]["vs_default"] and not rows[1]["vs_default"]
     assert [int(r["evals"]) for r in rows] == [10] * 6 + [9, 9]
     # --nfe is a budget of model evaluations; a name works too.
-    assert main(["evaluate", "--model", "gmm:ring8", "--samplers", "heun", "--schedule", "karras", "--nfe", "7",
-                 "--num-samples", "8", "--teacher-nfe", "50"]) == 0
+    assert main(["evaluate", "--model", "gmm:ring8", "--solvers", "heun", "--schedules", "karras", "--nfe", "7",
+                 "--num-seeds", "8", "--teacher-nfe", "50"]) == 0
     text = capsys.readouterr().out
     assert "as is" in text and "set_timesteps(4)" in text  # karras built at Heun's 4 steps (7 evaluations)
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--samplers", "ddim,plms"], "unknown sampler 'plms'"),
-    (["--samplers", "ddim", "--schedules", "uniform,karras", "--nfe", "5"], "one schedule"),
-    (["--samplers", "ddim", "--schedule", "karras"], "needs --nfe"),
-    (["--samplers", "ddim", "--schedule", "karras", "--nfe", "5", "--actors", "2"], "drop --actors"),
+    (["--solvers", "ddim,plms"], "unknown sampler 'plms'"),
+    (["--solvers", "ddim", "--schedules", "uniform,karras", "--nfe", "5"], "one schedule"),
+    (["--solvers", "ddim", "--schedules", "karras"], "needs --nfe"),
+    (["--solvers", "ddim", "--schedules", "karras", "--nfe", "5", "--actors", "2"], "drop --actors"),
 ])
 def test_cli_transfer_errors(extra, needle, capsys):
-    assert main(["evaluate", "--model", "gmm:ring8", "--num-samples", "4", *extra]) == 2
+    assert main(["evaluate", "--model", "gmm:ring8", "--num-seeds", "4", *extra]) == 2
     assert needle in capsys.readouterr().err

@@ -363,5 +363,5 @@ def resolve_schedule(spec: str, n: int | None, alphas_cumprod: torch.Tensor) -> 
             raise StridelabError(f"{spec}: schedule is for T = {sched.num_train_timesteps}, the model has T = {T}")
         return sched
     if n is None:
-        raise StridelabError(f"schedule {spec!r} needs --nfe")
+        raise StridelabError(f"schedule {spec!r} needs `nfe`")
     return make_schedule(spec, n, alphas_cumprod)

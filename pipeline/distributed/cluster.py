@@ -38,6 +38,16 @@ def cpus_per_actor(cpus: float, actors: int, share: float = 1.0) -> float:
     return max(0.01, math.floor(100 * min(1.0, share * cpus / actors)) / 100)
 
 
+def check_gpus_per_actor(gpus_per_actor: float | None, actors: int) -> None:
+    """The one check of a per-actor GPU request: in (0, 8] (fractions pack actors), and only with actors."""
+    if gpus_per_actor is None:
+        return
+    if not 0 < float(gpus_per_actor) <= 8:
+        raise StridelabError(f"must be in (0, 8], got {gpus_per_actor}", param="gpus_per_actor")
+    if actors < 1:
+        raise StridelabError("needs Ray actors (`actors` >= 1)", param="gpus_per_actor")
+
+
 def actor_resources(actors: int, *, reserve_cpus: float = 0.0, cpu_share: float = 1.0,
                     gpus_per_actor: float | None = None) -> dict[str, float]:
     """Ray resources for each of `actors` sampler actors on the current cluster.
@@ -53,8 +63,7 @@ def actor_resources(actors: int, *, reserve_cpus: float = 0.0, cpu_share: float 
     instead of waiting forever for CPUs the first one holds.
     """
     if gpus_per_actor is not None:
-        if not (0 < float(gpus_per_actor) <= 8):
-            raise StridelabError(f"--gpus-per-actor must be in (0, 8], got {gpus_per_actor}")
+        check_gpus_per_actor(gpus_per_actor, actors)
         return {"num_gpus": float(gpus_per_actor), "num_cpus": 1.0}
     import ray
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.errors import StridelabError
 from pipeline.models.bundled import DIGITS_FEATURES_DIR, atomic_directory
 from pipeline.models.digits import load_digits_images, load_digits_labels, to_unit
 
@@ -90,7 +91,7 @@ class DigitsFeatureNet(nn.Module):
     def set_feature_scale(self, value: float) -> None:
         """Set the divisor of the returned features (kept in ``config`` so it saves)."""
         if not value > 0:
-            raise ValueError(f"feature_scale must be > 0, got {value}")
+            raise StridelabError(f"feature_scale must be > 0, got {value}")
         self.feature_scale.fill_(float(value))
         self.config["feature_scale"] = float(value)
 
@@ -100,7 +101,7 @@ class DigitsFeatureNet(nn.Module):
 
     def _prepare(self, images255: torch.Tensor) -> torch.Tensor:
         if images255.ndim != 4 or images255.shape[1] not in (1, 3) or tuple(images255.shape[2:]) != (8, 8):
-            raise ValueError(f"expected NCHW images [B, 1 or 3, 8, 8], got shape {tuple(images255.shape)}")
+            raise StridelabError(f"expected NCHW images [B, 1 or 3, 8, 8], got shape {tuple(images255.shape)}")
         x = images255.float()
         if x.shape[1] == 3:
             x = x.mean(dim=1, keepdim=True)
@@ -166,10 +167,10 @@ def save_feature_net(net: DigitsFeatureNet, out_dir: str | os.PathLike, info: di
 
 def _check_unit_images(images01: torch.Tensor) -> None:
     if not isinstance(images01, torch.Tensor) or images01.ndim != 4:
-        raise ValueError(f"expected a tensor [B, C, 8, 8] in [0, 1], got {type(images01).__name__} "
+        raise StridelabError(f"expected a tensor [B, C, 8, 8] in [0, 1], got {type(images01).__name__} "
                          f"{tuple(getattr(images01, 'shape', ()))}")
     if images01.numel() and (images01.min() < -1e-4 or images01.max() > 1.0 + 1e-4):
-        raise ValueError(f"images must lie in [0, 1]; got range [{float(images01.min()):.3f}, {float(images01.max()):.3f}]"
+        raise StridelabError(f"images must lie in [0, 1]; got range [{float(images01.min()):.3f}, {float(images01.max()):.3f}]"
                          " (map model outputs with pipeline.models.digits.to_unit)")
 
 
@@ -192,9 +193,9 @@ def extract_features(
 def _check_feats(f1: np.ndarray, f2: np.ndarray, min_rows: int) -> tuple[np.ndarray, np.ndarray]:
     f1, f2 = np.asarray(f1, dtype=np.float64), np.asarray(f2, dtype=np.float64)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise ValueError(f"feature arrays must be [N, D] with the same D, got {f1.shape} and {f2.shape}")
+        raise StridelabError(f"feature arrays must be [N, D] with the same D, got {f1.shape} and {f2.shape}")
     if min(len(f1), len(f2)) < min_rows:
-        raise ValueError(f"need at least {min_rows} rows per feature set, got {len(f1)} and {len(f2)}")
+        raise StridelabError(f"need at least {min_rows} rows per feature set, got {len(f1)} and {len(f2)}")
     return f1, f2
 
 
@@ -248,13 +249,13 @@ class FeatureTrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "feature_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise StridelabError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise StridelabError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.max_shift <= 3:
-            raise ValueError(f"max_shift must be in [0, 3], got {self.max_shift}")
+            raise StridelabError(f"max_shift must be in [0, 3], got {self.max_shift}")
         if len(self.channels) != 3:
-            raise ValueError(f"channels must have 3 entries, got {self.channels}")
+            raise StridelabError(f"channels must have 3 entries, got {self.channels}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
 
 

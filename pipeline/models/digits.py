@@ -21,6 +21,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pipeline.errors import StridelabError
+
 Split = Literal["all", "train", "test"]
 SPLITS: tuple[str, ...] = ("all", "train", "test")
 
@@ -48,7 +50,7 @@ def _raw() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _indices(split: Split) -> np.ndarray:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        raise StridelabError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     images, _, train_idx, test_idx = _raw()
     if split == "all":
         return np.arange(len(images))

@@ -142,7 +142,7 @@ def bundled_dir(name: str, assets_dir: Path | None = None) -> Path:
     d = (assets_dir or ASSETS_DIR) / BUNDLED[name]
     if not (d / "model_index.json").is_file():
         raise StridelabError(
-            f"bundled model {name!r} is missing at {d}: train it with `python -m jobs.train {name}`"
+            f"bundled model {name!r} is missing at {d}: train it with `stridelab train {name}`"
         )
     return d
 

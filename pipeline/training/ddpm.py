@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.errors import StridelabError
 from pipeline.models.bundled import DIGITS_DDPM_DIR, atomic_directory
 from pipeline.models.digits import SPLITS, load_digits_images
 
@@ -85,26 +86,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "layers_per_block", "norm_num_groups", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise StridelabError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise StridelabError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise StridelabError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise StridelabError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.block_out_channels:
-            raise ValueError("block_out_channels must not be empty")
+            raise StridelabError("block_out_channels must not be empty")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}")
+            raise StridelabError(f"block_out_channels {bad} not divisible by norm_num_groups={self.norm_num_groups}")
         if 2 ** (len(self.block_out_channels) - 1) > 8:
-            raise ValueError(f"too many levels for 8x8 images: {self.block_out_channels}")
+            raise StridelabError(f"too many levels for 8x8 images: {self.block_out_channels}")
         if not 0 <= self.attention_levels <= len(self.block_out_channels):
-            raise ValueError(f"attention_levels must be in [0, {len(self.block_out_channels)}], got {self.attention_levels}")
+            raise StridelabError(f"attention_levels must be in [0, {len(self.block_out_channels)}], got {self.attention_levels}")
         if self.split not in SPLITS:
-            raise ValueError(f"unknown split {self.split!r}; allowed: {', '.join(SPLITS)}")
+            raise StridelabError(f"unknown split {self.split!r}; allowed: {', '.join(SPLITS)}")
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
+            raise StridelabError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
         # JSON round trips give lists; keep the frozen config hashable.
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
 
@@ -159,6 +160,49 @@ def lr_factor(progress: float, step: int, warmup_steps: int) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+class EpochBatches:
+    """Batches of ``batch_size`` images drawn without replacement; reshuffled once an epoch is used up."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, gen: torch.Generator):
+        self.data, self.batch_size, self.gen = data, batch_size, gen
+        self.perm = torch.randperm(data.shape[0], generator=gen)
+        self.cursor = 0
+
+    def next(self) -> torch.Tensor:
+        n = self.data.shape[0]
+        if self.cursor + self.batch_size > n:
+            self.perm = torch.randperm(n, generator=self.gen)
+            self.cursor = 0
+        x0 = self.data[self.perm[self.cursor : self.cursor + self.batch_size]]
+        self.cursor += self.batch_size
+        return x0
+
+
+def simple_loss(unet, x0: torch.Tensor, abar: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """L_simple (Ho et al. 2020, eq. 14): eps-prediction MSE at x_t ~ q(x_t | x0), t uniform."""
+    t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+    return torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
+
+
+def training_progress(step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
+    """How far through the run we are, in [0, 1): by steps, or by wall clock when that is further along
+    (the LR schedule then anneals to the time budget)."""
+    progress = step / steps
+    return progress if budget_s is None else max(progress, elapsed_s / budget_s)
+
+
+def optimizer_step(unet, ema, opt: torch.optim.Optimizer, loss: torch.Tensor, cfg: TrainConfig, step: int) -> None:
+    """Backward, clip, AdamW step, then the EMA (its decay warms up so early weights fade fast)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+    opt.step()
+    ema_update(ema, unet, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
+
+
 def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dict[str, Any]]:
     """Train a DDPM on the digits with eps-prediction MSE and return ``(ema_unet, history)``.
 
@@ -171,26 +215,23 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
         ``loss_ema`` (EMA-smoothed loss, final value), ``steps`` done, ``wall_s``, ``stopped_by``,
         ``params`` and ``raw_unet`` (the last non-EMA weights, kept for checks; not what is saved).
     """
+    # Set-up: seeds, data, noise schedule, model, its EMA copy, optimiser.
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-
     data = load_digits_images(cfg.split)
-    n = data.shape[0]
-    scheduler = make_scheduler()
-    abar = scheduler.alphas_cumprod.to(torch.float32)
-
+    abar = make_scheduler().alphas_cumprod.to(torch.float32)
     unet = make_unet(cfg)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log.info("training %d-param UNet on %d %s digits", count_params(unet), n, cfg.split)
+    log.info("training %d-param UNet on %d %s digits", count_params(unet), data.shape[0], cfg.split)
 
+    # The loop: stop at cfg.steps or at the wall-clock budget, whichever comes first.
     budget_s = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     losses: list[float] = []
     loss_smooth = float("nan")
-    perm = torch.randperm(n, generator=gen)
-    cursor = 0
+    batches = EpochBatches(data, cfg.batch_size, gen)
     stopped_by = "steps"
     t_start = time.monotonic()
     bar = tqdm(range(cfg.steps), desc="ddpm", disable=not progress_bar, mininterval=2.0)
@@ -200,32 +241,13 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
         if budget_s is not None and elapsed >= budget_s:
             stopped_by = "max_minutes"
             break
-        progress = step / cfg.steps
-        if budget_s is not None:
-            progress = max(progress, elapsed / budget_s)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(progress, step, cfg.warmup_steps)
+            group["lr"] = cfg.lr * lr_factor(training_progress(step, cfg.steps, elapsed, budget_s), step,
+                                             cfg.warmup_steps)
+        loss = simple_loss(unet, batches.next(), abar, gen)
+        optimizer_step(unet, ema, opt, loss, cfg, step)
 
-        # Batch: reshuffle once an epoch is used up.
-        if cursor + cfg.batch_size > n:
-            perm = torch.randperm(n, generator=gen)
-            cursor = 0
-        x0 = data[perm[cursor : cursor + cfg.batch_size]]
-        cursor += cfg.batch_size
-
-        # Forward process q(x_t | x0) and the L_simple loss.
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-        loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
-
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        ema_update(ema, unet, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
-
+        # Logging: the per-step loss, and a smoothed one for the bar and the log.
         value = float(loss.detach())
         losses.append(value)
         loss_smooth = value if math.isnan(loss_smooth) else 0.99 * loss_smooth + 0.01 * value

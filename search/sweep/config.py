@@ -60,21 +60,21 @@ class SweepConfig:
             if not ok:
                 raise StridelabError(msg)
 
-        need(isinstance(self.nfe, int) and self.nfe >= 1, f"--nfe must be an integer >= 1, got {self.nfe!r}")
-        need(self.trials >= 1, f"--trials must be >= 1, got {self.trials}")
-        need(self.parallel >= 1, f"--parallel must be >= 1, got {self.parallel}")
+        need(isinstance(self.nfe, int) and self.nfe >= 1, f"`nfe` must be an integer >= 1, got {self.nfe!r}")
+        need(self.trials >= 1, f"`trials` must be >= 1, got {self.trials}")
+        need(self.parallel >= 1, f"`parallel` must be >= 1, got {self.parallel}")
         need(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         need(self.space in SPACES, f"unknown search space {self.space!r}; choose one of {', '.join(SPACES)}")
         need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        need(2 <= self.num_seeds < HOLDOUT_OFFSET, f"--num-seeds must be in [2, {HOLDOUT_OFFSET}), got {self.num_seeds}")
-        need(self.holdout_seeds >= 1, f"--holdout-seeds must be >= 1, got {self.holdout_seeds}")
+        need(2 <= self.num_seeds < HOLDOUT_OFFSET, f"`num_seeds` must be in [2, {HOLDOUT_OFFSET}), got {self.num_seeds}")
+        need(self.holdout_seeds >= 1, f"`holdout_seeds` must be >= 1, got {self.holdout_seeds}")
         need(0 < self.prune_p < 1, f"prune p-value threshold must be in (0, 1), got {self.prune_p}")
-        need(0 <= self.screen_seeds < self.num_seeds, f"--screen-seeds must be in [0, {self.num_seeds}), got {self.screen_seeds}")
+        need(0 <= self.screen_seeds < self.num_seeds, f"`screen_seeds` must be in [0, {self.num_seeds}), got {self.screen_seeds}")
         bad = [b for b in self.baselines if b not in ALL_BASELINES]
         need(not bad, f"unknown baseline {bad[0]!r}; choose from {', '.join(ALL_BASELINES)}" if bad else "")
         need(len(self.baselines) <= self.trials,
-             f"--trials ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
-        need(isinstance(self.polish, int) and self.polish >= 0, f"--polish must be an integer >= 0, got {self.polish!r}")
+             f"`trials` ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
+        need(isinstance(self.polish, int) and self.polish >= 0, f"`polish` must be an integer >= 0, got {self.polish!r}")
         if self.objective == "recon,fid":
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)

@@ -63,7 +63,7 @@ def run_sweep(
     storage_spec = storage or str(Path(out_dir) / "optuna.journal")
     missing = missing_store(storage_spec) if resume else None
     if missing is not None:  # before opening it, which would create an empty store
-        raise StridelabError(f"--resume: no study named {study_name!r}: {missing} does not exist")
+        raise StridelabError(f"`resume`: no study named {study_name!r}: {missing} does not exist")
     model = model or load_model(cfg.model)
     check_nfe(cfg.nfe, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)

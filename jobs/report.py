@@ -1,6 +1,7 @@
-"""Sample the bundled digits DDPM, save a grid, and measure FID/KID with the digits feature net.
+"""`stridelab report digits`: sample the bundled digits DDPM, save a grid, measure FID/KID with the digits
+feature net.
 
-``python -m jobs.digits_report [--num 1797] [--steps 200] [--grid docs/digits_samples.png]
+``stridelab report digits [--num 1797] [--steps 200] [--grid docs/digits_samples.png]
 [--json docs/bundled_model_metrics.json]``: the figures in docs/BUNDLED_MODEL.md come from here.
 Sample i starts from seed i (per-sample noise), so the grid is the first 64 of the FID samples.
 """
@@ -8,10 +9,10 @@ Sample i starts from seed i (per-sample noise), so the grid is the first 64 of t
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def uniform_timesteps(steps: int, T: int = 1000) -> list[int]:
@@ -50,38 +51,54 @@ def grid_png(images01, nrow: int = 8, scale: int = 6, pad: int = 1) -> bytes:
     return png_bytes(tile(images01[: nrow * nrow], cols=nrow, scale=scale, pad=pad * scale, pad_value=0.75, ink_black=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``report`` with its ``digits`` sub-command."""
+    report = sub.add_parser("report", help="reports on the bundled models (figures of docs/BUNDLED_MODEL.md)",
+                            description="Reports on the small models bundled under pipeline/assets/digits/.")
+    targets = report.add_subparsers(dest="report_target", metavar="{digits}", required=True)
+    p = targets.add_parser("digits", help="sample grid and FID/KID of the bundled digits DDPM",
+                           description=__doc__.splitlines()[0].strip("`"))
+    p.add_argument("--num", type=int, default=1797, help="samples, seeds 0..NUM-1 (default %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="uniform DDIM steps (default %(default)s)")
+    p.add_argument("--grid", default="docs/digits_samples.png", help="output PNG file (default %(default)s)")
+    p.add_argument("--json", default="docs/bundled_model_metrics.json", help="output JSON file (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest on a busy 2-core machine "
+                                                          "(default %(default)s)")
+    p.add_argument("--samples", default="results/digits_samples_200.pt",
+                   help="cache file of the generated samples: reused if present, else written (default %(default)s)")
+    p.set_defaults(func=run_digits)
+
+
+def load_or_sample(cache: Path, num: int, steps: int):
+    """The samples and their wall time: from `cache` when it holds `num` samples at `steps`, else drawn now."""
+    import torch
+
+    from pipeline.errors import StridelabError
+
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        x0, sample_s = saved["x0"], float(saved["wall_s"])
+        if x0.shape[0] != num or int(saved["steps"]) != steps:
+            raise StridelabError(f"{cache} holds {x0.shape[0]} samples at {int(saved['steps'])} steps; delete it or "
+                                 "change `num`/`steps`")
+        return x0, sample_s
+    t0 = time.monotonic()
+    x0 = sample_digits(num, steps)
+    sample_s = time.monotonic() - t0
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x0": x0, "steps": steps, "wall_s": sample_s}, cache)
+    return x0, sample_s
+
+
+def run_digits(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.models.digits import load_digits_images, to_unit
     from pipeline.metrics.features import extract_features, fid_from_features, kid_from_features, load_feature_net
     from pipeline.io.files import atomic_write_bytes, atomic_write_json
 
-    p = argparse.ArgumentParser(prog="python -m jobs.digits_report", description=__doc__.splitlines()[0])
-    p.add_argument("--num", type=int, default=1797)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--grid", default="docs/digits_samples.png")
-    p.add_argument("--json", default="docs/bundled_model_metrics.json")
-    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
-    p.add_argument("--samples", default="results/digits_samples_200.pt",
-                   help="cache of the generated samples: reused if present, else written")
-    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from pathlib import Path
-
-    cache = Path(args.samples)
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        x0, sample_s = saved["x0"], float(saved["wall_s"])
-        if x0.shape[0] != args.num or int(saved["steps"]) != args.steps:
-            raise SystemExit(f"{cache} holds {x0.shape[0]} samples at {int(saved['steps'])} steps; delete it or change --num/--steps")
-    else:
-        t0 = time.monotonic()
-        x0 = sample_digits(args.num, args.steps)
-        sample_s = time.monotonic() - t0
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"x0": x0, "steps": args.steps, "wall_s": sample_s}, cache)
+    x0, sample_s = load_or_sample(Path(args.samples), args.num, args.steps)
 
     net = load_feature_net()
     real = {s: extract_features(to_unit(load_digits_images(s)), net) for s in ("all", "train", "test")}
@@ -115,6 +132,3 @@ def main(argv: list[str] | None = None) -> int:
     print()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
