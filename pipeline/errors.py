@@ -33,3 +33,10 @@ class StridelabError(ValueError):
         """The message with each backticked parameter replaced by ``name_of(param)`` (e.g. its CLI flag);
         a parameter ``name_of`` does not know (returns None) keeps its backticks."""
         return _PARAM.sub(lambda m: name_of(m.group(1)) or m.group(0), self.message)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty): for one-line errors that wrap
+    a library's multi-line one."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -9,6 +9,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
+from tiny import tiny_unet as tiny_unet_of
+
 from pipeline.solvers.ddim import ddim_invert, ddim_sample, ddim_sigma, ddim_step
 from pipeline.core.batching import BatchInvariant
 from pipeline.models.denoisers import DiffusersDenoiser, GaussianMixtureDenoiser, gaussian_mixture
@@ -22,15 +24,7 @@ AC = make_alphas_cumprod("linear", 1000)
 
 @pytest.fixture(scope="module")
 def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    )
-    # Random init outputs near zero; scale the last conv so eps is O(1) and the comparison means something.
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(50.0)
-    return unet.eval()
+    return tiny_unet_of(out_scale=50.0)  # eps O(1), so the comparison means something
 
 
 class _UnitScaleUNet(torch.nn.Module):
@@ -52,12 +46,7 @@ class _UnitScaleUNet(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def unit_unet() -> _UnitScaleUNet:
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    )
-    return _UnitScaleUNet(unet, AC).eval().double()
+    return _UnitScaleUNet(tiny_unet_of(), AC).eval().double()
 
 
 def _diffusers_ddim(unet, x, n, eta, noises):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiny import tiny_unet
+
 from pipeline.metrics import fid
 from pipeline.distributed import (
     SamplerPool,
@@ -39,12 +41,9 @@ TEACHER_NFE = 50
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory) -> str:
     """A tiny random DDPM (UNet2DModel 8x8, widths 32/64) saved as a diffusers directory."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline, DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8)
+    unet = tiny_unet(attention=True)
     d = tmp_path_factory.mktemp("unet") / "ddpm"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(d, safe_serialization=True)
     return str(d)

@@ -18,9 +18,10 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
-    UNet2DModel,
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+from tiny import tiny_unet
 
 from pipeline.solvers.ddim import ddim_sample
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
@@ -62,13 +63,7 @@ def _exported(schedule: Schedule, abar: torch.Tensor = AC) -> Schedule:
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
     """A DDPMPipeline (tiny random UNet2DModel, DDPMScheduler as the Hub checkpoints ship it) on disk."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    )
-    with torch.no_grad():  # random init outputs ~0: make eps O(1) so every comparison means something
-        unet.conv_out.weight.mul_(50.0)
+    unet = tiny_unet(out_scale=50.0)  # random init outputs ~0: eps O(1), so every comparison means something
     d = tmp_path_factory.mktemp("ddpm")
     # clip_sample=True written explicitly, as in google/ddpm-* configs.
     DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(clip_sample=True)).save_pretrained(d)

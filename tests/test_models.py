@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import tiny_unet
+
 import pipeline
 from pipeline.models import load as models
 from pipeline.solvers.ddim import ddim_sample
@@ -26,18 +28,6 @@ HUB_ID = "google/ddpm-cifar10-32"
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-def tiny_unet(in_channels: int = 1, out_channels: int = 1, seed: int = 0):
-    """Random UNet2DModel, 8x8, widths (32, 64): ~0.65 M parameters."""
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=in_channels, out_channels=out_channels, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
-    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +317,7 @@ def test_hub_id_offline_is_one_clear_line(spec, monkeypatch, tmp_path):
         load_model(spec)
     assert one_line_error(e) == (
         f"cannot download '{HUB_ID}': no network access (offline). Pre-download it on a machine with network: "
-        f"`huggingface-cli download {HUB_ID} --local-dir DIR`, then use --model DIR"
+        f"`huggingface-cli download {HUB_ID} --local-dir DIR`, then pass DIR as the `model` spec"
     )
 
 

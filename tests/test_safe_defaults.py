@@ -227,13 +227,11 @@ class _Trap:
 @pytest.fixture(scope="module")
 def tiny_unet_dir(tmp_path_factory):
     import torch
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+    from tiny import tiny_unet
 
-    torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny")
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8)
+    unet = tiny_unet()
     unet.save_pretrained(d / "unet", safe_serialization=True)
     DDPMScheduler().save_pretrained(d / "scheduler")
     return d

@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +41,11 @@ from urllib.parse import parse_qs, urlencode
 import torch
 
 from pipeline.models.denoisers import PREDICTION_TYPES, DiffusersDenoiser, GMM_NAMES, gaussian_mixture
-from pipeline.errors import StridelabError
+from pipeline.errors import StridelabError, first_line
+from pipeline.models.bundled import ASSETS_DIR
+from pipeline.models.hub import _download, _hub_offline  # noqa: F401  (_hub_offline: tests read it here)
 from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_alphas_cumprod
 
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED: dict[str, str] = {"digits": "digits/ddpm"}
 """bundled:<name> -> directory under `ASSETS_DIR` (a DDPMPipeline saved with safetensors)."""
 
@@ -184,15 +184,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StridelabError(f"cannot read {path}: {_first_line(e)}") from None
+        raise StridelabError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise StridelabError(f"{path} is not a JSON object")
     return data
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _find_scheduler_config(*dirs: Path) -> Path:
@@ -311,7 +306,7 @@ def _check_safetensors(d: Path) -> None:
             with safe_open(str(f), "pt") as h:
                 h.keys()
         except (SafetensorError, OSError) as e:
-            raise StridelabError(f"corrupt safetensors file {f}: {_first_line(e)}") from None
+            raise StridelabError(f"corrupt safetensors file {f}: {first_line(e)}") from None
 
 
 def _from_pretrained(cls, d: Path, device, dtype: torch.dtype):
@@ -325,7 +320,7 @@ def _from_pretrained(cls, d: Path, device, dtype: torch.dtype):
     try:
         model = cls.from_pretrained(str(d), use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise StridelabError(f"cannot load {cls.__name__} from {d}: {_first_line(e)}") from None
+        raise StridelabError(f"cannot load {cls.__name__} from {d}: {first_line(e)}") from None
     model = model.to(device) if from_diffusers else model.to(device=device, dtype=dtype)
     return model.eval().requires_grad_(False)
 
@@ -362,7 +357,7 @@ def _load_latent(d: Path, index: dict[str, Any], spec: str, device, dtype: torch
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(d / "tokenizer"))
     except (OSError, ValueError, TypeError) as e:
-        raise StridelabError(f"cannot load the tokenizer from {d / 'tokenizer'}: {_first_line(e)}") from None
+        raise StridelabError(f"cannot load the tokenizer from {d / 'tokenizer'}: {first_line(e)}") from None
 
     prompt, negative = str(options.get("prompt", "")), str(options.get("negative_prompt", ""))
     g = float(options.get("guidance", DEFAULT_GUIDANCE))
@@ -380,47 +375,3 @@ def _load_latent(d: Path, index: dict[str, Any], spec: str, device, dtype: torch
         data_range=(-1.0, 1.0),
         decode=VAEDecoder(vae),
     )
-
-
-# ---------------------------------------------------------------------------------------------- the Hub
-
-
-def _hub_offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once at import; read it again so a later setenv counts too.
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _is_network_error(e: BaseException) -> bool:
-    """True when `e` (or anything it was raised from) says the Hub could not be reached."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    network_types: tuple[type, ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
-    for mod, names in (("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
-        if importlib.util.find_spec(mod) is not None:
-            m = __import__(mod)
-            network_types += tuple(getattr(m, n) for n in names if hasattr(m, n))
-    markers = ("not fully cached", "outgoing traffic has been disabled", "offline", "connect")
-    seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, network_types) or any(m in str(e).lower() for m in markers):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch a Hub pipeline with diffusers (safetensors only; the local cache when offline); its local path."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return Path(DiffusionPipeline.download(repo_id, use_safetensors=True, local_files_only=_hub_offline()))
-    except (OSError, ValueError, RuntimeError) as e:
-        if _is_network_error(e):
-            raise StridelabError(
-                f"cannot download {repo_id!r}: no network access (offline). Pre-download it on a machine with "
-                f"network: `huggingface-cli download {repo_id} --local-dir DIR`, then use --model DIR"
-            ) from None
-        raise StridelabError(f"cannot download {repo_id!r} from the Hugging Face Hub: {_first_line(e)}") from None
