@@ -17,8 +17,6 @@ import pytest
 from jobs.cli import main
 from search.study import make_storage
 
-pytest.importorskip("pipeline.distributed")
-
 MODEL = "bundled:digits"
 ACTORS = (0, 1, 3)
 
