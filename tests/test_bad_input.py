@@ -153,7 +153,7 @@ CASES = [
     Case("sample-nfe-above-T", sample("--schedule", "uniform", "--nfe", "1001"), "got 1001", out="samples"),
     Case("sample-eta-just-above-1", sample("--schedule", "uniform", "--nfe", "5", "--eta", "1.000001"),
          "eta must be in [0, 1]", out="samples"),
-    Case("sample-eta-just-below-0", sample("--schedule", "uniform", "--nfe", "5", "--eta", "-1e-9"),
+    Case("sample-eta-just-below-0", sample("--schedule", "uniform", "--nfe", "5", "--eta=-1e-9"),
          "eta must be in [0, 1]", out="samples"),
     Case("sample-num-seeds-0", sample("--schedule", "uniform", "--nfe", "5", "--num-seeds", "0"), "--num-seeds must be >= 1",
          out="samples"),
