@@ -23,16 +23,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import StridelabError
-from pipeline.interop.apply import alphas_cumprod_sha256  # noqa: F401  (re-exported: the export's model fingerprint)
+from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible  # noqa: F401  (re-exported: the export's model fingerprint)
 from pipeline.io.files import atomic_write_json
-from pipeline.core.noise import as_alphas_cumprod
 from pipeline.core.schedules import Schedule
 
 EXPORT_FIELDS = ("timesteps", "sigmas", "num_train_timesteps", "nfe", "model", "alphas_cumprod_sha256",
@@ -88,25 +86,15 @@ def write_export(path: str | os.PathLike, obj: Mapping[str, Any]) -> Path:
 def check_schedule_for_model(schedule: Schedule, model: Any, allow: bool = False) -> None:
     """Raise `StridelabError` when `schedule` was exported for another ``alphas_cumprod`` than `model`'s.
 
+    The policy is `pipeline.interop.apply.check_compatible`'s; a file without a hash also warns.
+
     Args:
         schedule: e.g. ``Schedule.load("schedule.json")`` of an exported file.
         model: a `LoadedModel` (``alphas_cumprod``, ``spec``).
         allow: warn instead of raising on a hash mismatch (a different T always raises).
     """
-    T = int(as_alphas_cumprod(model.alphas_cumprod).numel())
-    if schedule.num_train_timesteps != T:
-        raise StridelabError(f"schedule is for T = {schedule.num_train_timesteps} timesteps, model {model.spec} has T = {T}")
-    want = schedule.meta.get("alphas_cumprod_sha256")
-    if want is None:
-        warnings.warn("schedule has no alphas_cumprod_sha256: cannot check it was made for this model", stacklevel=2)
-        return
-    have = alphas_cumprod_sha256(model.alphas_cumprod)
-    if want != have:
-        msg = (f"schedule was tuned for {schedule.meta.get('model', 'another model')} (alphas_cumprod sha256 "
-               f"{want[:12]}...), but {model.spec} has {have[:12]}...: its timesteps mean other noise levels here")
-        if not allow:
-            raise StridelabError(msg + "; pass `allow` to use it anyway")
-        warnings.warn(msg, stacklevel=2)
+    check_compatible(schedule, model.alphas_cumprod, what=f"model {model.spec}", allow_other_model=allow,
+                     warn_unhashed=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,12 +63,15 @@ def check_compatible(
     *,
     what: str = "the target",
     allow_other_model: bool = False,
+    warn_unhashed: bool = False,
 ) -> torch.Tensor:
     """Check that `schedule` was made for `alphas_cumprod`; return the table as float64.
 
     A different T always raises. A different table (``schedule.meta["alphas_cumprod_sha256"]`` present
     and not equal to this table's hash) raises, or only warns with ``allow_other_model=True``. Without a
-    hash in the schedule only T can be checked.
+    hash in the schedule only T can be checked; ``warn_unhashed=True`` (a schedule read from a file, where
+    the hash is expected) says so in a warning. This is the one compatibility check: export and reuse both
+    call it.
 
     Raises:
         StridelabError: naming `what`, both T or both hash prefixes, and the way out.
@@ -81,17 +84,20 @@ def check_compatible(
             f"{what} has T = {T}"
         )
     want = schedule.meta.get("alphas_cumprod_sha256")
-    if want is not None:
-        have = alphas_cumprod_sha256(abar)
-        if want != have:
-            msg = (
-                f"schedule {schedule.name!r} was made for {schedule.meta.get('model', 'another model')} "
-                f"(alphas_cumprod sha256 {str(want)[:12]}...), {what} has {have[:12]}...: the same timesteps "
-                "are other noise levels there"
-            )
-            if not allow_other_model:
-                raise StridelabError(msg + "; pass allow_other_model=True to use it anyway")
-            warnings.warn(msg, stacklevel=3)
+    if want is None:
+        if warn_unhashed:
+            warnings.warn(f"schedule has no alphas_cumprod_sha256: cannot check it was made for {what}", stacklevel=3)
+        return abar
+    have = alphas_cumprod_sha256(abar)
+    if want != have:
+        msg = (
+            f"schedule {schedule.name!r} was tuned for {schedule.meta.get('model', 'another model')} "
+            f"(alphas_cumprod sha256 {str(want)[:12]}...), {what} has {have[:12]}...: the same timesteps "
+            "are other noise levels there"
+        )
+        if not allow_other_model:
+            raise StridelabError(msg + "; pass `allow_other_model` to use it anyway")
+        warnings.warn(msg, stacklevel=3)
     return abar
 
 
