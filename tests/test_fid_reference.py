@@ -56,7 +56,7 @@ def test_evaluate_and_sweep_holdout_give_the_same_fid(tmp_path, blobs64):
 
     out = tmp_path / "eval.csv"
     assert main(["evaluate", "--model", "gmm:blobs64", "--schedules", "uniform", "--nfe", "4", "--metrics", "fid",
-                 "--seed", str(cfg.seed + HOLDOUT_OFFSET), "--num-samples", str(cfg.holdout_seeds),
+                 "--seed", str(cfg.seed + HOLDOUT_OFFSET), "--num-seeds", str(cfg.holdout_seeds),
                  "--teacher-nfe", "20", "--actors", "0", "--out", str(out)]) == 0
     with open(out, newline="") as f:
         (row,) = list(csv.DictReader(f))

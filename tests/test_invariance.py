@@ -33,12 +33,12 @@ def _csv(path):
 
 def test_sample_bit_identical_for_0_1_3_actors_and_any_batch_size(tmp_path):
     # 50 samples: 3 actors at --batch-size 17 get 17 + 17 + 16; eta > 0 adds per-sample noise in every step.
-    base = ["sample", "--model", MODEL, "--schedule", "karras", "--nfe", "5", "--num-samples", "50", "--eta", "0.3",
+    base = ["sample", "--model", MODEL, "--schedule", "karras", "--nfe", "5", "--num-seeds", "50", "--eta", "0.3",
             "--seed", "11", "--no-progress"]
     runs = {"a0": [], "a1": [], "a3b17": ["--batch-size", "17"]}
     for name, extra in runs.items():
         actors = name[1]
-        assert main(base + ["--actors", actors, "--out", str(tmp_path / name), *extra]) == 0
+        assert main(base + ["--actors", actors, "--out-dir", str(tmp_path / name), *extra]) == 0
     tables = {name: pq.read_table(tmp_path / name / "samples.parquet") for name in runs}
     ref = tables.pop("a0")
     assert ref.num_rows == 50 and ref.column("seed").to_pylist() == list(range(11, 61))
@@ -49,7 +49,7 @@ def test_sample_bit_identical_for_0_1_3_actors_and_any_batch_size(tmp_path):
 
 def test_evaluate_table_identical_for_0_1_3_actors(tmp_path, capsys):
     # 50 seeds over 3 actors: 17 + 17 + 16. recon and inversion, the defaults.
-    base = ["evaluate", "--model", MODEL, "--schedules", "uniform,karras,logsnr", "--nfe", "5", "--num-samples", "50",
+    base = ["evaluate", "--model", MODEL, "--schedules", "uniform,karras,logsnr", "--nfe", "5", "--num-seeds", "50",
             "--teacher-nfe", "20"]
     tables = {}
     for a in ACTORS:
@@ -64,7 +64,7 @@ def test_evaluate_table_identical_for_0_1_3_actors(tmp_path, capsys):
 def _sweep_args(tmp_path, actors: int) -> list[str]:
     """The default `stridelab sweep` on the bundled model, sizes cut down (16 + 20 seeds: uneven over 3 actors)."""
     return ["sweep", "--trials", "7", "--polish", "2", "--num-seeds", "16", "--holdout-seeds", "20",
-            "--teacher-nfe", "20", "--baselines", "uniform,karras,logsnr", "--no-mlflow",
+            "--teacher-nfe", "20", "--schedules", "uniform,karras,logsnr", "--no-mlflow",
             "--storage", str(tmp_path / "optuna.journal"), "--study-name", f"a{actors}", "--out-dir", str(tmp_path),
             "--actors", str(actors)]
 

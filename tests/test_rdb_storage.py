@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 def _sweep(tmp_path, url, trials, *extra):
     return main(["sweep", "--model", "gmm:ring8", "--nfe", "5", "--trials", str(trials), "--parallel", "2",
-                 "--num-seeds", "16", "--holdout-seeds", "8", "--teacher-nfe", "50", "--baselines", "uniform,karras",
+                 "--num-seeds", "16", "--holdout-seeds", "8", "--teacher-nfe", "50", "--schedules", "uniform,karras",
                  "--polish", "2", "--storage", url, "--study-name", "rdb", "--out-dir", str(tmp_path / "out"),
                  "--actors", "0", "--no-mlflow", "--no-holdout-fid", *extra])
 
@@ -60,7 +60,7 @@ def test_sqlite_url_sweep_then_resume_exact_trials(tmp_path, capsys):
     assert _sweep(tmp_path, url, 12, "--resume", "--nfe", "4") == 2
     assert "other settings" in capsys.readouterr().err
     out = tmp_path / "s.json"
-    assert main(["export", "--study", "rdb", "--storage", url, "--out", str(out)]) == 0
+    assert main(["export", "--study-name", "rdb", "--storage", url, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["timesteps"] == study.best_trial.user_attrs["timesteps"]
 
 
