@@ -50,7 +50,7 @@ class LazyChoices:
 
 SCHEDULE_NAMES = LazyChoices("pipeline.core.schedules", "SCHEDULES")
 OPTUNA_SAMPLERS = LazyChoices("search.study", "SAMPLERS")
-SOLVERS = LazyChoices("pipeline.evaluation.transfer", "SAMPLER_NAMES")
+SOLVERS = LazyChoices("pipeline.solvers.registry", "SOLVER_NAMES")
 WARM_STARTS = LazyChoices("search.sweep", "ALL_BASELINES")
 
 
@@ -59,6 +59,13 @@ def show_names(action: argparse.Action, registry: LazyChoices) -> argparse.Actio
     itself is checked by the library (one StridelabError line), not by argparse."""
     action.names = registry
     return action
+
+
+def add_solver_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """``--solver NAME``: the diffusion solver that runs every schedule (`pipeline.solvers`)."""
+    show_names(p.add_argument("--solver", metavar="NAME", default="ddim",
+                              help=f"diffusion solver that {what}: %(names)s; NFE counts model evaluations "
+                                   "(heun: 2 per step, 1 on the last) (default %(default)s)"), SOLVERS)
 
 
 def int_list(text: str) -> list[int]:

@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="compare schedules on a model (same seeds for all)",
         description=(
-            "Evaluate stride schedules on a model. recon: per-dimension MSE on a [0,1] scale between the "
-            "n-step DDIM output and a many-step DDIM teacher from the same x_T. inversion: encode data with "
+            "Evaluate stride schedules on a model, run by one or more solvers (--solvers). recon: per-dimension "
+            "MSE on a [0,1] scale between the n-evaluation output and a many-step DDIM teacher from the same x_T. inversion: encode data with "
             "n steps, decode with n steps (DDIM paper Table 2), where the model can draw data. fid / kid: "
             "of the n-step samples against a reference set (see --fid-ref). With --actors A the seeds are "
             "split over A Ray actors; the numbers do not depend on A."
@@ -39,10 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_arg(p)
     p.add_argument("--schedules", type=name_list, default=name_list(DEFAULT_SCHEDULES), metavar="NAMES",
-                   help=f"comma-separated schedule names or .json files (default {DEFAULT_SCHEDULES})")
+                   help=f"comma-separated schedule names, 'default' (each solver's diffusers set_timesteps(n) spacing) or "
+                        f".json files (default {DEFAULT_SCHEDULES})")
     add_deprecated_alias(p, "--schedule", "--schedules", "schedules", type=name_list)
     p.add_argument("--nfe", type=int_list, default=None,
-                   help="comma-separated NFEs (default 5,10,20; with --solvers: model evaluations, default the schedule's)")
+                   help="comma-separated budgets in model evaluations (default 5,10,20; only schedule files: their own)")
     add_seeds_args(p, 256, "seeds (samples) per schedule")
     add_teacher_nfe_arg(p, None)
     p.add_argument("--metrics", type=name_list, default=list(DEFAULT_METRICS),
@@ -57,10 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-cache", default=None, help="directory to keep teacher outputs in (safetensors)")
     p.add_argument("--out", default=None, help="output file: the table, .csv or .parquet (default: print only)")
     solvers = p.add_argument("--solvers", type=name_list, default=None, metavar="NAMES",
-                   help="transfer table: run ONE schedule (--schedules FILE.json or one name) in each of these diffusion "
-                        "solvers (%(names)s) and each solver's default spacing, at equal model evaluations (--nfe; Heun "
-                        "spends 2 per step but 1 on the last) and the same seeds; recon only")
+                   help="comma-separated diffusion solvers that run every schedule (%(names)s; default ddim). Given, "
+                        "the cross table: each solver also runs its own diffusers default spacing ('default', added), "
+                        "at equal model evaluations (--nfe; heun spends 2 per step but 1 on the last; a schedule file "
+                        "is log-sigma interpolated to the steps that fit) on the same seeds; column x_default")
     show_names(solvers, SOLVERS)
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="run a schedule file learned on another model (same T) at its integer timesteps, with a warning")
     add_deprecated_alias(p, "--samplers", "--solvers", "solvers", type=name_list)
     p.set_defaults(func=run)
 
@@ -72,84 +76,34 @@ def _reference(args: argparse.Namespace, model):
     return fid_inputs(model, args.fid_features, args.fid_ref, kid="kid" in args.metrics)
 
 
-def run_solvers(args: argparse.Namespace) -> int:
-    """--solvers: the transfer table of `pipeline.evaluation.transfer` (in this process)."""
-
-    from pipeline.errors import StridelabError
-    from pipeline.evaluation.inprocess import make_teacher
-    from pipeline.models.load import load_model
-    from pipeline.io.reports import format_table, write_table
-    from pipeline.core.schedules import check_nfe, make_schedule, resolve_schedule
-    from pipeline.evaluation.transfer import SAMPLER_NAMES, transfer_table
-
-    bad = [s for s in args.solvers if s not in SAMPLER_NAMES]
-    if bad:
-        raise StridelabError(f"unknown sampler {bad[0]!r}; choose a diffusion solver from {', '.join(SAMPLER_NAMES)}")
-    if len(args.schedules) != 1:
-        raise StridelabError("--solvers compares one schedule with each solver's default: pass --schedules FILE.json "
-                             "(or one schedule name with --nfe)")
-    if args.actors:
-        raise StridelabError("--solvers runs in this process; drop --actors")
-    if args.gpus_per_actor is not None:
-        raise StridelabError("--solvers runs in this process; drop --gpus-per-actor")
-    _check_samples_and_out(args)
-    model = load_model(args.model)
-    T = model.num_train_timesteps
-    spec = args.schedules[0]
-    is_file = spec.endswith(".json") or os.sep in spec
-    if not is_file and args.nfe is None:
-        raise StridelabError(f"schedule {spec!r} needs --nfe")
-    schedule = resolve_schedule(spec, None, model.alphas_cumprod) if is_file else None
-    for n in args.nfe or []:
-        check_nfe(n, T)
-    if args.teacher_nfe is not None:
-        check_nfe(args.teacher_nfe, T)
-    seeds = range(args.seed, args.seed + args.num_seeds)
-    print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_seeds} seeds, in-process ...", flush=True)
-    teacher = make_teacher(model, seeds, args.teacher_nfe)
-    rows = []
-    for n in args.nfe or [schedule.nfe]:
-        if schedule is not None:
-            rows += transfer_table(model, teacher, schedule, args.solvers, n, label=spec)
-        else:
-            rows += transfer_table(model, teacher, lambda m: make_schedule(spec, m, model.alphas_cumprod),
-                                   args.solvers, n, label=spec)
-    print("equal NFE = equal model evaluations: each sampler takes the most steps that fit (Heun: 2 per step, 1 on "
-          "the last); a schedule with other step counts is log-sigma interpolated (column how)")
-    print(format_table(rows, ["sampler", "spacing", "nfe", "steps", "evals", "recon", "recon_sem", "vs_default",
-                              "t_rounded", "how"]))
-    if args.out:
-        print(f"wrote {write_table(rows, args.out)}")
-    return 0
-
-
 def run(args: argparse.Namespace) -> int:
-
-    if getattr(args, "solvers", None):
-        return run_solvers(args)
-    if args.nfe is None:
-        args.nfe = [5, 10, 20]
-
     from pipeline.distributed import SamplerPool
     from pipeline.errors import StridelabError
+    from pipeline.evaluation.grid import is_schedule_file, plan_grid
+    from pipeline.io.reports import format_table, write_table
     from pipeline.metrics.recon import recon_sem
     from pipeline.models.load import load_model
-    from pipeline.io.reports import format_table, write_table
-    from pipeline.core.schedules import check_nfe, resolve_schedule
+    from pipeline.core.schedules import Schedule, check_nfe
 
     _check_samples_and_out(args)
     bad = [m for m in args.metrics if m not in METRICS]
     if bad:
         raise StridelabError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
     check_actors(args)
+    solvers = args.solvers or ["ddim"]
+    specs = list(args.schedules)
+    if args.solvers and "default" not in specs:
+        specs.append("default")  # each solver next to its own default spacing: the cross table
     model = load_model(args.model)
     T = model.num_train_timesteps
-    for n in args.nfe:
-        check_nfe(n, T)
     if args.teacher_nfe is not None:
         check_nfe(args.teacher_nfe, T)
-    # Resolve every schedule before any sampling, so a bad name fails in a second, not after the teacher.
-    jobs = [(spec, n, resolve_schedule(spec, n, model.alphas_cumprod)) for n in args.nfe for spec in args.schedules]
+    if args.nfe is None:  # only schedule files (and default): each file at its own step count
+        named = [s for s in specs if s != "default"]
+        files = [s for s in named if is_schedule_file(s)]
+        args.nfe = sorted({Schedule.load(f).nfe for f in files}) if files and len(files) == len(named) else [5, 10, 20]
+    # Resolve every cell before any sampling, so a bad name fails in a second, not after the teacher.
+    cells = plan_grid(specs, solvers, args.nfe, model.alphas_cumprod, allow_other_model=args.allow_other_model)
     seeds = range(args.seed, args.seed + args.num_seeds)
     extra = [m for m in args.metrics if m in ("fid", "kid")]
     features = reference = None
@@ -163,23 +117,43 @@ def run(args: argparse.Namespace) -> int:
     where = "in-process" if args.actors == 0 else f"on {args.actors} Ray actors"
     if recon:
         print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_seeds} seeds, {where} ...", flush=True)
+    results = {}
     with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
                      extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
                      cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor) as pool:
-        results = pool.evaluate([s for _, _, s in jobs])
-    rows = []
-    for (spec, _n, sched), res in zip(jobs, results):
-        row = {"model": args.model, "schedule": sched.name if not spec.endswith(".json") else spec, "nfe": sched.nfe}
-        if recon:
-            rec = res.recon
-            row["recon"] = rec.mean().item()
-            row["recon_sem"] = recon_sem(rec)
-        if res.inversion is not None:
-            row["inversion"] = res.inversion.mean().item()
-        row.update(res.extra or {})
-        row["timesteps"] = " ".join(map(str, sched.timesteps))
-        rows.append(row)
-    print(format_table(rows, ["schedule", "nfe", "recon", "inversion", "fid", "kid"]))
+        for solver in solvers:  # one call per solver: its cells run in parallel on the actors
+            mine = [c for c in cells if c.solver == solver]
+            results.update(zip(map(id, mine), pool.evaluate([c.schedule for c in mine], solver=solver)))
+    rows = [_row(args.model, c, results[id(c)], recon_sem) for c in cells]
+    _add_vs_default(rows)
+    if len(solvers) > 1 or args.solvers:
+        print("equal NFE = equal model evaluations: each solver takes the most steps that fit (heun: 2 per step, 1 on "
+              "the last); a schedule file with other step counts is log-sigma interpolated (column how)")
+    print(format_table(rows, ["schedule", "solver", "nfe", "steps", "recon", "recon_sem", "x_default", "inversion",
+                              "fid", "kid", "how"]))
     if args.out:
         print(f"wrote {write_table(rows, args.out)}")
     return 0
+
+
+def _row(model: str, cell, res, recon_sem) -> dict:
+    row = {"model": model, "schedule": cell.label, "solver": cell.solver, "nfe": cell.nfe, "steps": cell.schedule.nfe,
+           "evals": cell.evals}
+    if not res.recon.isnan().all():
+        row["recon"] = res.recon.mean().item()
+        row["recon_sem"] = recon_sem(res.recon)
+    if res.inversion is not None:
+        row["inversion"] = res.inversion.mean().item()
+    row.update(res.extra or {})
+    row["how"] = cell.how
+    row["timesteps"] = " ".join(map(str, cell.schedule.timesteps))
+    return row
+
+
+def _add_vs_default(rows: list[dict]) -> None:
+    """``x_default``: recon / the recon of the same solver's ``default`` row at the same budget."""
+    base = {(r["solver"], r["nfe"]): r["recon"] for r in rows if r["schedule"] == "default" and "recon" in r}
+    for r in rows:
+        b = base.get((r["solver"], r["nfe"]))
+        if b and "recon" in r and r["schedule"] != "default":
+            r["x_default"] = r["recon"] / b

@@ -1,11 +1,11 @@
-"""`stridelab sweep`: learn where DDIM should place its steps (Optuna over an evaluator, MLflow tracking)."""
+"""`stridelab sweep`: learn where a solver should place its steps (Optuna over an evaluator, MLflow tracking)."""
 
 from __future__ import annotations
 
 import argparse
 
 from jobs.common import (OPTUNA_SAMPLERS, WARM_STARTS, add_deprecated_alias, add_model_arg, add_ray_args,
-                         add_seeds_args, add_teacher_nfe_arg, check_actors, name_list, show_names)
+                         add_seeds_args, add_solver_arg, add_teacher_nfe_arg, check_actors, name_list, show_names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,16 +18,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sweep",
         help="search step placements with Optuna; export the learned schedule",
         description=(
-            "Search where a DDIM sampler should place its steps. Every baseline schedule and a dynamic-"
-            "programming placement are added to the study first; trials are asked in batches of --parallel "
+            "Search where a solver (--solver: DDIM, DPM-Solver++, UniPC, ...) should place its steps for the "
+            "solver you will run. Every baseline schedule (the solver's own diffusers default spacing first) and "
+            "a dynamic-programming placement are added to the study first; trials are asked in batches of --parallel "
             "and evaluated together (Ray actor pool, or in this process with --actors 0); hopeless trials "
             "are pruned on a seed subset. The last --polish trials move single steps of the best schedule so far "
             "(compass search on the integer timesteps). The best schedule and the baselines are re-evaluated on held-out "
-            "seeds and printed as a table; the schedule is exported as JSON and everything is tracked in MLflow."
+            "seeds and printed as a table, next to every other solver's default spacing at the same NFE; the schedule is exported as JSON and everything is tracked in MLflow."
         ),
     )
     add_model_arg(p)
-    p.add_argument("--nfe", type=int, default=d.nfe, help="steps of the learned schedule (default %(default)s)")
+    add_solver_arg(p, "runs every trial, baseline, placement and held-out row")
+    p.add_argument("--nfe", type=int, default=d.nfe,
+                   help="model evaluations per sample (= steps, except heun: (nfe + 1) // 2 steps) (default %(default)s)")
     p.add_argument("--trials", type=int, default=d.trials,
                    help="trials in the study in total, warm starts included (default %(default)s)")
     p.add_argument("--parallel", type=int, default=d.parallel, help="trials asked and evaluated together (default %(default)s)")
@@ -50,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out seeds for the final table, a disjoint range (default %(default)s)")
     show_names(p.add_argument("--schedules", type=name_list, default=None, metavar="NAMES",
                    help="comma-separated warm-start schedules, from %(names)s (default: all but dp_free, the DP that "
-                        "also chooses its first timestep)"), WARM_STARTS)
+                        "also chooses its first timestep; 'default', the solver's diffusers set_timesteps(n) spacing, "
+                        "is DDIM's uniform)"), WARM_STARTS)
     add_deprecated_alias(p, "--baselines", "--schedules", "schedules", type=name_list)
     p.add_argument("--polish", type=int, default=d.polish,
                    help="trials (of --trials) that refine the best schedule at the end by moving one step at a "
@@ -77,13 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from search.sweep import DEFAULT_BASELINES, SweepConfig, run_sweep
+    from search.sweep import SweepConfig, run_sweep
 
     check_actors(args)
     cfg = SweepConfig(
-        model=args.model, nfe=args.nfe, trials=args.trials, parallel=args.parallel, sampler=args.optuna_sampler,
+        model=args.model, nfe=args.nfe, solver=args.solver, trials=args.trials, parallel=args.parallel, sampler=args.optuna_sampler,
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
-        holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.schedules or DEFAULT_BASELINES), prune=args.prune,
+        holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.schedules) if args.schedules else None, prune=args.prune,
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
         polish=args.polish,
     )

@@ -26,12 +26,13 @@ from pipeline.evaluation.inprocess import ScheduleResult
 from pipeline.metrics.reference import fid_inputs
 from pipeline.models.load import LoadedModel
 from pipeline.core.schedules import Schedule
+from pipeline.solvers.registry import DEFAULT_SOLVER, get_solver
 
 OBJECTIVES = ("recon", "fid", "recon+fid", "recon,fid")
 
 
 class Evaluator(Protocol):
-    def evaluate(self, schedules: Sequence[Schedule]) -> list[ScheduleResult]: ...
+    def evaluate(self, schedules: Sequence[Schedule], solver: str | None = None) -> list[ScheduleResult]: ...
 
 
 class TrialFailed(Exception):
@@ -100,12 +101,15 @@ class EvaluatorFactory:
         fid: also compute FID (``extra["fid"]``).
         gpus_per_actor: GPUs each actor requests, as given (an autoscaling cluster starts GPU nodes for
             them); default: one GPU per actor when the cluster has GPUs now, else CPU actors.
+        solver: what runs every schedule (`pipeline.solvers`); an evaluator's ``evaluate(schedules, solver)``
+            may name another for one call (the held-out table's reference rows).
     """
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
                  teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
-                 gpus_per_actor: float | None = None):
+                 gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER):
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
+        self.solver = get_solver(solver).name
         self.gpus_per_actor = gpus_per_actor
         check_gpus_per_actor(gpus_per_actor, self.actors)
         self._made: list[Any] = []
@@ -143,13 +147,13 @@ class EvaluatorFactory:
                 kw["num_gpus"] = self.gpus_per_actor
             elif self.actors > 0:
                 kw["num_cpus"] = self._cpus_per_actor()
-            ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, **kw)
+            ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, solver=self.solver, **kw)
         else:
             if fid:
                 raise StridelabError("FID needs the evaluator of pipeline.distributed, which is not available")
             from pipeline.evaluation.inprocess import InProcessEvaluator
 
-            ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe)
+            ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe, solver=self.solver)
         self._made.append(ev)
         return ev
 

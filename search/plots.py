@@ -165,16 +165,16 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
 
 
 def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[int], path: str | os.PathLike,
-                reference: torch.Tensor | None = None) -> Path:
-    """Samples of each schedule from the same x_T (same seeds), side by side; images as grids
+                reference: torch.Tensor | None = None, solver: str = "ddim") -> Path:
+    """Samples of each schedule run by `solver` from the same x_T (same seeds), side by side; images as grids
     (via ``model.to_unit``, 8x8 digits upscaled x4), other data as a 2-D scatter."""
-    from pipeline.solvers.ddim import ddim_sample
-    from pipeline.io.images import tile
     from pipeline.core.seeds import initial_noise
+    from pipeline.io.images import tile
+    from pipeline.solvers.registry import solve
 
     plt = _plt()
     x_T, _ = initial_noise(list(seeds), model.sample_shape)
-    outs = {name: model.to_unit(ddim_sample(model.denoiser, x_T, s.timesteps, model.alphas_cumprod))
+    outs = {name: model.to_unit(solve(solver, model.denoiser, x_T, s.timesteps, model.alphas_cumprod))
             for name, s in schedules.items()}
     panels = list(outs.items()) + ([("reference", reference)] if reference is not None else [])
     is_image = len(model.sample_shape) == 3
@@ -182,7 +182,7 @@ def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[i
     axes = np.atleast_1d(axes)
     for ax, (name, x) in zip(axes, panels):
         nfe = schedules[name].nfe if name in schedules else None
-        title = f"{name} ({nfe} steps)" if nfe else name
+        title = (f"{name} ({nfe} steps)" if solver == "ddim" else f"{name}, {solver} ({nfe} steps)") if nfe else name
         if is_image:
             cols = int(math.ceil(math.sqrt(x.shape[0])))
             up = 4 if max(model.sample_shape[1:]) <= 16 else 1

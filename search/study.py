@@ -100,6 +100,10 @@ def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
     return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
 
 
+LEGACY_IDENTITY = {"solver": "ddim"}
+"""What a study made before a setting was recorded ran with (every sweep ran DDIM before solvers existed)."""
+
+
 def open_study(
     storage: optuna.storages.BaseStorage,
     name: str,
@@ -120,8 +124,8 @@ def open_study(
             study.set_user_attr(k, v)
         return study
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    diffs = [f"{k}: study has {study.user_attrs.get(k)!r}, asked {v!r}" for k, v in identity.items()
-             if study.user_attrs.get(k) != v]
+    recorded = {**LEGACY_IDENTITY, **study.user_attrs}
+    diffs = [f"{k}: study has {recorded.get(k)!r}, asked {v!r}" for k, v in identity.items() if recorded.get(k) != v]
     if diffs:
         raise StridelabError(f"`resume`: study {name!r} was made with other settings ({'; '.join(diffs)})")
     if [d.name.lower() for d in study.directions] != directions:

@@ -32,14 +32,19 @@ def test_in_process_and_actors_give_the_same_table(ray_local, tmp_path, capsys):
     assert main(common + ["--actors", "2", "--out", str(tmp_path / "b.parquet")]) == 0
     a = _csv(tmp_path / "a.csv")
     b = pq.read_table(tmp_path / "b.parquet").to_pylist()
-    assert [(r["schedule"], int(r["nfe"])) for r in a] == [
-        ("uniform", 3), ("quadratic", 3), (str(js), 4), ("uniform", 6), ("quadratic", 6), (str(js), 4)]
+    # --nfe is the budget: the 4-step file is log-sigma interpolated to the 3 and 6 steps that fit (column how).
+    assert [(r["schedule"], int(r["nfe"]), int(r["steps"])) for r in a] == [
+        ("uniform", 3, 3), ("quadratic", 3, 3), (str(js), 3, 3), ("uniform", 6, 6), ("quadratic", 6, 6), (str(js), 6, 6)]
+    assert a[2]["how"] == "log-sigma interpolated 4->3 steps" and a[0]["how"] == "as is"
     for ra, rb in zip(a, b):
         assert float(ra["recon"]) == rb["recon"] and float(ra["inversion"]) == rb["inversion"]  # repr round-trips
         assert ra["timesteps"] == rb["timesteps"]
-    # Same seeds for every schedule: the JSON schedule listed twice gives the same numbers twice.
-    assert a[2]["recon"] == a[5]["recon"]
     assert float(a[0]["recon"]) > float(a[3]["recon"]) > 0  # more steps, closer to the teacher
+    # Only a file (no --nfe): it runs as is, at its own step count; same seeds, so the numbers repeat.
+    assert main(BASE[:BASE.index("--nfe")] + BASE[BASE.index("--nfe") + 2:] + ["--schedules", f"{js},{js}",
+                "--out", str(tmp_path / "c.csv")]) == 0
+    c = _csv(tmp_path / "c.csv")
+    assert [(int(r["nfe"]), r["how"]) for r in c] == [(4, "as is"), (4, "as is")] and c[0]["recon"] == c[1]["recon"]
 
 
 def test_fid_and_kid_columns(tmp_path, capsys):

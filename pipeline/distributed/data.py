@@ -41,14 +41,15 @@ class SampleBatch:
     Loads the model once (a `SamplerWorker`); seed = ``seed_offset + data`` (the sample index).
     """
 
-    def __init__(self, model: str, timesteps: Sequence[int], eta: float = 0.0, seed_offset: int = 0, **worker_kwargs: Any):
+    def __init__(self, model: str, timesteps: Sequence[int], eta: float = 0.0, seed_offset: int = 0,
+                 solver: str = "ddim", **worker_kwargs: Any):
         self.worker = SamplerWorker(model, **worker_kwargs)
         self.timesteps = tuple(int(t) for t in timesteps)
-        self.eta, self.seed_offset = float(eta), int(seed_offset)
+        self.eta, self.seed_offset, self.solver = float(eta), int(seed_offset), solver
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seeds = np.asarray(batch["data"], dtype=np.int64) + self.seed_offset
-        x0 = self.worker.sample(seeds.tolist(), self.timesteps, self.eta)
+        x0 = self.worker.sample(seeds.tolist(), self.timesteps, self.eta, self.solver)
         out = {"seed": seeds, "sample": x0.reshape(len(seeds), -1).numpy().astype(np.float32)}
         if _is_image(self.worker.model.sample_shape):
             u8 = to_uint8(self.worker.model.to_unit(x0))
@@ -70,12 +71,13 @@ def generate_samples(
     ray_address: str | None = None,
     trace_dir: str | None = None,
     num_gpus: float | None = None,
+    solver: str = "ddim",
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of samples in seed order: Ray Data with an actor pool of `actors`, or in-process for 0.
-    `num_gpus`: GPUs per actor, requested as given (see `actor_resources`)."""
+    """Batches of samples of `solver` in seed order: Ray Data with an actor pool of `actors`, or in-process
+    for 0. `num_gpus`: GPUs per actor, requested as given (see `actor_resources`)."""
     kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir)
     if actors == 0:
-        fn = SampleBatch(model, timesteps, eta, seed, **kwargs)
+        fn = SampleBatch(model, timesteps, eta, seed, solver, **kwargs)
         for a in range(0, num_samples, batch_size):
             yield fn({"data": np.arange(a, min(a + batch_size, num_samples), dtype=np.int64)})
         return
@@ -98,7 +100,7 @@ def generate_samples(
         ds = ray.data.from_numpy(np.array_split(np.arange(num_samples, dtype=np.int64), blocks))
         ds = ds.map_batches(
             SampleBatch,
-            fn_constructor_args=(model, tuple(timesteps), eta, seed),
+            fn_constructor_args=(model, tuple(timesteps), eta, seed, solver),
             fn_constructor_kwargs=kwargs,
             compute=ActorPoolStrategy(size=actors),
             batch_size=batch_size,

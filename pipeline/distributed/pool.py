@@ -24,6 +24,7 @@ from pipeline.distributed.cluster import actor_resources, init_ray, threads_per_
 from pipeline.distributed.worker import DEFAULT_FORWARD_BATCH, Loader, SamplerWorker
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.solvers.registry import DEFAULT_SOLVER, get_solver
 
 EXTRA_METRICS: tuple[str, ...] = ("fid", "kid")
 
@@ -100,6 +101,7 @@ class SamplerPool:
         num_cpus: per-actor CPUs (default: a fraction that leaves room for other Ray work).
         num_gpus: per-actor GPUs, requested as given (see `actor_resources`; default: sized from the GPUs
             the cluster has now).
+        solver: the solver every schedule is run by unless a call names another (`pipeline.solvers`).
     """
 
     def __init__(
@@ -124,8 +126,10 @@ class SamplerPool:
         ray_address: str | None = None,
         num_cpus: float | None = None,
         num_gpus: float | None = None,
+        solver: str = DEFAULT_SOLVER,
     ):
         self.model_spec = model
+        self.solver = get_solver(solver).name
         self.seeds = tuple(int(s) for s in seeds)
         if not self.seeds:
             raise StridelabError("the pool needs at least one seed")
@@ -189,9 +193,11 @@ class SamplerPool:
         return getattr(h, method).remote(*args, **kwargs)
 
     # -- public API --------------------------------------------------------------------------------
-    def submit(self, schedules: Sequence[Schedule]) -> PendingEvaluation:
-        """Start evaluating `schedules` on every shard; returns at once (in-process: after the work)."""
+    def submit(self, schedules: Sequence[Schedule], solver: str | None = None) -> PendingEvaluation:
+        """Start evaluating `schedules` (run by `solver`, default the pool's) on every shard; returns at once
+        (in-process: after the work)."""
         schedules = list(schedules)
+        solver = get_solver(solver or self.solver).name
         for s in schedules:
             if not isinstance(s, Schedule):
                 raise StridelabError(f"evaluate takes Schedule objects, got {type(s).__name__}")
@@ -200,19 +206,23 @@ class SamplerPool:
             fid_shift = np.asarray(self.reference.mu, dtype=np.float64)
         refs = [[self._call(i, "evaluate", self._shard_seeds(i), list(s.timesteps), self.teacher_nfe,
                             recon=self.recon, inversion=self.inversion, fid_shift=fid_shift,
-                            fid="fid" in self.extra_metrics, kid="kid" in self.extra_metrics)
+                            fid="fid" in self.extra_metrics, kid="kid" in self.extra_metrics, solver=solver)
                  for i in range(len(self.shards))] for s in schedules]
         return PendingEvaluation(self, schedules, refs, self.extra_metrics)
 
-    def evaluate(self, schedules: Sequence[Schedule]) -> list[ScheduleResult]:
+    def evaluate(self, schedules: Sequence[Schedule], solver: str | None = None) -> list[ScheduleResult]:
         """One `ScheduleResult` per schedule, in order (the `InProcessEvaluator.evaluate` contract)."""
-        return self.submit(schedules).result()
+        return self.submit(schedules, solver).result()
 
-    def sample(self, seeds: Sequence[int], timesteps: Sequence[int], eta: float = 0.0) -> torch.Tensor:
-        """x_0 for `seeds` (any seeds, not only the pool's), sharded over the actors, in seed order."""
+    def sample(self, seeds: Sequence[int], timesteps: Sequence[int], eta: float = 0.0,
+               solver: str | None = None) -> torch.Tensor:
+        """x_0 of `solver` (default the pool's) for `seeds` (any seeds, not only the pool's), sharded over
+        the actors, in seed order."""
         seeds = [int(s) for s in seeds]
+        solver = get_solver(solver or self.solver).name
         bounds = shard_bounds(len(seeds), len(self._handles))
-        refs = [self._call(i, "sample", seeds[a:b], list(timesteps), float(eta)) for i, (a, b) in enumerate(bounds)]
+        refs = [self._call(i, "sample", seeds[a:b], list(timesteps), float(eta), solver)
+                for i, (a, b) in enumerate(bounds)]
         parts = _ray_get(refs)
         return torch.cat(parts) if parts else torch.zeros(0)
 

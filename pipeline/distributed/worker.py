@@ -32,7 +32,7 @@ from pipeline.evaluation.inprocess import evaluate_shard
 from pipeline.io.files import atomic_write_bytes
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel, load_model
-from pipeline.solvers.ddim import ddim_sample
+from pipeline.solvers.registry import DEFAULT_SOLVER, solve
 
 DEFAULT_FORWARD_BATCH = 64
 Loader = Callable[[str, Any, Any], LoadedModel]
@@ -124,19 +124,21 @@ class SamplerWorker:
         x_T, gens = initial_noise(seeds, self.model.sample_shape)  # drawn on the CPU, always
         return x_T.to(self.device), gens
 
-    def _sample(self, x_T: torch.Tensor, gens: list[torch.Generator] | None, timesteps: Sequence[int], eta: float) -> torch.Tensor:
-        return ddim_sample(self.denoiser, x_T, timesteps, self.model.alphas_cumprod, eta=eta,
-                           generator=gens if eta > 0 else None)
+    def _sample(self, x_T: torch.Tensor, gens: list[torch.Generator] | None, timesteps: Sequence[int], eta: float,
+                solver: str) -> torch.Tensor:
+        return solve(solver, self.denoiser, x_T, timesteps, self.model.alphas_cumprod, eta=eta,
+                     generator=gens if eta > 0 else None)
 
-    def sample(self, seeds: Sequence[int], timesteps: Sequence[int], eta: float = 0.0) -> torch.Tensor:
-        """DDIM samples x_0 for `seeds` (model range), float32 CPU [len(seeds), *sample_shape]."""
+    def sample(self, seeds: Sequence[int], timesteps: Sequence[int], eta: float = 0.0,
+               solver: str = DEFAULT_SOLVER) -> torch.Tensor:
+        """Samples x_0 of `solver` for `seeds` (model range), float32 CPU [len(seeds), *sample_shape]."""
         self._calls += 1
         self._trace("sample", "start")
         ts = validate_timesteps(list(timesteps), self.model.num_train_timesteps)
         if len(seeds) == 0:
             return torch.zeros(0, *self.model.sample_shape)
         x_T, gens = self._x_T(seeds)
-        out = self._sample(x_T, gens, ts, eta).float().cpu()
+        out = self._sample(x_T, gens, ts, eta, solver).float().cpu()
         self._trace("sample", "done")
         return out
 
@@ -222,8 +224,9 @@ class SamplerWorker:
         fid_shift: np.ndarray | None = None,
         fid: bool = False,
         kid: bool = False,
+        solver: str = DEFAULT_SOLVER,
     ) -> dict[str, Any]:
-        """Per-seed metrics of one schedule on this shard.
+        """Per-seed metrics of one schedule run by `solver` on this shard.
 
         Returns:
             {"recon": float64 [b] or None, "inversion": float64 [b] or None, "seconds": float,
@@ -237,7 +240,7 @@ class SamplerWorker:
         t0 = time.perf_counter()
         out: dict[str, Any] = {"recon": None, "inversion": None, "fid_stats": None, "feats": None}
         m = evaluate_shard(self.denoiser, self.model.alphas_cumprod, self.model.to_unit, ts, teach.x_T,
-                           teach.x0, teach.timesteps, teach.data if inversion else None)
+                           teach.x0, teach.timesteps, teach.data if inversion else None, solver)
         x0 = m.x0
         if recon:
             out["recon"] = m.recon.cpu()

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.solvers.ddim import Denoiser, ddim_sample
+from pipeline.solvers.ddim import Denoiser
+from pipeline.solvers.registry import DEFAULT_SOLVER, solve
 from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors, recon_sem
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel
@@ -71,17 +72,19 @@ def evaluate_shard(
     teacher_x0: torch.Tensor | None,
     teacher_ts: Sequence[int],
     data: torch.Tensor | None = None,
+    solver: str = DEFAULT_SOLVER,
 ) -> ShardMetrics:
-    """Sample `timesteps` from the shard's x_T [b, ...] and score it against the teacher.
+    """Sample `timesteps` with `solver` from the shard's x_T [b, ...] and score it against the teacher.
 
     The one evaluate-a-shard policy of every evaluator (in-process and Ray actors): the teacher's own
-    schedule is not sampled again (its samples are the teacher's, its recon exactly 0); recon is computed
-    when `teacher_x0` is given; inversion when `data` (x_0 drawn from the data, [b, ...]) is given.
+    schedule under DDIM is not sampled again (its samples are the teacher's, its recon exactly 0); recon
+    is computed when `teacher_x0` is given; inversion (DDIM's round trip, whatever the solver: inversion
+    is DDIM's job) when `data` (x_0 drawn from the data, [b, ...]) is given.
     """
-    if teacher_x0 is not None and tuple(timesteps) == tuple(teacher_ts):
+    if teacher_x0 is not None and solver == "ddim" and tuple(timesteps) == tuple(teacher_ts):
         x0 = teacher_x0  # the teacher's own schedule (its FID is the floor of the table): already sampled
     else:
-        x0 = ddim_sample(denoiser, x_T, timesteps, alphas_cumprod)
+        x0 = solve(solver, denoiser, x_T, timesteps, alphas_cumprod)
     rec = per_sample_mse(to_unit(x0), to_unit(teacher_x0)) if teacher_x0 is not None else None  # = recon_errors
     inv = inversion_errors(denoiser, data, timesteps, alphas_cumprod, to_unit) if data is not None else None
     return ShardMetrics(x0, rec, inv)
@@ -132,23 +135,28 @@ class InProcessEvaluator:
     """Evaluates schedules in this process on a fixed seed set; the reference for distributed evaluators.
 
     Any evaluator (this one, the Ray actor pool) has the same method:
-    ``evaluate(schedules) -> list[ScheduleResult]``, results in the order of `schedules`, each computed
-    on the evaluator's seeds against its teacher.
+    ``evaluate(schedules, solver=None) -> list[ScheduleResult]``, results in the order of `schedules`,
+    each run by `solver` (default: the one the evaluator was made with) on the evaluator's seeds against
+    its teacher (many-step DDIM, whatever the solver: the teacher approximates the exact ODE solution).
     """
 
-    def __init__(self, model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, inversion: bool = False):
+    def __init__(self, model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, inversion: bool = False,
+                 solver: str = DEFAULT_SOLVER):
         self.model = model
+        self.solver = solver
         self.teacher = make_teacher(model, seeds, teacher_nfe)
         sample_data = getattr(model.denoiser, "sample_data", None)
         self.data = sample_data(seeds) if (inversion and sample_data is not None) else None
 
-    def evaluate(self, schedules: Sequence[Schedule]) -> list[ScheduleResult]:
+    def evaluate(self, schedules: Sequence[Schedule], solver: str | None = None) -> list[ScheduleResult]:
+        """Each schedule run by `solver` (default: the evaluator's), in order."""
         import time
 
+        solver = solver or self.solver
         out = []
         for s in schedules:
             t0 = time.perf_counter()
             m = evaluate_shard(self.model.denoiser, self.model.alphas_cumprod, self.model.to_unit, s.timesteps,
-                               self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data)
+                               self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data, solver)
             out.append(ScheduleResult(s, m.recon, m.inversion, time.perf_counter() - t0))
         return out

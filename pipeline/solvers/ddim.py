@@ -92,9 +92,10 @@ def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
 
-def _noise_sampler_from(
+def noise_sampler_from(
     generator: torch.Generator | Sequence[torch.Generator] | None, x: torch.Tensor
 ) -> NoiseSampler | None:
+    """A `NoiseSampler` drawing from one generator for the batch, or one per sample (row i from gens[i])."""
     if generator is None:
         return None
     if isinstance(generator, torch.Generator):
@@ -135,7 +136,7 @@ def ddim_sample(
         raise StridelabError(f"eta must be in [0, 1], got {eta}")
     abar = as_alphas_cumprod(alphas_cumprod)
     ts = validate_timesteps(timesteps, abar.numel())
-    noise_sampler = noise_sampler or _noise_sampler_from(generator, x_T)
+    noise_sampler = noise_sampler or noise_sampler_from(generator, x_T)
     if eta > 0 and noise_sampler is None:
         raise StridelabError("eta > 0 needs a generator (or noise_sampler) for the per-step noise")
 

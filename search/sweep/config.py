@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.core.schedules import SCHEDULES, Schedule
 from pipeline.errors import StridelabError
+from pipeline.solvers.registry import DEFAULT_SOLVER, SOLVERS, get_solver
 from search.defaults import DEFAULT_MODEL, DEFAULTS
 from search.evaluators import OBJECTIVES, Objective
 from search.space import SPACES
@@ -22,8 +23,16 @@ HOLDOUT_OFFSET = 1_000_000
 """Held-out seeds start here (plus --seed): disjoint from any tuning range shorter than this."""
 
 DEFAULT_BASELINES: tuple[str, ...] = (*SCHEDULES, "dp")
-ALL_BASELINES: tuple[str, ...] = (*DEFAULT_BASELINES, "dp_free")
-"""Warm starts a sweep accepts: the default ones and ``dp_free`` (the DP choosing its start, `search.placement.dp`)."""
+"""The DDIM sweep's warm starts (DDIM's own default spacing is `uniform`, already among them)."""
+ALL_BASELINES: tuple[str, ...] = ("default", *DEFAULT_BASELINES, "dp_free")
+"""Warm starts a sweep accepts: ``default`` (the solver's diffusers ``set_timesteps(n)`` spacing,
+`pipeline.interop.defaults`), the schedules, ``dp`` and ``dp_free`` (the DP choosing its start)."""
+
+
+def baselines_for(solver: str) -> tuple[str, ...]:
+    """The default warm starts of a sweep for `solver`: its own default spacing first (except DDIM's, which is
+    `uniform`), then every schedule and the DP placement."""
+    return DEFAULT_BASELINES if solver == DEFAULT_SOLVER else ("default", *DEFAULT_BASELINES)
 
 AUTO_SCREEN_MIN = 8
 """The automatic pruning screen (``screen_seeds = 0``) uses at least this many tuning seeds."""
@@ -31,10 +40,15 @@ AUTO_SCREEN_MIN = 8
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """What a sweep does (everything that changes its numbers); logged as the parent run's params."""
+    """What a sweep does (everything that changes its numbers); logged as the parent run's params.
+
+    `nfe` is the budget in model evaluations; `solver` runs every schedule (`steps` of them per schedule).
+    `baselines` None: `baselines_for(solver)`.
+    """
 
     model: str = DEFAULT_MODEL
     nfe: int = DEFAULTS["nfe"]
+    solver: str = DEFAULT_SOLVER
     trials: int = DEFAULTS["trials"]
     parallel: int = DEFAULTS["parallel"]
     sampler: str = DEFAULTS["sampler"]
@@ -44,7 +58,7 @@ class SweepConfig:
     num_seeds: int = DEFAULTS["num_seeds"]
     holdout_seeds: int = DEFAULTS["holdout_seeds"]
     seed: int = DEFAULTS["seed"]
-    baselines: tuple[str, ...] = DEFAULT_BASELINES
+    baselines: tuple[str, ...] | None = None
     prune: bool = True
     screen_seeds: int = DEFAULTS["screen_seeds"]
     prune_p: float = 0.05
@@ -61,6 +75,9 @@ class SweepConfig:
                 raise StridelabError(msg)
 
         need(isinstance(self.nfe, int) and self.nfe >= 1, f"`nfe` must be an integer >= 1, got {self.nfe!r}")
+        need(self.solver in SOLVERS, f"`solver` must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.baselines is None:  # frozen: resolve the solver's default warm starts once
+            object.__setattr__(self, "baselines", baselines_for(self.solver))
         need(self.trials >= 1, f"`trials` must be >= 1, got {self.trials}")
         need(self.parallel >= 1, f"`parallel` must be >= 1, got {self.parallel}")
         need(self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -78,6 +95,11 @@ class SweepConfig:
         if self.objective == "recon,fid":
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
+
+    @property
+    def steps(self) -> int:
+        """Steps of every schedule of the sweep: the most whose model evaluations fit in `nfe` (Heun: (nfe + 1) // 2)."""
+        return get_solver(self.solver).steps_for_budget(self.nfe)
 
     @property
     def tuning_seeds(self) -> list[int]:

@@ -1,12 +1,16 @@
 """Honest numbers: the schedules re-evaluated on held-out seeds and the comparison table built from them.
 
-Columns of a row (one schedule): ``schedule, nfe, holdout_<metric>`` (``recon`` and, when evaluated, ``fid``),
+Columns of a row (one schedule): ``schedule, solver, nfe`` (model evaluations), ``steps, holdout_<metric>`` (``recon`` and, when evaluated, ``fid``),
 ``tuning_recon`` (its mean on the tuning seeds), ``timesteps``, and the ratios
-    ``x_best_baseline``          holdout_recon / min over the `SCHEDULES` rows
+    ``x_best_baseline``          holdout_recon / min over the baseline rows (`SCHEDULES` and the solver's
+                                 ``default``), all run by the sweep's solver
+    ``x_best_default_pair``      holdout_recon / min over those and the reference rows ``<solver> default``
+                                 (every other solver with its own default spacing at the same budget)
     ``fid_x_best_baseline``      holdout_fid / min over the `SCHEDULES` rows
     ``fid_gap_x_best_baseline``  (holdout_fid - teacher's) / (best baseline's - teacher's): the share of the
                                  gap to the teacher's FID floor left open (only with a teacher row)
-Rows: the learned schedule first, then the rest by held-out recon, the teacher last.
+Rows: the learned schedule first, then the rest by held-out recon, the teacher last. The reference rows
+mean a learned schedule is never shown without the strongest thing a user could pick instead.
 """
 
 from __future__ import annotations
@@ -21,18 +25,23 @@ from optuna.trial import TrialState
 from pipeline.core.schedules import SCHEDULES, Schedule, uniform
 from pipeline.evaluation.inprocess import ScheduleResult
 from search import export
+from pipeline.solvers.registry import SOLVERS
 from search.sweep.config import SweepConfig
+from search.sweep.pruning import safe_evaluate
 
 TEACHER_PREFIX = "teacher ("
 
 
-def learned_schedule(bt: optuna.trial.FrozenTrial, space: str, num_train_timesteps: int) -> tuple[str, Schedule]:
-    """(row name, schedule) of the best trial; a warm start that stayed best is named ``learned (= name)``."""
+def learned_schedule(bt: optuna.trial.FrozenTrial, space: str, num_train_timesteps: int,
+                     solver: str = "ddim") -> tuple[str, Schedule]:
+    """(row name, schedule) of the best trial; a warm start that stayed best is named ``learned (= name)``.
+    Its meta records the solver it was tuned for (``SolverSpec.record()``), which exports carry."""
     best = export.schedule_of_trial(bt, num_train_timesteps)
     name = "learned" if bt.user_attrs.get("kind") != "baseline" else f"learned (= {best.name})"
     learned = Schedule(best.timesteps, best.num_train_timesteps, "learned",
                        {"space": "steps" if bt.user_attrs.get("kind") == "polish" else space,
-                        **{k: float(v) for k, v in bt.params.items()}})
+                        **{k: float(v) for k, v in bt.params.items()}},
+                       {"solver": SOLVERS[solver].record()})
     return name, learned
 
 
@@ -59,6 +68,34 @@ def tuning_recon(study: optuna.Study, bt: optuna.trial.FrozenTrial, learned_name
     return tuning
 
 
+REFERENCE_SUFFIX = " default"
+"""Reference rows are named ``<solver> default``: another solver with its own diffusers default spacing."""
+
+
+def reference_schedules(cfg: SweepConfig, model: Any) -> dict[str, tuple[str, Schedule]]:
+    """``{"<solver> default": (solver, schedule)}`` for every solver but the sweep's, each at the most steps
+    that fit the sweep's budget of `nfe` model evaluations (Heun: (nfe + 1) // 2)."""
+    from pipeline.interop.defaults import default_spacing
+
+    out = {}
+    for name, spec in SOLVERS.items():
+        if name != cfg.solver:
+            out[name + REFERENCE_SUFFIX] = (name, default_spacing(name, spec.steps_for_budget(cfg.nfe), model.alphas_cumprod))
+    return out
+
+
+def evaluate_by_solver(ev: Any, entries: Sequence[tuple[str, Schedule, str]], own_solver: str) -> list[ScheduleResult | Exception]:
+    """Results of ``(name, schedule, solver)`` entries in order: one evaluation call per solver (the
+    evaluator's own solver without naming it, so any ``evaluate(schedules)`` evaluator serves it)."""
+    results: list[ScheduleResult | Exception | None] = [None] * len(entries)
+    for solver in dict.fromkeys(e[2] for e in entries):
+        idx = [i for i, e in enumerate(entries) if e[2] == solver]
+        got = safe_evaluate(ev, [entries[i][1] for i in idx], None if solver == own_solver else solver)
+        for i, r in zip(idx, got):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
 def objective_metrics(r: ScheduleResult) -> dict[str, float]:
     """Mean recon and every extra metric (fid) of one result, as floats."""
     out = {"recon": float(r.recon.double().mean())}
@@ -68,11 +105,15 @@ def objective_metrics(r: ScheduleResult) -> dict[str, float]:
 
 
 def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult | Exception],
-                 tuning: Mapping[str, float | None]) -> list[dict[str, Any]]:
-    """The comparison table (module docstring) from the held-out `results` of `named` (the learned one first)."""
+                 tuning: Mapping[str, float | None], solvers: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The comparison table (module docstring) from the held-out `results` of `named` (the learned one first),
+    each row run by ``solvers[name]`` (default ddim)."""
     rows = []
+    solvers = solvers or {}
     for (name, s), r in zip(named.items(), results):
-        row: dict[str, Any] = {"schedule": name, "nfe": s.nfe}
+        solver = solvers.get(name, "ddim")
+        row: dict[str, Any] = {"schedule": name, "solver": solver, "nfe": SOLVERS[solver].evaluations(s.nfe),
+                               "steps": s.nfe}
         if isinstance(r, Exception):
             row["error"] = str(r)
         else:
@@ -84,6 +125,7 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
     teacher_rows = [r for r in rows if r["schedule"].startswith(TEACHER_PREFIX)]
     if teacher_rows and "holdout_fid" in teacher_rows[0]:
         _add_fid_gap(rows, teacher_rows[0]["holdout_fid"], best_fid)
+    _add_best_any(rows)
     others = [r for r in rows[1:] if r not in teacher_rows]
     return rows[:1] + sorted(others, key=lambda r: r.get("holdout_recon", math.inf)) + teacher_rows
 
@@ -92,12 +134,28 @@ def _add_ratios(rows: list[dict[str, Any]]) -> float | None:
     """Add ``x_best_baseline`` and ``fid_x_best_baseline`` in place; returns the best baseline's FID."""
     best_base: dict[str, float | None] = {}
     for metric, col in (("holdout_recon", "x_best_baseline"), ("holdout_fid", "fid_x_best_baseline")):
-        best_base[metric] = min((r[metric] for r in rows if r["schedule"] in SCHEDULES and metric in r),
+        best_base[metric] = min((r[metric] for r in rows if _is_baseline(r["schedule"]) and metric in r),
                                 default=None)
         for r in rows:
             if best_base[metric] and metric in r:
                 r[col] = r[metric] / best_base[metric]
     return best_base["holdout_fid"]
+
+
+def _is_baseline(name: str) -> bool:
+    """A row of the sweep's own solver under a named spacing (its diffusers default included)."""
+    return name in SCHEDULES or name == "default"
+
+
+def _add_best_any(rows: list[dict[str, Any]]) -> None:
+    """Add ``x_best_default_pair`` in place: holdout_recon / min over the baselines and every other solver's
+    default spacing (the strongest zero-search pick a user has at this budget)."""
+    pool = [r["holdout_recon"] for r in rows if "holdout_recon" in r
+            and (_is_baseline(r["schedule"]) or r["schedule"].endswith(REFERENCE_SUFFIX))]
+    best = min(pool, default=None)
+    for r in rows:
+        if best and "holdout_recon" in r:
+            r["x_best_default_pair"] = r["holdout_recon"] / best
 
 
 def _add_fid_gap(rows: list[dict[str, Any]], floor: float, best_fid: float | None) -> None:

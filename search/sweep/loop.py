@@ -46,8 +46,8 @@ class Sweep:
                  study: optuna.Study, tracker: Any, log: Callable[[str], None] = print):
         self.cfg, self.model, self.study, self.tracker, self.log = cfg, model, study, tracker, log
         self.objective = Objective(cfg.objective, cfg.fid_weight)
-        self.space = make_space(cfg.space, cfg.nfe, model.alphas_cumprod)
-        self.polish_space = make_space("steps", cfg.nfe, model.alphas_cumprod)
+        self.space = make_space(cfg.space, cfg.steps, model.alphas_cumprod)
+        self.polish_space = make_space("steps", cfg.steps, model.alphas_cumprod)
         self.ladder = step_ladder(model.num_train_timesteps)
         seeds = cfg.tuning_seeds
         if cfg.pruning:
@@ -113,11 +113,11 @@ class Sweep:
             for name in ("dp", "dp_free"):
                 if name in todo:
                     t0 = time.perf_counter()  # each placement's own time (both share the trajectory above)
-                    dps[name] = dp_schedule(self.model, self.cfg.nfe, traj=traj, free_start=name == "dp_free")
+                    dps[name] = dp_schedule(self.model, self.cfg.steps, traj=traj, free_start=name == "dp_free")
                     self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
         if not todo:
             return
-        scheds = [dps[b] if b in dps else make_schedule(b, self.cfg.nfe, self.model.alphas_cumprod) for b in todo]
+        scheds = [dps[b] if b in dps else self._baseline(b) for b in todo]
         results = self.evaluate_full(scheds)
         dists = self.space.distributions()
         for sched, res in zip(scheds, results):
@@ -139,6 +139,14 @@ class Sweep:
             if state == TrialState.COMPLETE:
                 self.per_seed[number] = np.asarray(ua["recon_per_seed"])
             self._track(number, state.name, sched, params, ua, "baseline")
+
+    def _baseline(self, name: str) -> Schedule:
+        """A named warm start at the sweep's step count; ``default`` is the solver's diffusers default spacing."""
+        if name == "default":
+            from pipeline.interop.defaults import default_spacing
+
+            return default_spacing(self.cfg.solver, self.cfg.steps, self.model.alphas_cumprod)
+        return make_schedule(name, self.cfg.steps, self.model.alphas_cumprod)
 
     # -- search -------------------------------------------------------------------------------------
     def _best_screen(self) -> np.ndarray | None:

@@ -18,8 +18,8 @@ from pipeline.core.schedules import Schedule, make_schedule
 from pipeline.models.load import LoadedModel
 from search.sweep.config import HOLDOUT_OFFSET, SweepConfig
 
-TABLE_COLUMNS = ["schedule", "nfe", "holdout_recon", "x_best_baseline", "holdout_fid", "fid_x_best_baseline",
-                 "fid_gap_x_best_baseline", "tuning_recon", "timesteps"]
+TABLE_COLUMNS = ["schedule", "solver", "nfe", "holdout_recon", "x_best_baseline", "x_best_default_pair", "holdout_fid",
+                 "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon", "timesteps"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class HeldOut:
 
     def summary_metrics(self) -> dict[str, Any]:
         """The learned row's held-out numbers and ratios, and the best trial's tuning numbers."""
-        metrics = {k: v for k, v in self.rows[0].items() if k.startswith("holdout_") or k.endswith("x_best_baseline")}
+        metrics = {k: v for k, v in self.rows[0].items() if k.startswith("holdout_") or k.endswith(("x_best_baseline", "x_best_default_pair"))}
         bt = self.best_trial
         metrics.update({f"tuning_{k}": bt.user_attrs[k] for k in ("recon", "fid") if bt.user_attrs.get(k) is not None})
         return metrics
@@ -76,15 +76,17 @@ def _draw(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldO
           multi: bool) -> list[Path]:
     from search import plots
 
-    same_nfe = {k: v for k, v in held.named.items() if v.nfe == cfg.nfe}  # not the teacher's 250 steps
+    # The sweep's own solver's rows only (not the teacher's 250 steps, not other solvers' references).
+    same_nfe = {r["schedule"]: held.named[r["schedule"]] for r in held.rows
+                if r.get("solver", cfg.solver) == cfg.solver and r.get("steps") == cfg.steps}
     figs = [plots.steps_plot(same_nfe, model.alphas_cumprod, run_dir / "steps.png", highlight="learned"),
             plots.history_plot(study.get_trials(deepcopy=False), run_dir / "history.png", multi)]
     if any("holdout_fid" in r for r in held.rows):
         figs.append(plots.holdout_plot(held.rows, run_dir / "holdout.png", highlight=held.learned_name))
     grid_seeds = cfg.holdout_seed_list[: cfg.grid_seeds]
-    uniform_n = make_schedule("uniform", cfg.nfe, model.alphas_cumprod)
+    uniform_n = make_schedule("uniform", cfg.steps, model.alphas_cumprod)
     figs.append(plots.sample_grid(model, {"uniform": uniform_n, "learned": held.learned}, grid_seeds,
-                                  run_dir / "samples.png"))
+                                  run_dir / "samples.png", solver=cfg.solver))
     return figs
 
 

@@ -37,15 +37,16 @@ def combine(a: ScheduleResult, b: ScheduleResult) -> ScheduleResult:
     return ScheduleResult(a.schedule, torch.cat([a.recon, b.recon]), inv, a.seconds + b.seconds, None)
 
 
-def safe_evaluate(ev: Any, schedules: list[Schedule]) -> list[ScheduleResult | Exception]:
-    """Evaluate a batch; if the batch raises, evaluate one by one so one bad schedule fails only itself."""
+def safe_evaluate(ev: Any, schedules: list[Schedule], solver: str | None = None) -> list[ScheduleResult | Exception]:
+    """Evaluate a batch (run by `solver`, default the evaluator's); if the batch raises, evaluate one by one
+    so one bad schedule fails only itself."""
     if not schedules:
         return []
     try:
-        return list(ev.evaluate(schedules))
+        return list(ev.evaluate(schedules) if solver is None else ev.evaluate(schedules, solver=solver))
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # trial isolation in the driver: a failing trial must not end the sweep
         if len(schedules) == 1:
             return [e]
-    return [safe_evaluate(ev, [s])[0] for s in schedules]
+    return [safe_evaluate(ev, [s], solver)[0] for s in schedules]

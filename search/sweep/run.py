@@ -65,7 +65,7 @@ def run_sweep(
     if missing is not None:  # before opening it, which would create an empty store
         raise StridelabError(f"`resume`: no study named {study_name!r}: {missing} does not exist")
     model = model or load_model(cfg.model)
-    check_nfe(cfg.nfe, model.num_train_timesteps)
+    check_nfe(cfg.steps, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)
     study_name = study_name or default_study_name(cfg)
     study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log)
@@ -112,7 +112,7 @@ def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_n
     from search import export
 
     sampler = make_sampler(cfg.sampler, cfg.seed, multi_objective=objective.multi)
-    identity = {"model": cfg.model, "nfe": cfg.nfe, "space": cfg.space, "objective": cfg.objective,
+    identity = {"model": cfg.model, "nfe": cfg.nfe, "solver": cfg.solver, "space": cfg.space, "objective": cfg.objective,
                 "num_train_timesteps": model.num_train_timesteps,
                 "alphas_cumprod_sha256": export.alphas_cumprod_sha256(model.alphas_cumprod),
                 "tuning_seeds": [cfg.seed, cfg.num_seeds], "teacher_nfe": cfg.teacher_nfe}
@@ -150,8 +150,9 @@ def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_ad
                        log: Callable[[str], None]) -> EvaluatorFactory:
     """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
     factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
-                               gpus_per_actor=gpus_per_actor)
-    log(f"evaluator: {factory.kind}; teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
+                               gpus_per_actor=gpus_per_actor, solver=cfg.solver)
+    log(f"evaluator: {factory.kind}; solver {cfg.solver}, {cfg.steps} steps ({cfg.nfe} model evaluations budget); "
+        f"teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
     return factory
 
 
@@ -163,7 +164,7 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: 
 
     T = model.num_train_timesteps
     bt = export.best_trial(study)
-    learned_name, learned = holdout.learned_schedule(bt, cfg.space, T)
+    learned_name, learned = holdout.learned_schedule(bt, cfg.space, T, cfg.solver)
     named = {learned_name: learned, **holdout.warm_schedules(study, T)}
     for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
         if factory is not None:
@@ -179,9 +180,15 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: 
         teacher_name, teacher = holdout.teacher_schedule(cfg, model.alphas_cumprod, T)
         named[teacher_name] = teacher
     hold_eval = hold_eval or evaluators(cfg.holdout_seed_list)
-    results = safe_evaluate(hold_eval, list(named.values()))
+    entries = [(k, sched, cfg.solver) for k, sched in named.items() if not k.startswith(holdout.TEACHER_PREFIX)]
+    if factory is not None:  # the other solvers' own defaults at this budget: what a user could pick instead
+        entries += [(k, sched, solver) for k, (solver, sched) in holdout.reference_schedules(cfg, model).items()]
+    entries += [(k, sched, "ddim") for k, sched in named.items() if k.startswith(holdout.TEACHER_PREFIX)]
+    results = holdout.evaluate_by_solver(hold_eval, entries, cfg.solver)
     log(f"held-out evaluation on {cfg.holdout_seeds} seeds: {time.perf_counter() - t0:.1f} s")
-    rows = holdout.holdout_rows(named, results, holdout.tuning_recon(study, bt, learned_name))
+    named = {k: sched for k, sched, _ in entries}
+    rows = holdout.holdout_rows(named, results, holdout.tuning_recon(study, bt, learned_name),
+                                {k: solver for k, _, solver in entries})
     return HeldOut(bt, learned_name, learned, named, rows)
 
 
@@ -195,4 +202,5 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
 
 def default_study_name(cfg: SweepConfig) -> str:
     safe = "".join(c if c.isalnum() else "-" for c in cfg.model).strip("-")
-    return f"{safe}-nfe{cfg.nfe}-{cfg.space}-{cfg.objective.replace(',', '_').replace('+', 'p')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    solver = "" if cfg.solver == "ddim" else f"-{''.join(c if c.isalnum() else '-' for c in cfg.solver)}"
+    return f"{safe}{solver}-nfe{cfg.nfe}-{cfg.space}-{cfg.objective.replace(',', '_').replace('+', 'p')}-{time.strftime('%Y%m%d-%H%M%S')}"
