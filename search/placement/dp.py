@@ -124,6 +124,44 @@ def _costs(model: LoadedModel, sources: TeacherTrajectory, traj: TeacherTrajecto
 
 
 @torch.no_grad()
+def heun_jump_costs(model: LoadedModel, traj: TeacherTrajectory) -> np.ndarray:
+    """cost [G, G + 1] of one Heun step (2 model evaluations) from grid i to grid j > i; the step to clean
+    (column G) is Euler, as in `pipeline.solvers` (= the DDIM jump). G^2 / 2 extra evaluations: one batched
+    denoiser call per source point over every target's predictor state.
+
+    In x~ = x / sqrt(abar), sigma = sqrt((1 - abar) / abar): d_i = eps(x_i, t_i), predictor
+    x~'_j = x~_i + (sigma_j - sigma_i) d_i, corrector x~_j = x~_i + (sigma_j - sigma_i) (d_i + eps(x'_j, t_j)) / 2.
+    """
+    G = len(traj.grid)
+    abar = model.alphas_cumprod
+    scale = 1.0 / (model.data_range[1] - model.data_range[0]) ** 2
+    cost = _costs(model, traj, traj)  # the Euler column G (and a fallback for nothing else)
+    a = torch.tensor([abar[t].item() for t in traj.grid], dtype=torch.float64)
+    sig = ((1 - a) / a).sqrt()
+    B = traj.states.shape[1]
+    for i, t in enumerate(traj.grid[:-1]):
+        x = traj.states[i]
+        eps_i = model.denoiser(x, torch.full((B,), t, dtype=torch.long)).double()
+        xt_i = x.double() / a[i].sqrt()
+        js = torch.arange(i + 1, G)
+        shape = (-1, *([1] * x.ndim))
+        h = (sig[js] - sig[i]).reshape(shape)
+        pred = (xt_i + h * eps_i) * a[js].sqrt().reshape(shape)  # [J, B, ...] VP states at t_j
+        t_rows = torch.as_tensor([traj.grid[j] for j in js.tolist()], dtype=torch.long).repeat_interleave(B)
+        eps_j = model.denoiser(pred.reshape(-1, *x.shape[1:]).to(x.dtype), t_rows).double().reshape(pred.shape)
+        x_j = (xt_i + h * (eps_i + eps_j) / 2) * a[js].sqrt().reshape(shape)
+        cost[i, i + 1 : G] = ((x_j - traj.states[i + 1 :].double()) ** 2).flatten(2).mean((1, 2)).numpy() * scale
+    return cost
+
+
+SOLVER_COSTS = {"heun": heun_jump_costs}
+"""Solvers whose DP uses their own one-step cost. Every other solver uses the DDIM jump (`jump_costs`): exact
+for DDIM and Euler (the same update); for the multistep solvers (DPM-Solver++ 2M/3M, UniPC, iPNDM) it is
+their first-order step, the one they take when no history exists, so the DP places steps for first-order
+local error and the search that follows corrects for the history terms."""
+
+
+@torch.no_grad()
 def start_costs(model: LoadedModel, traj: TeacherTrajectory) -> np.ndarray:
     """start [G, G + 1]: like `jump_costs`, but every jump leaves from x_T (traj.states[0]) evaluated as if
     it stood at grid point i (row 0 equals jump_costs' row 0)."""
@@ -171,6 +209,7 @@ def dp_schedule(
     grid_size: int = 160,
     traj: TeacherTrajectory | None = None,
     free_start: bool = False,
+    solver: str = "ddim",
 ) -> Schedule:
     """The n-step schedule minimising the accumulated one-jump error against the teacher (see module doc).
 
@@ -182,6 +221,7 @@ def dp_schedule(
         grid_size: candidate timesteps (about); the schedule is a subset of them.
         traj: a precomputed trajectory (to place several NFEs from one teacher run).
         free_start: let the DP choose the first timestep too (see the module doc); named ``"dp_free"``.
+        solver: whose one-step cost the DP sums (`SOLVER_COSTS`; the DDIM jump otherwise).
     Returns:
         Schedule named ``"dp"`` (``"dp_free"``) with ``params`` recording the grid size and the path's cost.
     """
@@ -189,6 +229,8 @@ def dp_schedule(
     nfe = check_nfe(nfe, T)
     traj = traj if traj is not None else teacher_trajectory(model, seeds, teacher_nfe, grid_size)
     start = start_costs(model, traj) if free_start else None
-    path, total = best_path(jump_costs(model, traj), nfe, start)
+    cost_of = SOLVER_COSTS.get(solver, jump_costs)
+    path, total = best_path(cost_of(model, traj), nfe, start)
     ts = tuple(traj.grid[i] for i in path)
-    return Schedule(ts, T, "dp_free" if free_start else "dp", {"grid_size": len(traj.grid), "path_cost": total})
+    return Schedule(ts, T, "dp_free" if free_start else "dp",
+                    {"grid_size": len(traj.grid), "path_cost": total, "cost": cost_of.__name__})

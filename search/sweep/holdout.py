@@ -24,6 +24,7 @@ from optuna.trial import TrialState
 
 from pipeline.core.schedules import SCHEDULES, Schedule, uniform
 from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.metrics.recon import recon_sem
 from search import export
 from pipeline.solvers.registry import SOLVERS
 from search.sweep.config import SweepConfig
@@ -118,6 +119,7 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
             row["error"] = str(r)
         else:
             row.update({f"holdout_{k}": v for k, v in objective_metrics(r).items()})
+            row["holdout_recon_sem"] = recon_sem(r.recon)
         row["tuning_recon"] = tuning.get(name)
         row["timesteps"] = " ".join(map(str, s.timesteps))
         rows.append(row)

@@ -39,6 +39,10 @@ from search.sweep.config import SweepConfig
 from search.sweep.pruning import combine, safe_evaluate, screen_is_worse
 
 
+HEUN_DP_GRID = 48
+"""Grid points of the DP for a solver with its own (two-evaluation) step cost."""
+
+
 class Sweep:
     """One sweep invocation (see the module docstring). Use `run_sweep`."""
 
@@ -105,15 +109,17 @@ class Sweep:
         dps: dict[str, Schedule] = {}
         if {"dp", "dp_free"} & set(todo):  # a resumed study already has its dp trials
             t0 = time.perf_counter()
-            from search.placement.dp import dp_schedule, teacher_trajectory
+            from search.placement.dp import SOLVER_COSTS, dp_schedule, teacher_trajectory
 
-            traj = teacher_trajectory(self.model, self.cfg.tuning_seeds[: self.cfg.dp_seeds], self.cfg.teacher_nfe,
-                                      self.cfg.dp_grid)
+            # Heun's cost takes G^2 / 2 evaluations: a coarser grid keeps it to about a thousand.
+            grid = min(self.cfg.dp_grid, HEUN_DP_GRID) if self.cfg.solver in SOLVER_COSTS else self.cfg.dp_grid
+            traj = teacher_trajectory(self.model, self.cfg.tuning_seeds[: self.cfg.dp_seeds], self.cfg.teacher_nfe, grid)
             self.log(f"dp teacher trajectory on {len(traj.grid)} grid points: {time.perf_counter() - t0:.1f} s")
             for name in ("dp", "dp_free"):
                 if name in todo:
                     t0 = time.perf_counter()  # each placement's own time (both share the trajectory above)
-                    dps[name] = dp_schedule(self.model, self.cfg.steps, traj=traj, free_start=name == "dp_free")
+                    dps[name] = dp_schedule(self.model, self.cfg.steps, traj=traj, free_start=name == "dp_free",
+                                            solver=self.cfg.solver)
                     self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
         if not todo:
             return
