@@ -432,9 +432,16 @@ def k_diffusion_sigmas(
     return schedule.sigmas(abar).to(device=device, dtype=dtype)
 
 
+def _as_float64(values: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    # A list goes straight to float64 (torch.as_tensor would round it to float32 first).
+    if isinstance(values, torch.Tensor):
+        return values.detach().to("cpu", torch.float64).reshape(-1)
+    return torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+
+
 def _checked_sigmas(sigmas: torch.Tensor | Sequence[float]) -> torch.Tensor:
     """float64 sigmas without a trailing 0, or a `StridelabError` (empty, not finite, <= 0, not decreasing)."""
-    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
+    s = _as_float64(sigmas)
     if s.numel() and s[-1] == 0:
         s = s[:-1]
     if s.numel() == 0:
@@ -488,7 +495,7 @@ def comfyui_sigma_string(sigmas: torch.Tensor | Sequence[float]) -> str:
     Raises:
         StridelabError: not a strictly decreasing list of finite positive sigmas ending in 0.
     """
-    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64).reshape(-1)
+    s = _as_float64(sigmas)
     if s.numel() < 2 or s[-1] != 0:
         raise StridelabError(f"ComfyUI sigmas are n + 1 values ending in 0 (the step to clean data), got {s.tolist()}")
     _checked_sigmas(s)
