@@ -279,3 +279,26 @@ def test_export_cli_format_and_solver_note(tmp_path, ring8, capsys, dpm2m):
     err = capsys.readouterr().err
     assert err.startswith("stridelab export: error: solver 'dpmsolver++2m' has no k-diffusion sampler")
     assert len(err.strip().splitlines()) == 1 and not bad.exists()
+
+
+def test_export_from_an_old_run_artifact_gets_ddim_assumed(tmp_path, ring8):
+    """An MLflow run whose best_schedule.json predates solver records: the export says DDIM, assumed."""
+    import mlflow
+
+    from search.export import export_from_run
+
+    sched = make_schedule("karras", 5, ring8.alphas_cumprod)
+    old = export_for_model(sched, ring8)
+    del old["solver"], old["meta"]["solver"]
+    (tmp_path / "best_schedule.json").write_text(json.dumps(old))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(tmp_path / "best_schedule.json"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    d = json.loads(export_from_run(run.info.run_id, tmp_path / "s.json", uri).read_text())
+    assert d["solver"]["name"] == "ddim" and d["solver"]["assumed"] and d["meta"]["solver"] == d["solver"]
+    c = json.loads(export_from_run(run.info.run_id, tmp_path / "c.json", uri, fmt="comfyui").read_text())
+    assert c["sampler_name"] == "ddim" and c["timesteps"] == list(sched.timesteps)
