@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from jobs.common import add_deprecated_alias
+
+FORMATS = ("stridelab", "comfyui", "k-diffusion")  # search.export.FORMATS (a test keeps them equal; no import at parse time)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,8 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Export the best schedule of a sweep, from its MLflow parent run (--run) or its Optuna study "
             "(--study-name, --storage). The JSON has timesteps (descending), sigmas (n+1, ending in 0), "
-            "num_train_timesteps, nfe, the model id and a sha256 of its alphas_cumprod, metrics and "
-            "provenance; `Schedule.load` reads it back."
+            "num_train_timesteps, nfe, the model id and a sha256 of its alphas_cumprod, metrics, "
+            "provenance and the solver it was tuned with (diffusers class + config, k-diffusion and ComfyUI "
+            "sampler names); `Schedule.load` reads it back. --format comfyui / k-diffusion write what those "
+            "tools take instead."
         ),
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Optuna storage of --study-name: journal file or RDB URL (default %(default)s)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of --run (default sqlite:///<cwd>/mlflow.db)")
     p.add_argument("--out", default="schedule.json", help="output file: the schedule JSON (default %(default)s)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="stridelab",
+                   help="stridelab: the export itself (default); comfyui: the sigma string for a ManualSigmas node "
+                        "feeding SamplerCustom's sigmas, and the KSamplerSelect sampler_name; k-diffusion: the "
+                        "sampling.sample_* name and its sigmas")
     p.add_argument("--trial", type=int, default=None,
                    help="with --study-name: export this trial number instead of the best (e.g. another point of a "
                         "recon,fid Pareto front; the sweep's trials.parquet lists them)")
@@ -42,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise StridelabError(f"{'--table' if args.table else '--trial'} needs --study-name (the trials live in the Optuna study)")
         from search.tracking import default_tracking_uri
 
-        path = export.export_from_run(args.run, args.out, args.tracking_uri or default_tracking_uri())
+        path = export.export_from_run(args.run, args.out, args.tracking_uri or default_tracking_uri(), fmt=args.fmt)
     else:
         import optuna
 
@@ -54,8 +64,11 @@ def run(args: argparse.Namespace) -> int:
         if not study_exists(storage, args.study_name):
             raise StridelabError(f"no study named {args.study_name!r} in {args.storage}")
         study = optuna.load_study(study_name=args.study_name, storage=storage)
-        path = export.export_from_study(study, args.out, args.storage, trial=args.trial)
+        path = export.export_from_study(study, args.out, args.storage, trial=args.trial, fmt=args.fmt)
         if args.table:
             print(f"wrote {export.write_trials_parquet(study, args.table)}")
+    assumed = json.loads(path.read_text(encoding="utf-8"))["solver"].get("assumed")
+    if assumed:
+        print(f"stridelab export: note: solver {assumed}", file=sys.stderr)
     print(f"wrote {path}")
     return 0

@@ -12,7 +12,14 @@ level, and the same fields again in ``meta`` so `Schedule.load(path)` carries th
 ``alphas_cumprod_sha256``  sha256 of the model's ``alphas_cumprod`` as little-endian float64 bytes
 ``metrics``                tuning / held-out metrics
 ``provenance``             study, storage, MLflow run id, stridelab version, date
+``solver``                 what it was tuned with (`SolverSpec.record`): name, order, evaluations per
+                           step, diffusers class + config (final-step handling included), k-diffusion
+                           and ComfyUI sampler names; ``assumed`` says when that is DDIM by default
 =========================  ===================================================================
+
+Besides that file (``stridelab``), `downstream` turns an export into what another tool reads
+(`FORMATS`): ``comfyui`` (the ManualSigmas string and the KSamplerSelect sampler name for SamplerCustom)
+and ``k-diffusion`` (the ``sample_*`` function name and its sigmas).
 
 `check_schedule_for_model` refuses (or, when allowed, warns about) a schedule tuned for another noise
 schedule: the same integer timesteps mean different noise levels under another ``alphas_cumprod``.
@@ -30,11 +37,30 @@ from typing import Any
 from pipeline import __version__
 from pipeline.errors import StridelabError
 from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible  # noqa: F401  (re-exported: the export's model fingerprint)
+from pipeline.interop.apply import comfyui_sigma_string, solver_record
 from pipeline.io.files import atomic_write_json
 from pipeline.core.schedules import Schedule
+from pipeline.solvers.registry import DEFAULT_SOLVER
 
 EXPORT_FIELDS = ("timesteps", "sigmas", "num_train_timesteps", "nfe", "model", "alphas_cumprod_sha256",
-                 "metrics", "provenance")
+                 "metrics", "provenance", "solver")
+
+FORMATS = ("stridelab", "comfyui", "k-diffusion")
+"""What `write_export` can write: the stridelab export itself, or `downstream` of it."""
+
+ASSUMED_SOLVER = (f"{DEFAULT_SOLVER}: no solver recorded (made before stridelab had several solvers, when every "
+                  "sweep ran DDIM)")
+"""The ``assumed`` note of a solver record that is the default, not a recorded one."""
+
+
+def export_solver(schedule: Schedule, solver: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The solver record an export stores: `solver` (a registered name or a record), else the schedule's
+    ``meta["solver"]``, else DDIM with an ``assumed`` note (schedules and studies from before solvers)."""
+    if solver is None:
+        solver = schedule.meta.get("solver")
+    if solver is None:
+        return {**solver_record(DEFAULT_SOLVER), "assumed": ASSUMED_SOLVER}
+    return solver_record(solver)
 
 
 def provenance(**fields: Any) -> dict[str, Any]:
@@ -53,8 +79,9 @@ def export_dict(
     alphas_hash: str,
     metrics: Mapping[str, Any] | None = None,
     prov: Mapping[str, Any] | None = None,
+    solver: str | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The exported JSON object (see the module docstring)."""
+    """The exported JSON object (see the module docstring); `solver` as for `export_solver`."""
     sig = [float(s) for s in sigmas]
     if len(sig) != schedule.nfe + 1 or sig[-1] != 0.0:
         raise StridelabError(f"sigmas must have nfe + 1 = {schedule.nfe + 1} values ending in 0, got {len(sig)}")
@@ -64,6 +91,7 @@ def export_dict(
         "alphas_cumprod_sha256": alphas_hash,
         "metrics": dict(metrics or {}),
         "provenance": provenance(**dict(prov or {})),
+        "solver": export_solver(schedule, solver),
     }
     meta = {**dict(schedule.meta), **fields}
     base = Schedule(schedule.timesteps, schedule.num_train_timesteps, schedule.name, schedule.params, meta).to_dict()
@@ -77,10 +105,51 @@ def export_for_model(schedule: Schedule, model: Any, metrics: Mapping[str, Any] 
                        alphas_hash=alphas_cumprod_sha256(model.alphas_cumprod), metrics=metrics, prov=prov)
 
 
-def write_export(path: str | os.PathLike, obj: Mapping[str, Any]) -> Path:
-    """Write an export atomically, after checking it loads back as a `Schedule`."""
-    Schedule.from_dict(obj)
-    return atomic_write_json(path, dict(obj))
+def downstream(obj: Mapping[str, Any], fmt: str) -> dict[str, Any]:
+    """An export as another tool takes it (`FORMATS`); every format keeps timesteps, T, model hash and the
+    solver record, so `Schedule.from_dict` reads each back.
+
+    ``comfyui``: ``sigmas`` is the string for a ManualSigmas node feeding SamplerCustom's ``sigmas`` and
+    ``sampler_name`` the KSamplerSelect choice feeding its ``sampler``. ``k-diffusion``: ``sampler`` is the
+    ``k_diffusion.sampling`` function, called as ``sampler(model, x, torch.tensor(sigmas))`` with
+    ``x = randn * sigmas[0]``.
+
+    Raises:
+        StridelabError: an unknown format, or a solver with no sampler in that tool.
+    """
+    if fmt not in FORMATS:
+        raise StridelabError(f"must be one of {', '.join(FORMATS)}, got {fmt!r}", param="fmt")
+    if fmt == "stridelab":
+        return dict(obj)
+    sched = Schedule.from_dict(obj)
+    rec = export_solver(sched)
+    sigmas = [float(v) for v in obj.get("sigmas", [])]
+    if len(sigmas) != sched.nfe + 1:
+        raise StridelabError(f"the export has no sigmas for its {sched.nfe} steps (n + 1 = {sched.nfe + 1} values)")
+    key, tool = {"comfyui": ("comfyui", "ComfyUI"), "k-diffusion": ("k_diffusion", "k-diffusion")}[fmt]
+    if not rec.get(key):
+        others = [f"{t} {rec[k]}" for t, k in (("diffusers", "diffusers_class"), ("ComfyUI", "comfyui"),
+                                               ("k-diffusion", "k_diffusion")) if k != key and rec.get(k)]
+        raise StridelabError(f"solver {rec['name']!r} has no {tool} sampler; use {', '.join(others) or 'stridelab'}")
+    common = {"name": sched.name, "nfe": sched.nfe, "num_train_timesteps": sched.num_train_timesteps,
+              "timesteps": list(sched.timesteps), "model": obj.get("model"),
+              "alphas_cumprod_sha256": obj.get("alphas_cumprod_sha256"), "solver": rec}
+    if fmt == "comfyui":
+        return {"format": "stridelab.schedule.comfyui/1", "sampler_name": rec["comfyui"],
+                "sigmas": comfyui_sigma_string(sigmas),
+                "nodes": "ManualSigmas(sigmas) -> SamplerCustom.sigmas; KSamplerSelect(sampler_name) -> "
+                         "SamplerCustom.sampler",
+                **common}
+    return {"format": "stridelab.schedule.k-diffusion/1", "sampler": rec["k_diffusion"], "sigmas": sigmas,
+            "call": "getattr(k_diffusion.sampling, sampler)(model, torch.randn(shape) * sigmas[0], torch.tensor(sigmas))",
+            **common}
+
+
+def write_export(path: str | os.PathLike, obj: Mapping[str, Any], fmt: str = "stridelab") -> Path:
+    """Write an export (as `downstream` format `fmt`) atomically, after checking it loads back as a `Schedule`."""
+    out = downstream(obj, fmt)
+    Schedule.from_dict(out)
+    return atomic_write_json(path, out)
 
 
 def check_schedule_for_model(schedule: Schedule, model: Any, allow: bool = False) -> None:
@@ -109,8 +178,14 @@ def schedule_of_trial(trial: Any, num_train_timesteps: int) -> Schedule:
     return Schedule(tuple(ua["timesteps"]), num_train_timesteps, ua.get("schedule", "learned"), dict(trial.params))
 
 
+def study_solver(study: Any, trial: Any | None = None) -> str | None:
+    """The solver name a trial (its ``solver`` user attr) or else the study ran; None for older studies."""
+    name = trial.user_attrs.get("solver") if trial is not None else None
+    return name if name is not None else study.user_attrs.get("solver")
+
+
 def trials_table(study: Any) -> list[dict[str, Any]]:
-    """One row per trial: number, state, kind, schedule name, params (JSON), timesteps, metrics."""
+    """One row per trial: number, state, kind, schedule name, solver, params (JSON), timesteps, metrics."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
@@ -120,6 +195,7 @@ def trials_table(study: Any) -> list[dict[str, Any]]:
             "state": t.state.name,
             "kind": ua.get("kind", "search"),
             "schedule": ua.get("schedule", ""),
+            "solver": study_solver(study, t) or DEFAULT_SOLVER,
             "params": json.dumps(t.params, sort_keys=True),
             "timesteps": [int(v) for v in ua.get("timesteps", [])],
             "value": float(vals[0]) if vals else None,
@@ -144,7 +220,7 @@ def write_trials_parquet(study: Any, path: str | os.PathLike) -> Path:
 
     schema = pa.schema([
         ("trial", pa.int64()), ("state", pa.string()), ("kind", pa.string()), ("schedule", pa.string()),
-        ("params", pa.string()), ("timesteps", pa.list_(pa.int64())), ("value", pa.float64()),
+        ("solver", pa.string()), ("params", pa.string()), ("timesteps", pa.list_(pa.int64())), ("value", pa.float64()),
         ("value2", pa.float64()), ("recon", pa.float64()), ("fid", pa.float64()), ("screen_recon", pa.float64()),
         ("seconds", pa.float64()), ("error", pa.string()),
     ])
@@ -180,9 +256,10 @@ def trial_by_number(study: Any, number: int) -> Any:
 
 
 def export_from_study(study: Any, out: str | os.PathLike, storage_url: str | None = None,
-                      trial: int | None = None) -> Path:
-    """Export the best trial of a sweep study, or trial number `trial` (e.g. another point of a Pareto front);
-    model, T and hash come from the study's user attrs."""
+                      trial: int | None = None, fmt: str = "stridelab") -> Path:
+    """Export the best trial of a sweep study, or trial number `trial` (e.g. another point of a Pareto front),
+    as `fmt` (`FORMATS`); model, T, hash and solver come from the study's user attrs (no ``solver``: a study
+    from before solvers were recorded, DDIM, and the record says it was assumed)."""
     ua = study.user_attrs
     missing = [k for k in ("model", "num_train_timesteps", "alphas_cumprod_sha256") if k not in ua]
     if missing:
@@ -195,12 +272,14 @@ def export_from_study(study: Any, out: str | os.PathLike, storage_url: str | Non
     prov = provenance(study=study.study_name, storage=storage_url, trial=t.number,
                       mlflow_run_id=(ua.get("mlflow_parent_runs") or [None])[-1])
     obj = export_dict(sched, model=ua["model"], sigmas=t.user_attrs["sigmas"], alphas_hash=ua["alphas_cumprod_sha256"],
-                      metrics=metrics, prov=prov)
-    return write_export(out, obj)
+                      metrics=metrics, prov=prov, solver=study_solver(study, t))
+    return write_export(out, obj, fmt)
 
 
-def export_from_run(run_id: str, out: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """Export the best schedule logged by a sweep's parent MLflow run (artifact ``best_schedule.json``)."""
+def export_from_run(run_id: str, out: str | os.PathLike, tracking_uri: str | None = None,
+                    fmt: str = "stridelab") -> Path:
+    """Export the best schedule logged by a sweep's parent MLflow run (artifact ``best_schedule.json``) as
+    `fmt`; an artifact from before solvers were recorded gets DDIM's record, marked assumed."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -224,5 +303,7 @@ def export_from_run(run_id: str, out: str | os.PathLike, tracking_uri: str | Non
     prov = dict(obj.get("provenance", {}))
     prov.update(mlflow_run_id=run_id, exported=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     obj["provenance"] = prov
-    obj.setdefault("meta", {})["provenance"] = prov
-    return write_export(out, obj)
+    meta = obj.setdefault("meta", {})
+    meta["provenance"] = prov
+    obj["solver"] = meta["solver"] = export_solver(Schedule.from_dict(obj))
+    return write_export(out, obj, fmt)

@@ -21,6 +21,7 @@ from search.export import (
     check_schedule_for_model,
     export_for_model,
     write_export,
+    write_trials_parquet,
 )
 from search.study import make_storage
 from search.sweep import SweepConfig, run_sweep
@@ -145,3 +146,159 @@ def test_trial_by_number_refuses_a_trial_that_did_not_complete():
     assert trial_by_number(study, 1).number == 1
     with pytest.raises(StridelabError, match="trial 0 of study 's' is PRUNED, not COMPLETE"):
         trial_by_number(study, 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The solver a schedule was tuned with, and the ComfyUI / k-diffusion formats
+
+
+def _dpm2m():
+    from pipeline.solvers.base import SolverSpec
+    from pipeline.solvers.registry import SOLVERS
+
+    return SolverSpec("dpmsolver++2m", SOLVERS["ddim"].sample, 2, "DPM-Solver++ 2M",
+                      diffusers_class="DPMSolverMultistepScheduler",
+                      diffusers_config={"algorithm_type": "dpmsolver++", "solver_order": 2, "final_sigmas_type": "zero",
+                                        "lower_order_final": True},
+                      k_diffusion="sample_dpmpp_2m", comfyui="dpmpp_2m", multistep=True)
+
+
+@pytest.fixture
+def dpm2m(monkeypatch):
+    """A registered dpmsolver++2m (test-local until the family's registry has it)."""
+    from pipeline.solvers.registry import SOLVERS
+
+    spec = _dpm2m()
+    monkeypatch.setitem(SOLVERS, spec.name, spec)
+    return spec
+
+
+def _stored_study(tmp_path, ring8, solver: str | None, name: str = "st"):
+    """A study as a sweep leaves it (model, T, hash, and `solver` when not None), with one complete trial."""
+    storage = make_storage(tmp_path / "optuna.journal")
+    study = optuna.create_study(study_name=name, storage=storage)
+    for k, v in {"model": ring8.spec, "num_train_timesteps": 1000,
+                 "alphas_cumprod_sha256": alphas_cumprod_sha256(ring8.alphas_cumprod), "solver": solver}.items():
+        if v is not None:
+            study.set_user_attr(k, v)
+    sched = make_schedule("karras", 6, ring8.alphas_cumprod)
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+        "timesteps": list(sched.timesteps), "sigmas": sched.sigmas(ring8.alphas_cumprod).tolist(), "recon": 0.5}))
+    return study, sched
+
+
+def test_export_records_the_solver_of_the_schedule(tmp_path, ring8, dpm2m):
+    sched = make_schedule("karras", 8, ring8.alphas_cumprod)
+    tuned = Schedule(sched.timesteps, 1000, "learned", {}, {"solver": dpm2m.record()})
+    path = write_export(tmp_path / "s.json", export_for_model(tuned, ring8))
+    d = json.loads(path.read_text())
+    assert d["solver"] == dpm2m.record() and d["solver"]["diffusers_config"]["final_sigmas_type"] == "zero"
+    back = Schedule.load(path)  # file -> Schedule keeps it
+    assert back.meta["solver"] == dpm2m.record()
+    from pipeline.interop.apply import recorded_solver
+
+    assert recorded_solver(back) == dpm2m.record()
+    # No solver recorded (a schedule from before solvers): DDIM, and the record says it was assumed.
+    d = export_for_model(sched, ring8)
+    assert d["solver"]["name"] == "ddim" and "made before" in d["solver"]["assumed"]
+
+
+def test_old_exports_still_load(exported, tmp_path):
+    """A file written before exports recorded a solver: loads, no solver in meta."""
+    _, path = exported
+    d = json.loads(path.read_text())
+    del d["solver"], d["meta"]["solver"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    back = Schedule.load(tmp_path / "old.json")
+    assert back.timesteps == tuple(d["timesteps"]) and "solver" not in back.meta
+
+
+def test_export_from_study_records_the_studys_solver_and_parquet_too(tmp_path, ring8, dpm2m):
+    from search.export import export_from_study
+
+    study, sched = _stored_study(tmp_path, ring8, "dpmsolver++2m")
+    d = json.loads(export_from_study(study, tmp_path / "s.json").read_text())
+    assert d["solver"] == dpm2m.record() and "assumed" not in d["solver"]
+    assert d["timesteps"] == list(sched.timesteps)
+    write_trials_parquet(study, tmp_path / "t.parquet")
+    assert pq.read_table(tmp_path / "t.parquet").to_pylist()[0]["solver"] == "dpmsolver++2m"
+    # A study from before solvers: DDIM, said so.
+    old, _ = _stored_study(tmp_path, ring8, None, name="old")
+    d = json.loads(export_from_study(old, tmp_path / "o.json").read_text())
+    assert d["solver"]["name"] == "ddim" and d["solver"]["assumed"]
+    write_trials_parquet(old, tmp_path / "o.parquet")
+    assert pq.read_table(tmp_path / "o.parquet").to_pylist()[0]["solver"] == "ddim"
+
+
+def test_comfyui_and_k_diffusion_formats(tmp_path, ring8, dpm2m):
+    from pipeline.interop.apply import parse_sigma_string, schedule_from_sigmas
+    from search.export import downstream
+
+    sched = make_schedule("karras", 8, ring8.alphas_cumprod)
+    obj = export_for_model(Schedule(sched.timesteps, 1000, "learned", {}, {"solver": dpm2m.record()}), ring8)
+    c = json.loads(write_export(tmp_path / "c.json", obj, "comfyui").read_text())
+    assert c["sampler_name"] == "dpmpp_2m" and "ManualSigmas" in c["nodes"] and "SamplerCustom" in c["nodes"]
+    assert isinstance(c["sigmas"], str) and c["sigmas"].endswith(", 0")
+    sig = parse_sigma_string(c["sigmas"])
+    assert sig == obj["sigmas"] and len(sig) == 9
+    assert schedule_from_sigmas(sig, ring8.alphas_cumprod).timesteps == sched.timesteps
+    assert Schedule.load(tmp_path / "c.json").meta["solver"] == dpm2m.record()
+    k = json.loads(write_export(tmp_path / "k.json", obj, "k-diffusion").read_text())
+    assert k["sampler"] == "sample_dpmpp_2m" and k["sigmas"] == obj["sigmas"]
+    # A solver with no sampler in that tool: one line naming the others.
+    rec = {**dpm2m.record(), "name": "x", "comfyui": None}
+    with pytest.raises(StridelabError, match="'x' has no ComfyUI sampler; use diffusers DPMSolverMultistepScheduler"):
+        downstream({**obj, "solver": rec, "meta": {**obj["meta"], "solver": rec}}, "comfyui")
+    with pytest.raises(StridelabError, match="must be one of stridelab, comfyui, k-diffusion"):
+        downstream(obj, "a1111")
+
+
+def test_export_cli_format_and_solver_note(tmp_path, ring8, capsys, dpm2m):
+    from jobs.cli import main
+    from jobs.export import FORMATS as CLI_FORMATS
+    from search.export import FORMATS
+
+    assert CLI_FORMATS == FORMATS
+    storage = str(tmp_path / "optuna.journal")
+    _stored_study(tmp_path, ring8, None, name="old")
+    _stored_study(tmp_path, ring8, "dpmsolver++2m", name="new")
+    capsys.readouterr()
+    assert main(["export", "--study-name", "old", "--storage", storage, "--out", str(tmp_path / "o.json")]) == 0
+    err = capsys.readouterr().err
+    assert "note: solver ddim: no solver recorded" in err and len(err.strip().splitlines()) == 1
+    out = tmp_path / "c.json"
+    assert main(["export", "--study-name", "new", "--storage", storage, "--format", "comfyui", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["sampler_name"] == "dpmpp_2m" and capsys.readouterr().err == ""
+    # No k-diffusion twin: one line, exit 2, no file.
+    from pipeline.solvers.registry import SOLVERS
+    import dataclasses
+
+    SOLVERS["dpmsolver++2m"] = dataclasses.replace(dpm2m, k_diffusion=None)
+    bad = tmp_path / "k.json"
+    assert main(["export", "--study-name", "new", "--storage", storage, "--format", "k-diffusion", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stridelab export: error: solver 'dpmsolver++2m' has no k-diffusion sampler")
+    assert len(err.strip().splitlines()) == 1 and not bad.exists()
+
+
+def test_export_from_an_old_run_artifact_gets_ddim_assumed(tmp_path, ring8):
+    """An MLflow run whose best_schedule.json predates solver records: the export says DDIM, assumed."""
+    import mlflow
+
+    from search.export import export_from_run
+
+    sched = make_schedule("karras", 5, ring8.alphas_cumprod)
+    old = export_for_model(sched, ring8)
+    del old["solver"], old["meta"]["solver"]
+    (tmp_path / "best_schedule.json").write_text(json.dumps(old))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(tmp_path / "best_schedule.json"))
+    finally:
+        mlflow.set_tracking_uri(None)
+    d = json.loads(export_from_run(run.info.run_id, tmp_path / "s.json", uri).read_text())
+    assert d["solver"]["name"] == "ddim" and d["solver"]["assumed"] and d["meta"]["solver"] == d["solver"]
+    c = json.loads(export_from_run(run.info.run_id, tmp_path / "c.json", uri, fmt="comfyui").read_text())
+    assert c["sampler_name"] == "ddim" and c["timesteps"] == list(sched.timesteps)

@@ -31,6 +31,9 @@ from pipeline.core.noise import as_alphas_cumprod, log_snr_from_abar, sigma_at, 
 
 SCHEMA_VERSION = 1
 
+LIFTED_FIELDS = ("model", "alphas_cumprod_sha256", "solver")
+"""Top-level fields of a schedule file that `Schedule.from_dict` also keeps in ``meta`` (plain JSON has no meta)."""
+
 
 # --------------------------------------------------------------------------------------------------
 # Validation
@@ -167,6 +170,8 @@ class Schedule:
         params, meta = d.get("params", {}), d.get("meta", {})
         if not isinstance(params, Mapping) or not isinstance(meta, Mapping):
             raise StridelabError("schedule 'params' and 'meta' must be JSON objects")
+        # Plain / downstream files carry these at the top level only; meta wins where both are present.
+        meta = {**{k: d[k] for k in LIFTED_FIELDS if k in d}, **meta}
         sched = cls(tuple(d["timesteps"]) if isinstance(d["timesteps"], list) else d["timesteps"],
                     T, str(d.get("name", "custom")), params, meta)
         if "nfe" in d and d["nfe"] != sched.nfe:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.interop.apply import apply_schedule, k_diffusion_sigmas
+from pipeline.interop.apply import apply_schedule, comfyui_sigma_string, k_diffusion_sigmas, scheduler_for_schedule
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 
-__all__ = ["StrideDDIMScheduler", "apply_schedule", "k_diffusion_sigmas"]
+__all__ = ["StrideDDIMScheduler", "apply_schedule", "comfyui_sigma_string", "k_diffusion_sigmas", "scheduler_for_schedule"]
