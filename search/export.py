@@ -37,7 +37,8 @@ from typing import Any
 from pipeline import __version__
 from pipeline.errors import StridelabError
 from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible  # noqa: F401  (re-exported: the export's model fingerprint)
-from pipeline.interop.apply import comfyui_sigma_string, solver_record
+from pipeline.interop.reuse import solver_record
+from pipeline.interop.sigma_lists import comfyui_sigma_string
 from pipeline.io.files import atomic_write_json
 from pipeline.core.schedules import Schedule
 from pipeline.solvers.registry import DEFAULT_SOLVER

@@ -21,18 +21,9 @@ from diffusers import (
 from pipeline.core.noise import make_alphas_cumprod
 from pipeline.core.schedules import SCHEDULES, Schedule, karras, make_schedule
 from pipeline.errors import StridelabError
-from pipeline.interop.apply import (
-    alphas_cumprod_sha256,
-    apply_schedule,
-    comfyui_sigma_string,
-    k_diffusion_sigmas,
-    parse_sigma_string,
-    recorded_solver,
-    schedule_from_sigmas,
-    scheduler_for_schedule,
-    solver_record,
-    to_plain_json,
-)
+from pipeline.interop.apply import alphas_cumprod_sha256, apply_schedule
+from pipeline.interop.reuse import recorded_solver, scheduler_for_schedule, solver_record
+from pipeline.interop.sigma_lists import comfyui_sigma_string, k_diffusion_sigmas, parse_sigma_string, schedule_from_sigmas, to_plain_json
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 from pipeline.solvers.base import SolverSpec
 from pipeline.solvers.registry import SOLVERS

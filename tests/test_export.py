@@ -195,7 +195,7 @@ def test_export_records_the_solver_of_the_schedule(tmp_path, ring8, dpm2m):
     assert d["solver"] == dpm2m.record() and d["solver"]["diffusers_config"]["final_sigmas_type"] == "zero"
     back = Schedule.load(path)  # file -> Schedule keeps it
     assert back.meta["solver"] == dpm2m.record()
-    from pipeline.interop.apply import recorded_solver
+    from pipeline.interop.reuse import recorded_solver
 
     assert recorded_solver(back) == dpm2m.record()
     # No solver recorded (a schedule from before solvers): DDIM, and the record says it was assumed.
@@ -231,7 +231,7 @@ def test_export_from_study_records_the_studys_solver_and_parquet_too(tmp_path, r
 
 
 def test_comfyui_and_k_diffusion_formats(tmp_path, ring8, dpm2m):
-    from pipeline.interop.apply import parse_sigma_string, schedule_from_sigmas
+    from pipeline.interop.sigma_lists import parse_sigma_string, schedule_from_sigmas
     from search.export import downstream
 
     sched = make_schedule("karras", 8, ring8.alphas_cumprod)

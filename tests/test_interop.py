@@ -27,18 +27,8 @@ from pipeline.solvers.ddim import ddim_sample
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 from pipeline.models.denoisers import DiffusersDenoiser, gaussian_mixture
 from pipeline.errors import StridelabError
-from pipeline.interop.apply import (
-    SUPPORTED_SCHEDULERS,
-    alphas_cumprod_sha256,
-    apply_schedule,
-    check_compatible,
-    k_diffusion_sigmas,
-    model_evaluations,
-    schedule_from_sigmas,
-    sigmas_for_pipeline,
-    timesteps_for_pipeline,
-    to_plain_json,
-)
+from pipeline.interop.apply import SUPPORTED_SCHEDULERS, alphas_cumprod_sha256, apply_schedule, check_compatible, model_evaluations, sigmas_for_pipeline, timesteps_for_pipeline
+from pipeline.interop.sigma_lists import k_diffusion_sigmas, schedule_from_sigmas, to_plain_json
 from pipeline.core.noise import abar_at, make_alphas_cumprod
 from pipeline.core.schedules import SCHEDULES, Schedule, karras, make_schedule
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.interop.apply import apply_schedule, comfyui_sigma_string, k_diffusion_sigmas, scheduler_for_schedule
+from pipeline.interop.apply import apply_schedule
+from pipeline.interop.reuse import scheduler_for_schedule
+from pipeline.interop.sigma_lists import comfyui_sigma_string, k_diffusion_sigmas
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 
 __all__ = ["StrideDDIMScheduler", "apply_schedule", "comfyui_sigma_string", "k_diffusion_sigmas", "scheduler_for_schedule"]
