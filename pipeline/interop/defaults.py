@@ -20,6 +20,7 @@ import torch
 from pipeline.core.noise import as_alphas_cumprod
 from pipeline.core.schedules import Schedule, make_schedule, project_to_distinct
 from pipeline.errors import StridelabError
+from pipeline.interop.reuse import scheduler_class
 from pipeline.solvers.registry import get_solver
 
 TABLE_TOLERANCE = 1e-6
@@ -47,12 +48,7 @@ def diffusers_twin(solver: str, alphas_cumprod: torch.Tensor | Sequence[float]) 
         raise StridelabError(f"solver {solver!r} has no diffusers scheduler (k-diffusion: {spec.k_diffusion}, "
                              f"ComfyUI: {spec.comfyui})")
     abar = as_alphas_cumprod(alphas_cumprod)
-    if spec.diffusers_class == "StrideDDIMScheduler":
-        from pipeline.interop.ddim_scheduler import StrideDDIMScheduler as cls
-    else:
-        import diffusers
-
-        cls = getattr(diffusers, spec.diffusers_class)
+    cls = scheduler_class(spec.diffusers_class)
     sched = cls(num_train_timesteps=abar.numel(), trained_betas=betas_from_alphas_cumprod(abar).tolist(),
                 **dict(spec.diffusers_config))
     own = as_alphas_cumprod(sched.alphas_cumprod)
