@@ -1,4 +1,7 @@
-"""``stridelab train digits|features``: train the bundled digits DDPM or the digits FID feature net.
+"""``stridelab train digits|digits-v|features``: train a bundled digits DDPM or the digits FID feature net.
+
+``digits`` is the linear-beta eps model (``bundled:digits``); ``digits-v`` the same data and UNet with cosine
+betas (``squaredcos_cap_v2``) and v prediction (``bundled:digits-v``).
 
 Both write their output atomically (temporary file/dir beside the target, then rename).
 """
@@ -15,28 +18,42 @@ def _command_line(argv_tail: list[str]) -> str:
     return "stridelab train " + " ".join(shlex.quote(a) for a in argv_tail)
 
 
+# train target -> (beta_schedule, prediction_type, default output directory attribute of pipeline.training.ddpm)
+DDPM_TARGETS: dict[str, tuple[str, str, str]] = {
+    "digits": ("linear", "epsilon", "DEFAULT_DDPM_DIR"),
+    "digits-v": ("squaredcos_cap_v2", "v_prediction", "DEFAULT_DDPM_V_DIR"),
+}
+
+
 def run_digits(args: argparse.Namespace) -> int:
-    """Train the DDPM on the digits and save it (EMA weights, safetensors) to ``args.out_dir``."""
+    """Train a DDPM on the digits and save it (EMA weights, safetensors) to ``args.out_dir``; which noise
+    schedule and prediction type follow ``args.train_target`` (`DDPM_TARGETS`)."""
     import torch
 
-    from pipeline.training.ddpm import DEFAULT_DDPM_DIR, TrainConfig, save_ddpm, train_ddpm, training_record
+    from pipeline.training import ddpm
+    from pipeline.training.ddpm import TrainConfig, save_ddpm, train_ddpm, training_record
 
+    target = getattr(args, "train_target", "digits")
+    beta_schedule, prediction_type, default_dir = DDPM_TARGETS[target]
     cfg = TrainConfig(
         seed=args.seed,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         max_minutes=args.max_minutes if args.max_minutes > 0 else None,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
     )
     torch.set_num_threads(args.threads)
-    out = args.out_dir or DEFAULT_DDPM_DIR
+    out = args.out_dir or getattr(ddpm, default_dir)
     unet, history = train_ddpm(cfg)
     command = _command_line(
-        ["digits", "--steps", str(args.steps), "--max-minutes", str(args.max_minutes), "--seed", str(args.seed),
+        [target, "--steps", str(args.steps), "--max-minutes", str(args.max_minutes), "--seed", str(args.seed),
          "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads)]
         + (["--out-dir", str(args.out_dir)] if args.out_dir else [])
     )
-    path = save_ddpm(unet, out, training_record(cfg, history, command))
+    path = save_ddpm(unet, out, training_record(cfg, history, command),
+                     beta_schedule=beta_schedule, prediction_type=prediction_type)
     print(
         f"saved {path}: {history['steps']} steps in {history['wall_s']:.0f} s "
         f"(stopped by {history['stopped_by']}), smoothed loss {history['loss_ema']:.4f}, "
@@ -69,29 +86,27 @@ def run_features(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train`` with its ``digits`` and ``features`` sub-commands."""
+    """Add ``train`` with its ``digits``, ``digits-v`` and ``features`` sub-commands."""
     train = subparsers.add_parser(
         "train",
-        help="train the bundled digits DDPM or FID feature net",
-        description="Train the small models bundled under pipeline/assets/digits/.",
+        help="train a bundled digits DDPM or the FID feature net",
+        description="Train the small models bundled under pipeline/assets/ (digits/, digits-v/).",
     )
-    sub = train.add_subparsers(dest="train_target", metavar="{digits,features}", required=True)
+    sub = train.add_subparsers(dest="train_target", metavar="{digits,digits-v,features}", required=True)
 
     d = sub.add_parser(
         "digits",
         help="train the 8x8 digits DDPM (EMA weights, safetensors)",
         description="Train a UNet2DModel DDPM (linear betas, T=1000, eps) on sklearn's load_digits().",
     )
-    d.add_argument("--steps", type=int, default=3600, help="optimiser steps (default: %(default)s)")
-    d.add_argument("--max-minutes", type=float, default=22.0,
-                   help="wall-clock budget; the LR schedule anneals to it; 0 = none (default: %(default)s)")
-    d.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    d.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
-    d.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
-    d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    d.add_argument("--out-dir", default=None, help="output directory (default: pipeline/assets/digits/ddpm)")
-    add_deprecated_alias(d, "--out", "--out-dir", "out_dir")
-    d.set_defaults(func=run_digits)
+    _add_ddpm_arguments(d, "pipeline/assets/digits/ddpm")
+    dv = sub.add_parser(
+        "digits-v",
+        help="train the 8x8 digits DDPM with cosine betas and v prediction (bundled:digits-v)",
+        description="Train a UNet2DModel DDPM (cosine betas squaredcos_cap_v2, T=1000, v prediction) on "
+        "sklearn's load_digits(); the same UNet and data as `train digits`.",
+    )
+    _add_ddpm_arguments(dv, "pipeline/assets/digits-v/ddpm")
 
     f = sub.add_parser(
         "features",
@@ -107,3 +122,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--out-dir", default=None, help="output directory (default: pipeline/assets/digits/features)")
     add_deprecated_alias(f, "--out", "--out-dir", "out_dir")
     f.set_defaults(func=run_features)
+
+
+def _add_ddpm_arguments(d: argparse.ArgumentParser, default_out: str) -> None:
+    """The flags shared by ``train digits`` and ``train digits-v``."""
+    d.add_argument("--steps", type=int, default=3600, help="optimiser steps (default: %(default)s)")
+    d.add_argument("--max-minutes", type=float, default=22.0,
+                   help="wall-clock budget; the LR schedule anneals to it; 0 = none (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    d.add_argument("--batch-size", type=int, default=128, help="(default: %(default)s)")
+    d.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default: %(default)s)")
+    d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    d.add_argument("--out-dir", default=None, help=f"output directory (default: {default_out})")
+    add_deprecated_alias(d, "--out", "--out-dir", "out_dir")
+    d.set_defaults(func=run_digits)

@@ -3,7 +3,8 @@
 Spec grammar (checked in this order)::
 
     gmm:<name>                       analytic Gaussian mixture: ring8, gauss, blobs64
-    bundled:<name>                   a model shipped in pipeline/assets: digits (8x8 DDPM, [-1, 1])
+    bundled:<name>                   a model shipped in pipeline/assets: digits (8x8 DDPM, [-1, 1]),
+                                     digits-v (the same with cosine betas and v prediction)
     <dir>[?<options>]                an existing local diffusers directory (below)
     [hf:]<org>/<name>[?<options>]    a Hugging Face Hub id: fetched by diffusers (safetensors only,
                                      HF_HUB_OFFLINE respected), then loaded as <dir>
@@ -46,7 +47,7 @@ from pipeline.models.bundled import ASSETS_DIR
 from pipeline.models.hub import _download, _hub_offline  # noqa: F401  (_hub_offline: tests read it here)
 from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_alphas_cumprod
 
-BUNDLED: dict[str, str] = {"digits": "digits/ddpm"}
+BUNDLED: dict[str, str] = {"digits": "digits/ddpm", "digits-v": "digits-v/ddpm"}
 """bundled:<name> -> directory under `ASSETS_DIR` (a DDPMPipeline saved with safetensors)."""
 
 LATENT_OPTIONS = ("prompt", "negative_prompt", "guidance")

@@ -1,7 +1,9 @@
 """Train the bundled DDPM on the 8x8 digits (``pipeline.models.digits``): a small, seeded, CPU-sized loop.
 
 The model is a diffusers ``UNet2DModel`` predicting eps (Ho et al., 2020, Eq. 14 "L_simple") under the
-linear beta schedule with T = 1000. Weights are tracked with an exponential moving average (EMA) and
+linear beta schedule with T = 1000 (``bundled:digits``); ``TrainConfig.beta_schedule`` and
+``prediction_type`` also give the cosine-beta (``squaredcos_cap_v2``), v-predicting ``bundled:digits-v``
+(Salimans & Ho 2022: target v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0). Weights are tracked with an exponential moving average (EMA) and
 the EMA weights are what ``save_ddpm`` writes.
 
 Notation (as in ``pipeline.solvers.ddim``):
@@ -10,7 +12,8 @@ Notation (as in ``pipeline.solvers.ddim``):
 ``alphas_cumprod``  abar_t
 ``x0``              a clean image in [-1, 1]
 ``x_t``             sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps
-``eps``             standard normal noise, the regression target
+``eps``             standard normal noise, the regression target (eps prediction)
+``v``               sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0, the target under v prediction
 ==================  ===========================================
 
 Learning rate: linear warm-up, then cosine decay over *progress*, where progress is the larger of
@@ -35,13 +38,16 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.errors import StridelabError
-from pipeline.models.bundled import DIGITS_DDPM_DIR, atomic_directory
+from pipeline.models.bundled import DIGITS_DDPM_DIR, DIGITS_V_DDPM_DIR, atomic_directory
 from pipeline.models.digits import SPLITS, load_digits_images
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DDPM_DIR = DIGITS_DDPM_DIR
+DEFAULT_DDPM_V_DIR = DIGITS_V_DDPM_DIR
 NUM_TRAIN_TIMESTEPS = 1000
+TRAIN_BETA_SCHEDULES: tuple[str, ...] = ("linear", "squaredcos_cap_v2")
+TRAIN_PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,10 @@ class TrainConfig:
         split: which digits split to train on.
         max_minutes: wall-clock budget; ``None`` for no limit.
         log_every: steps between loss log lines.
+        beta_schedule: diffusers beta schedule of the noise process: ``linear`` (1e-4 .. 0.02) or
+            ``squaredcos_cap_v2`` (cosine, Nichol & Dhariwal 2021).
+        prediction_type: what the UNet regresses: ``epsilon`` or ``v_prediction``.
+        num_threads: torch CPU threads (not part of the run's identity).
     """
 
     seed: int = 0
@@ -82,8 +92,18 @@ class TrainConfig:
     max_minutes: float | None = 22.0
     log_every: int = 100
     num_threads: int | None = field(default=None, compare=False)
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
+        if self.beta_schedule not in TRAIN_BETA_SCHEDULES:
+            raise StridelabError(
+                f"unknown beta_schedule {self.beta_schedule!r}; choose one of {', '.join(TRAIN_BETA_SCHEDULES)}"
+            )
+        if self.prediction_type not in TRAIN_PREDICTION_TYPES:
+            raise StridelabError(
+                f"unknown prediction_type {self.prediction_type!r}; choose one of {', '.join(TRAIN_PREDICTION_TYPES)}"
+            )
         for name in ("steps", "batch_size", "layers_per_block", "norm_num_groups", "log_every"):
             if getattr(self, name) < 1:
                 raise StridelabError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,14 +130,15 @@ class TrainConfig:
         object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
 
 
-def make_scheduler():
-    """The DDPM noise schedule of the bundled model: linear betas, T = 1000, eps prediction."""
+def make_scheduler(beta_schedule: str = "linear", prediction_type: str = "epsilon"):
+    """The DDPM noise schedule of a bundled model, T = 1000; the defaults (linear betas, eps prediction)
+    are ``bundled:digits``'. The saved scheduler config records both arguments, and the loader reads them."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-        beta_schedule="linear",
-        prediction_type="epsilon",
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
         clip_sample=False,
     )
 
@@ -178,13 +199,23 @@ class EpochBatches:
         return x0
 
 
-def simple_loss(unet, x0: torch.Tensor, abar: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """L_simple (Ho et al. 2020, eq. 14): eps-prediction MSE at x_t ~ q(x_t | x0), t uniform."""
+def simple_loss(
+    unet, x0: torch.Tensor, abar: torch.Tensor, gen: torch.Generator, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """L_simple (Ho et al. 2020, eq. 14) at x_t ~ q(x_t | x0), t uniform: MSE to eps, or under
+    ``v_prediction`` to v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022). The random
+    draws (t, then eps) are the same for both targets."""
     t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     a = abar[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1.0 - a).sqrt() * eps
-    return torch.nn.functional.mse_loss(unet(x_t, t).sample, eps)
+    if prediction_type == "epsilon":
+        target = eps
+    elif prediction_type == "v_prediction":
+        target = a.sqrt() * eps - (1.0 - a).sqrt() * x0
+    else:
+        raise StridelabError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(TRAIN_PREDICTION_TYPES)}")
+    return torch.nn.functional.mse_loss(unet(x_t, t).sample, target)
 
 
 def training_progress(step: int, steps: int, elapsed_s: float, budget_s: float | None) -> float:
@@ -204,7 +235,7 @@ def optimizer_step(unet, ema, opt: torch.optim.Optimizer, loss: torch.Tensor, cf
 
 
 def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train a DDPM on the digits with eps-prediction MSE and return ``(ema_unet, history)``.
+    """Train a DDPM on the digits (MSE to eps or v, per ``cfg.prediction_type``) and return ``(ema_unet, history)``.
 
     Args:
         cfg: the run configuration.
@@ -221,7 +252,7 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = load_digits_images(cfg.split)
-    abar = make_scheduler().alphas_cumprod.to(torch.float32)
+    abar = make_scheduler(cfg.beta_schedule, cfg.prediction_type).alphas_cumprod.to(torch.float32)
     unet = make_unet(cfg)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -244,7 +275,7 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(training_progress(step, cfg.steps, elapsed, budget_s), step,
                                              cfg.warmup_steps)
-        loss = simple_loss(unet, batches.next(), abar, gen)
+        loss = simple_loss(unet, batches.next(), abar, gen, cfg.prediction_type)
         optimizer_step(unet, ema, opt, loss, cfg, step)
 
         # Logging: the per-step loss, and a smoothed one for the bar and the log.
@@ -269,16 +300,27 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
     return ema, history
 
 
-def save_ddpm(unet, out_dir: str | os.PathLike, training_info: dict[str, Any] | None = None) -> Path:
-    """Write ``DDPMPipeline(unet, make_scheduler())`` as safetensors to ``out_dir`` atomically.
+def save_ddpm(
+    unet,
+    out_dir: str | os.PathLike,
+    training_info: dict[str, Any] | None = None,
+    *,
+    beta_schedule: str = "linear",
+    prediction_type: str = "epsilon",
+) -> Path:
+    """Write ``DDPMPipeline(unet, make_scheduler(beta_schedule, prediction_type))`` as safetensors to
+    ``out_dir`` atomically.
 
     The pipeline is saved into a temporary directory beside ``out_dir`` and renamed into place, so a
     reader never sees a half-written model. ``training_info`` (if given) goes to ``TRAINING.json``.
+    Pass the run's ``beta_schedule`` and ``prediction_type`` (the scheduler config is how the loader
+    learns them).
     """
     from diffusers import DDPMPipeline
 
+    scheduler = make_scheduler(beta_schedule, prediction_type)
     with atomic_directory(out_dir) as tmp:
-        DDPMPipeline(unet=unet, scheduler=make_scheduler()).save_pretrained(tmp, safe_serialization=True)
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         if training_info is not None:
             (tmp / "TRAINING.json").write_text(json.dumps(training_info, indent=2, sort_keys=True) + "\n")
     return Path(out_dir).resolve()
