@@ -36,8 +36,8 @@ def betas_from_alphas_cumprod(alphas_cumprod: torch.Tensor | Sequence[float]) ->
     return betas
 
 
-def diffusers_twin(solver: str, alphas_cumprod: torch.Tensor | Sequence[float]) -> Any:
-    """A fresh diffusers scheduler for `solver` (its recorded class and config) on the model's abar table.
+def diffusers_twin(solver: str, alphas_cumprod: torch.Tensor | Sequence[float], **extra: Any) -> Any:
+    """A fresh diffusers scheduler for `solver` (its recorded class and config, + `extra`) on the model's abar table.
 
     Raises:
         StridelabError: the solver has no diffusers twin, or diffusers' float32 rebuild of the table is
@@ -50,7 +50,7 @@ def diffusers_twin(solver: str, alphas_cumprod: torch.Tensor | Sequence[float]) 
     abar = as_alphas_cumprod(alphas_cumprod)
     cls = scheduler_class(spec.diffusers_class)
     sched = cls(num_train_timesteps=abar.numel(), trained_betas=betas_from_alphas_cumprod(abar).tolist(),
-                **dict(spec.diffusers_config))
+                **{**dict(spec.diffusers_config), **extra})
     own = as_alphas_cumprod(sched.alphas_cumprod)
     rel = ((own - abar).abs() / abar).max().item()
     if rel > TABLE_TOLERANCE:
