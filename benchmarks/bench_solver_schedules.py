@@ -40,7 +40,7 @@ RAW = ROOT / "docs" / "bench_solver_schedules.json"
 BEGIN, END = "<!-- solver-schedules -->", "<!-- /solver-schedules -->"
 
 FULL = {"models": ["bundled:digits", "bundled:digits-v"], "solvers": ["ddim", "dpmsolver++2m", "unipc"],
-        "nfes": [5, 10], "flags": ["--trials", "80", "--polish", "40", "--num-seeds", "128", "--holdout-seeds", "256"]}
+        "nfes": [5, 10], "flags": ["--trials", "64", "--polish", "32", "--num-seeds", "128", "--holdout-seeds", "256"]}
 QUICK = {"models": ["gmm:ring8"], "solvers": ["ddim", "dpmsolver++2m"], "nfes": [5],
          "flags": ["--trials", "16", "--polish", "4", "--num-seeds", "16", "--holdout-seeds", "32",
                    "--teacher-nfe", "100", "--no-holdout-fid"]}

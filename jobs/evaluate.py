@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-other-model", action="store_true",
                    help="run a schedule file learned on another model (same T) at its integer timesteps, with a warning")
     add_deprecated_alias(p, "--samplers", "--solvers", "solvers", type=name_list)
+    p.set_defaults(param_flags={"solver": "--solvers"})
     p.set_defaults(func=run)
 
 

@@ -163,3 +163,20 @@ def test_evaluate_cross_table(tmp_path, capsys):
         ("ddim", False), ("ddim", True), ("dpmsolver++2m", False), ("dpmsolver++2m", True), ("heun", False), ("heun", True)]
     assert rows[4]["how"] == "log-sigma interpolated 6->3 steps" and rows[4]["evals"] == "5"
     assert float(rows[0]["x_default"]) == pytest.approx(float(rows[0]["recon"]) / float(rows[1]["recon"]))
+
+
+def test_cross_model_needs_allow_other_model(tmp_path, capsys):
+    """A schedule exported for bundled:digits (its table's hash inside) is refused on bundled:digits-v (cosine
+    betas: the same integers are other noise levels) unless --allow-other-model, which runs it and warns."""
+    from search.export import export_for_model, write_export
+
+    digits = load_model("bundled:digits")
+    js = tmp_path / "d.json"
+    write_export(js, export_for_model(make_schedule("quadratic", 5, digits.alphas_cumprod), digits, {}, {}))
+    argv = ["evaluate", "--model", "bundled:digits-v", "--schedules", str(js), "--num-seeds", "4", "--teacher-nfe", "20",
+            "--metrics", "recon"]
+    assert main(argv) == 2
+    assert "the same timesteps are other noise levels there" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="other noise levels"):
+        assert main([*argv, "--allow-other-model"]) == 0
+    assert "as is" in capsys.readouterr().out
