@@ -180,3 +180,18 @@ def test_cross_model_needs_allow_other_model(tmp_path, capsys):
     with pytest.warns(UserWarning, match="other noise levels"):
         assert main([*argv, "--allow-other-model"]) == 0
     assert "as is" in capsys.readouterr().out
+
+
+def test_every_row_name_is_a_valid_mlflow_metric():
+    """The held-out rows become MLflow metrics: every solver's reference row must have a valid name
+    (MLflow refuses '+', which 'dpmsolver++2m default' holds)."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    from search.sweep.holdout import REFERENCE_SUFFIX
+    from search.sweep.outputs import _metric_key
+
+    names = [s + REFERENCE_SUFFIX for s in SOLVERS] + ["learned (= dp)", "teacher (250-step DDIM)", "default"]
+    keys = [_metric_key(n) for n in names]
+    for k in keys:
+        _validate_metric_name(k)
+    assert len(set(keys)) == len(keys)

@@ -91,8 +91,10 @@ def _draw(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldO
 
 
 def _metric_key(schedule: str) -> str:
-    """An MLflow metric name for a row: ``learned (= dp)`` -> ``holdout_recon/learned_eq_dp``."""
-    return f"holdout_recon/{schedule.replace(' ', '_').replace('(', '').replace(')', '').replace('=', 'eq')}"
+    """An MLflow metric name for a row: ``learned (= dp)`` -> ``holdout_recon/learned_eq_dp``,
+    ``dpmsolver++2m default`` -> ``holdout_recon/dpmsolverpp2m_default`` (MLflow refuses '+', '(' and '=')."""
+    name = schedule.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("+", "p")
+    return f"holdout_recon/{name}"
 
 
 def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
