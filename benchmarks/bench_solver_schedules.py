@@ -49,7 +49,7 @@ TARGET_OWN, TARGET_PAIR = 0.6, 0.5
 
 def run_one(model: str, solver: str, nfe: int, flags: list[str], work: Path) -> dict[str, Any]:
     """One sweep subprocess; its held-out rows and wall time."""
-    name = f"b-{solver}-{nfe}".replace("+", "p")
+    name = "".join(c if c.isalnum() else "-" for c in f"b-{model}-{solver}-{nfe}".replace("+", "p"))
     cmd = [sys.executable, "-m", "jobs.cli", "sweep", "--model", model, "--solver", solver, "--nfe", str(nfe),
            *flags, "--study-name", name, "--out-dir", str(work / "out"), "--storage", str(work / "optuna.journal"),
            "--no-mlflow"]
@@ -74,6 +74,12 @@ def _f(v: Any) -> float | None:
         return None
 
 
+def _pair_label(row: dict[str, Any]) -> str:
+    """``unipc default`` for a reference row, ``ddim default`` for the sweep's own, ``ddim uniform`` otherwise."""
+    name = row["schedule"]
+    return name if name.endswith(" default") else f"{row.get('solver')} {name}"
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (model, nfe, solver): learned vs its best baseline; per (model, nfe): best learned vs best default pair."""
     out = []
@@ -91,7 +97,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "learned_fid": _f(learned.get("holdout_fid")), "timesteps": learned["timesteps"],
             "best_baseline": best_own["schedule"], "best_baseline_recon": _f(best_own["holdout_recon"]),
             "best_baseline_fid": _f(best_own.get("holdout_fid")),
-            "best_default_pair": f"{best_default.get('solver')} {best_default['schedule']}".replace(" default default", " default"),
+            "best_default_pair": _pair_label(best_default),
             "best_default_recon": _f(best_default["holdout_recon"]), "best_default_fid": _f(best_default.get("holdout_fid")),
         })
     return out
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
-        write_section(render(raw["summary"], raw["meta"]))
+        write_section(render(summarise(raw["runs"]), raw["meta"]))  # summarised again: the rows are the record
         return 0
     plan = dict(QUICK if args.quick else FULL)
     for key in ("models", "solvers", "nfes"):
@@ -166,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"sweep {model} {solver} nfe {nfe} ...", flush=True)
                     runs.append(run_one(model, solver, nfe, plan["flags"], Path(tmp)))
                     print(f"  {runs[-1]['wall_s']:.0f} s; learned {runs[-1]['rows'][0]['holdout_recon']}", flush=True)
+                    if not args.quick:  # keep what is done: a later failure must not lose the finished sweeps
+                        from pipeline.io.files import atomic_write_json
+
+                        atomic_write_json(RAW.with_suffix(".partial.json"), {"runs": runs})
     summary = summarise(runs)
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU" if not _cuda() else "GPU",

@@ -47,3 +47,33 @@ def test_report_from_json(tmp_path):
     assert "| 10 | 0.001 | uniform | 0.002 | **0.500** |" in text  # the teacher (recon 0) is never the best baseline
     assert "learned NFE 10 at least as good in FID as uniform NFE 20" in text and "3.4 vs 2.6: **not met**" in text
     assert "0.030%" in text and "--from-json" not in text
+
+
+def test_solver_schedules_section_from_rows(tmp_path, monkeypatch):
+    """bench_solver_schedules: per solver, learned vs its own best baseline; per cell, the best learned pair vs
+    the best default pair (any solver's own default, from the reference rows), rendered between markers."""
+    import bench_solver_schedules as b
+
+    def run(solver, learned, own_best, other_default):
+        rows = [
+            {"schedule": "learned", "solver": solver, "holdout_recon": str(learned), "holdout_recon_sem": "1e-5",
+             "holdout_fid": "2.0", "timesteps": "900 500 100"},
+            {"schedule": "quadratic", "solver": solver, "holdout_recon": str(own_best), "holdout_fid": "3.0"},
+            {"schedule": "default", "solver": solver, "holdout_recon": str(own_best * 2), "holdout_fid": "4.0"},
+            {"schedule": "euler default", "solver": "euler", "holdout_recon": str(other_default), "holdout_fid": "5.0"},
+            {"schedule": "teacher (250-step DDIM)", "solver": "ddim", "holdout_recon": "0.0"},
+        ]
+        return {"model": "m", "solver": solver, "nfe": 10, "wall_s": 1.0, "rows": rows}
+
+    summary = b.summarise([run("ddim", 2e-3, 3e-3, 1e-3), run("unipc", 4e-4, 1e-3, 1e-3)])
+    assert summary[0]["best_baseline"] == "quadratic" and summary[0]["best_default_pair"] == "euler default"
+    text = b.render(summary, {"date": "2026-12-02", "machine": "x", "mode": "full", "flags": ["--trials", "8"],
+                              "wall_min": 1.0})
+    assert "| m | 10 | unipc | 0.0004 +- 1e-05 | quadratic 0.001 | **0.400** |" in text
+    assert "| m | 10 | unipc | 0.0004 | euler default | 0.001 | **0.400** |" in text
+    doc = tmp_path / "B.md"
+    doc.write_text(f"# head\n\n{b.BEGIN}\nold\n{b.END}\ntail\n")
+    monkeypatch.setattr(b, "OUT", doc)
+    b.write_section(text)
+    out = doc.read_text()
+    assert out.startswith("# head") and out.rstrip().endswith("tail") and "old" not in out and out.count(b.BEGIN) == 1
