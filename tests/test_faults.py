@@ -166,7 +166,10 @@ def test_actor_killed_mid_trial_sweep_completes_with_the_same_trials(ray_local, 
     assert [t.state for t in killed.trials] == [t.state for t in clean.trials]
     assert [t.user_attrs.get("timesteps") for t in killed.trials] == [t.user_attrs.get("timesteps") for t in clean.trials]
     assert [t.values for t in killed.trials] == [t.values for t in clean.trials]
-    assert [r["holdout_recon"] for r in res.rows] == [r["holdout_recon"] for r in ref.rows]
+    # The injected pools serve the sweep's solver only, so the clean run's reference rows (other solvers'
+    # defaults, made by the factory) have no counterpart here: compare the sweep's own rows.
+    own = lambda rows: [r["holdout_recon"] for r in rows if r.get("solver", "ddim") == cfg.solver]  # noqa: E731
+    assert own(res.rows) == own(ref.rows) and len(own(res.rows)) == len(res.rows)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -46,7 +46,11 @@ def test_default_sweep_small_budget(tmp_path):
     with open(out / "comparison.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["schedule"].startswith("learned") and rows[-1]["schedule"].startswith("teacher")
-    assert len(rows) == 1 + len(DEFAULT_BASELINES) + 1
+    # learned, the warm starts, every other solver's own default at the same NFE (reference rows), the teacher
+    from pipeline.solvers import SOLVERS
+
+    assert len(rows) == 1 + len(DEFAULT_BASELINES) + (len(SOLVERS) - 1) + 1
+    assert {r["solver"] for r in rows if r["schedule"].endswith(" default")} == set(SOLVERS) - {"ddim"}
     assert float(rows[-1]["holdout_recon"]) == 0 and all(float(x["holdout_recon"]) > 0 for x in rows[:-1])
     assert all(float(x["holdout_fid"]) > 0 for x in rows)  # digits FID on every row, the teacher's the floor
     best = Schedule.load(out / "best_schedule.json")

@@ -36,7 +36,8 @@ from pipeline.evaluation.twins import configure_twin, run_twin, twin_scheduler
 from pipeline.solvers import SOLVER_NAMES, SOLVERS, get_solver, solve
 from pipeline.solvers.ddim import ddim_sample
 
-pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]  # one thread: see TOL
 
 TWINNED = [n for n in SOLVER_NAMES if SOLVERS[n].diffusers_class and not SOLVERS[n].diffusers_class.startswith("Stride")]
 
@@ -93,7 +94,11 @@ def _x_T(seed=0, batch=4):
 # --------------------------------------------------------------------------------------------------
 # 1. diffusers parity
 
-TOL = {"tiny": 1e-5, "digits": 2e-5}
+TOL = {"tiny": 1e-5, "digits": 3e-5}
+"""Max |ours - diffusers|. bundled:digits amplifies float32 rounding: our own float32 and float64 runs differ
+by 1.4e-5 there, and the worst twin difference over these lists is 2.39e-5 with one torch thread, 1.60e-5
+with two (float32 reductions change order). The module pins one thread (fixture) so the figure does not
+depend on which test ran before."""
 
 
 @pytest.mark.parametrize("model", ["tiny", "digits"])
