@@ -159,7 +159,9 @@ def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_ad
 def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: Sweep,
               factory: EvaluatorFactory | None, evaluators: Callable[[Sequence[int]], Any],
               log: Callable[[str], None]) -> HeldOut:
-    """Re-evaluate the learned schedule and every warm start (and, with FID, the teacher) on held-out seeds."""
+    """Re-evaluate the learned schedule and every warm start (and, with FID, the teacher) on held-out seeds, all
+    run by the sweep's solver, next to every other solver's own default spacing (reference rows) when the
+    evaluators are the factory's (injected stand-ins serve the sweep's solver only)."""
     from search import export
 
     T = model.num_train_timesteps
