@@ -134,7 +134,12 @@ def open_study(
 
 
 def fail_stale_running(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials (left by a killed driver) FAIL with user attr ``stale``; returns their numbers."""
+    """Mark RUNNING trials (left by a killed driver) FAIL with user attr ``stale`` and enqueue each again
+    with its params and user attrs; returns their numbers.
+
+    Enqueued, they are the first trials the resumed sweep asks: it evaluates exactly the batch the killed
+    driver had asked, so its study is the undisturbed run's (the sweep reseeds its sampler per batch).
+    """
     stale = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         if t.state == TrialState.WAITING:
@@ -142,6 +147,8 @@ def fail_stale_running(study: optuna.Study) -> list[int]:
         _set_running_user_attr(study, t, "stale", True)  # before tell: a finished trial takes no attrs
         study.tell(t.number, state=TrialState.FAIL)
         stale.append(t.number)
+        if t.params:  # none when the driver died between ask and suggest: the sampler asks anew
+            study.enqueue_trial(dict(t.params), user_attrs={k: v for k, v in t.user_attrs.items() if k != "stale"})
     return stale
 
 

@@ -69,12 +69,6 @@ def _sweep_args(tmp_path, actors: int) -> list[str]:
             "--actors", str(actors)]
 
 
-ZERO_ACTORS_BUG = (
-    "sweep --actors 0 on a recon objective evaluates with InProcessEvaluator (search/evaluators.py), which calls the "
-    "UNet on the whole seed batch instead of through BatchInvariant(forward_batch=64) like the pool's workers; "
-    "trial values then differ from --actors 1/3 in the last bits")
-
-
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
     """actors -> (trials, held-out table) of the cut-down default sweep; each sweep run once per module."""
@@ -108,14 +102,7 @@ def test_sweep_trials_and_holdout_recon_identical_on_1_and_3_actors(sweeps, caps
     capsys.readouterr()
 
 
-SHARDED_FID_BUG = (
-    "held-out FID is not bit-identical across actor counts (measured 1 vs 3 actors: 13.498853391182962 vs "
-    "13.498853267046599): the pool merges per-shard feature statistics (pipeline/distributed/pool.py) in float "
-    "arithmetic whose result depends on the shard split; recon and every trial value are identical")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=SHARDED_FID_BUG)
 def test_sweep_holdout_fid_identical_on_1_and_3_actors(sweeps, capsys):
     _same_sweep(sweeps(3), sweeps(1))
     got, ref = sweeps(3)[1], sweeps(1)[1]
@@ -124,7 +111,9 @@ def test_sweep_holdout_fid_identical_on_1_and_3_actors(sweeps, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=ZERO_ACTORS_BUG)
 def test_sweep_in_process_identical_to_actors(sweeps, capsys):
+    """--actors 0 runs the schedules in this process (InProcessEvaluator, FID through an in-process pool),
+    with the same fixed network batch as the actors: every trial and held-out number is the actors' own."""
     _same_sweep(sweeps(0), sweeps(1))
     capsys.readouterr()
+    assert [r["holdout_fid"] for r in sweeps(0)[1]] == [r["holdout_fid"] for r in sweeps(1)[1]]

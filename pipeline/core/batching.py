@@ -15,6 +15,9 @@ import torch
 
 from pipeline.errors import StridelabError
 
+DEFAULT_FORWARD_BATCH = 64
+"""The one network batch size of every evaluator (Ray workers and in-process): equal sizes, equal bits."""
+
 
 def run_fixed_batches(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """``fn(*chunks)`` on consecutive chunks of exactly `size` rows (the last padded by repeating its last

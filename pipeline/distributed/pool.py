@@ -3,8 +3,8 @@
 ``SamplerPool(...).evaluate(schedules) -> list[ScheduleResult]`` has exactly the contract of
 `pipeline.evaluation.inprocess.InProcessEvaluator.evaluate`. The seeds are split into one contiguous shard
 per actor (`shard_bounds`); each actor computes its shard's teacher once and keeps it; the driver
-concatenates the per-seed results in seed order and assembles FID/KID from the shards' feature
-statistics, so results do not depend on the number of actors.
+concatenates the per-seed results and the per-seed feature rows in seed order and computes FID/KID from
+all rows at once, so results do not depend on the number of actors (bit for bit).
 
 Fault tolerance: actors run with ``max_restarts`` / ``max_task_retries``; every worker method is a pure
 function of its arguments (the teacher cache is rebuilt on demand), so a retried task gives the same answer.
@@ -201,11 +201,8 @@ class SamplerPool:
         for s in schedules:
             if not isinstance(s, Schedule):
                 raise StridelabError(f"evaluate takes Schedule objects, got {type(s).__name__}")
-        fid_shift = None
-        if "fid" in self.extra_metrics:
-            fid_shift = np.asarray(self.reference.mu, dtype=np.float64)
         refs = [[self._call(i, "evaluate", self._shard_seeds(i), list(s.timesteps), self.teacher_nfe,
-                            recon=self.recon, inversion=self.inversion, fid_shift=fid_shift,
+                            recon=self.recon, inversion=self.inversion,
                             fid="fid" in self.extra_metrics, kid="kid" in self.extra_metrics, solver=solver)
                  for i in range(len(self.shards))] for s in schedules]
         return PendingEvaluation(self, schedules, refs, self.extra_metrics)
@@ -263,12 +260,15 @@ class SamplerPool:
             from pipeline.metrics.fid import FeatureStats, frechet_distance, kid
 
             extra = {}
+            feats = np.concatenate([p["feats"] for p in parts])  # seed order, whatever the split
             if "fid" in extra_names:
-                stats = FeatureStats.merge(p["fid_stats"] for p in parts)
+                # One reduction over all rows on the driver: summing per-shard moments instead made the
+                # 8th digit of FID depend on the number of actors.
+                stats = FeatureStats.of(feats, np.asarray(self.reference.mu, dtype=np.float64))
                 extra["fid"] = frechet_distance(stats, self.reference.mu, self.reference.sigma)
             if "kid" in extra_names:
                 if self.reference.feats is None:
                     raise StridelabError(f"KID needs reference features; {self.reference.name} has none")
-                extra["kid"] = kid(np.concatenate([p["feats"] for p in parts]), self.reference.feats)
+                extra["kid"] = kid(feats, self.reference.feats)
         return ScheduleResult(schedule, rec, inv, max(p["seconds"] for p in parts), extra)
 

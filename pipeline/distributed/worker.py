@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.core.batching import BatchInvariant
+from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant
 from pipeline.core.schedules import validate_timesteps
 from pipeline.core.seeds import initial_noise
 from pipeline.errors import StridelabError
@@ -34,7 +34,6 @@ from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel, load_model
 from pipeline.solvers.registry import DEFAULT_SOLVER, solve
 
-DEFAULT_FORWARD_BATCH = 64
 Loader = Callable[[str, Any, Any], LoadedModel]
 
 
@@ -221,7 +220,6 @@ class SamplerWorker:
         *,
         recon: bool = True,
         inversion: bool = False,
-        fid_shift: np.ndarray | None = None,
         fid: bool = False,
         kid: bool = False,
         solver: str = DEFAULT_SOLVER,
@@ -230,15 +228,15 @@ class SamplerWorker:
 
         Returns:
             {"recon": float64 [b] or None, "inversion": float64 [b] or None, "seconds": float,
-             "fid_stats": `FeatureStats` of the shard (shifted by `fid_shift`) or None,
-             "feats": float64 [b, D] (for KID) or None}.
+             "feats": float64 [b, D] for FID/KID, or None}. The driver computes FID's statistics from the
+            rows of every shard at once, so its bits cannot depend on how the seeds were split.
         """
         self._calls += 1
         self._trace("evaluate", "start")
         ts = validate_timesteps(list(timesteps), self.model.num_train_timesteps)
         teach = self.teacher(seeds, teacher_nfe, recon=recon, inversion=inversion)
         t0 = time.perf_counter()
-        out: dict[str, Any] = {"recon": None, "inversion": None, "fid_stats": None, "feats": None}
+        out: dict[str, Any] = {"recon": None, "inversion": None, "feats": None}
         m = evaluate_shard(self.denoiser, self.model.alphas_cumprod, self.model.to_unit, ts, teach.x_T,
                            teach.x0, teach.timesteps, teach.data if inversion else None, solver)
         x0 = m.x0
@@ -247,11 +245,7 @@ class SamplerWorker:
         if m.inversion is not None:
             out["inversion"] = m.inversion.cpu()
         if fid or kid:
-            from pipeline.metrics.fid import FeatureStats
-
-            f = self._features(x0)
-            out["fid_stats"] = FeatureStats.of(f, fid_shift) if fid else None
-            out["feats"] = f if kid else None
+            out["feats"] = self._features(x0)
         out["seconds"] = time.perf_counter() - t0
         self._trace("evaluate", "done")
         return out

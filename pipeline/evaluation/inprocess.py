@@ -7,10 +7,11 @@ schedule, so differences are the schedule's alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant
 from pipeline.solvers.ddim import Denoiser
 from pipeline.solvers.registry import DEFAULT_SOLVER, solve
 from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors, recon_sem
@@ -138,10 +139,14 @@ class InProcessEvaluator:
     ``evaluate(schedules, solver=None) -> list[ScheduleResult]``, results in the order of `schedules`,
     each run by `solver` (default: the one the evaluator was made with) on the evaluator's seeds against
     its teacher (many-step DDIM, whatever the solver: the teacher approximates the exact ODE solution).
+    The network is called on chunks of `forward_batch` rows, as in the pool's workers, so its numbers are
+    the pool's bit for bit (0 = the whole batch at once).
     """
 
     def __init__(self, model: LoadedModel, seeds: Sequence[int], teacher_nfe: int | None = None, inversion: bool = False,
-                 solver: str = DEFAULT_SOLVER):
+                 solver: str = DEFAULT_SOLVER, forward_batch: int = DEFAULT_FORWARD_BATCH):
+        if forward_batch > 0:
+            model = replace(model, denoiser=BatchInvariant(model.denoiser, forward_batch))
         self.model = model
         self.solver = solver
         self.teacher = make_teacher(model, seeds, teacher_nfe)

@@ -1,14 +1,15 @@
-"""FID / KID from features computed in pieces (on Ray actors) and merged exactly on the driver.
+"""FID / KID of samples computed in pieces (on Ray actors), assembled on the driver.
 
-FID (Heusel et al., 2017) needs only the mean and covariance of the generated features, so each worker
-returns sufficient statistics per chunk of samples, ``(n, sum f, sum f f^T)`` in float64, and the
-driver adds them up in seed order (`FeatureStats.merge`). Because the chunks are fixed by seed position
-(not by actor), the merged numbers are bit-identical for 1, 2 or N actors, and equal the
-single-process ``np.mean`` / ``np.cov`` to ~1e-12. Sums are taken of ``f - shift`` with a shift shared
-by all workers (the reference mean), which keeps ``S2 - S1 S1^T / n`` free of cancellation.
+FID (Heusel et al., 2017) needs only the mean and covariance of the generated features. The workers return
+their shards' feature rows (float64 [b, D]), and the driver computes the moments once over all rows in seed
+order (`FeatureStats.of`), so FID is bit-identical for 1, 2 or N actors. (Adding per-shard moments, which
+`FeatureStats` also supports, equals ``np.mean`` / ``np.cov`` to ~1e-12 but its last bits depend on the
+split: measured 13.498853391 vs 13.498853267 on 1 and 3 actors.) The driver holds n x D floats, as clean-fid
+itself does (50,000 Inception rows: 0.8 GB). Sums are taken of ``f - shift`` with the reference mean as
+shift, which keeps ``S2 - S1 S1^T / n`` free of cancellation.
 
-KID (Binkowski et al., 2018) is not a function of low-order moments: the workers return the feature
-rows themselves (small: 1,797 x 128 for digits) and the driver calls clean-fid's ``kernel_distance``.
+KID (Binkowski et al., 2018) is not a function of low-order moments: the driver calls clean-fid's
+``kernel_distance`` on the same rows.
 
 Feature extractors (``FEATURES``), each ``images01 [B, C, H, W] in [0, 1] -> float64 [B, D]``:
 

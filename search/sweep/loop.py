@@ -264,7 +264,7 @@ class Sweep:
         tried |= {tuple(int(enqueued_params(t)[key]) for key in keys) for t in waiting
                   if set(keys) <= set(enqueued_params(t))}
         step = int(bt.user_attrs.get("polish_step", self.ladder[0]))
-        rng = np.random.default_rng([self.cfg.seed, len(trials)])
+        rng = np.random.default_rng([self.cfg.seed, finished_count(self.study)])  # stale trials do not count
         inc = bt.user_attrs["timesteps"]
         parent = trials[bt.user_attrs["polish_from"]] if "polish_from" in bt.user_attrs else None
         move = [a - b for a, b in zip(inc, parent.user_attrs["timesteps"])] if parent is not None else None
@@ -272,15 +272,31 @@ class Sweep:
             self.study.enqueue_trial(dict(zip(keys, ts)),
                                      user_attrs={"kind": "polish", "polish_step": s, "polish_from": bt.number})
 
+    def _reseed(self, source_trials: list | None) -> None:
+        """Give the study a fresh sampler seeded from (seed, trials counted so far) before a batch.
+
+        A sampler's RNG lives in this process, not in the storage: seeded once, a resumed sweep would ask
+        other trials than an undisturbed one. Seeded per batch from the study's own count, what a batch
+        asks depends only on the study's history (stale trials of a killed driver are not counted).
+        """
+        seed = int(np.random.SeedSequence([self.cfg.seed, finished_count(self.study)]).generate_state(1)[0])
+        self.study.sampler = make_sampler(self.cfg.sampler, seed, multi_objective=self.objective.multi,
+                                          source_trials=source_trials)
+
     def search(self) -> None:
         # CMA-ES starts from the warm starts (WS-CMA-ES) instead of the middle of the box.
+        src = None
         if self.cfg.sampler == "cmaes":
             src = [t for t in self.study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("kind") == "baseline"]
-            self.study.sampler = make_sampler("cmaes", self.cfg.seed, source_trials=src)
         t0, start = time.perf_counter(), finished_count(self.study)
         global_end = self.cfg.trials - self.cfg.polish_trials
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if waiting and start < self.cfg.trials:
+            # A stopped driver's batch, enqueued again on resume: run it alone, as the undisturbed run did.
+            self.run_batch(min(len(waiting), self.cfg.trials - start))
         while (done := finished_count(self.study)) < self.cfg.trials:
             if done < global_end:
+                self._reseed(src)
                 self.run_batch(min(self.cfg.parallel, global_end - done))
             else:
                 k = min(self.cfg.parallel, self.cfg.trials - done)

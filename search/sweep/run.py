@@ -119,7 +119,7 @@ def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_n
     study = open_study(make_storage(storage_spec), study_name, objective.directions, sampler, identity, resume)
     stale = fail_stale_running(study) if resume else []
     if stale:
-        log(f"resume: trials {stale} were left RUNNING by a stopped driver: marked FAIL, not counted")
+        log(f"resume: trials {stale} were left RUNNING by a stopped driver: marked FAIL, not counted, asked again")
     return study
 
 
