@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sample", "jobs.sweep", "jobs.export", "jobs.ui", "jobs.report"]
+COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sample", "jobs.invert", "jobs.interpolate", "jobs.sweep", "jobs.export", "jobs.ui", "jobs.report"]
 
 DESCRIPTION = """\
 stridelab learns where a DDIM sampler should place its steps.
@@ -24,6 +24,8 @@ Also:
   stridelab schedules --nfe 10                      # the baseline stride schedules, side by side
   stridelab evaluate --model gmm:ring8 --nfe 5,10   # recon / inversion error of each schedule
   stridelab export --study-name NAME                # a sweep's schedule as JSON
+  stridelab invert --images DIR --schedule uniform --nfe 10 --out-dir inv   # images -> noise -> images
+  stridelab interpolate --seeds 1,2 --schedule uniform --nfe 10 --out-dir morph  # a slerp morph
 One vocabulary: --model (default bundled:digits), --num-seeds and --seed, --actors, --out (a file), --out-dir (a directory).
 """
 

@@ -157,6 +157,13 @@ def add_ray_args(p: argparse.ArgumentParser, actors: int) -> None:
     p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
 
 
+def add_tracking_args(p: argparse.ArgumentParser, experiment: str) -> None:
+    """--tracking-uri, --experiment, --no-mlflow (dest ``track``): where and whether a run is tracked in MLflow."""
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
+    p.add_argument("--experiment", default=None, help=f"MLflow experiment (default {experiment})")
+    p.add_argument("--no-mlflow", dest="track", action="store_false", help="do not track in MLflow")
+
+
 def check_actors(args: argparse.Namespace) -> None:
     """--actors >= 0 and --gpus-per-actor in (0, 8] only with actors: checked before any Ray start-up."""
     from pipeline.distributed import check_gpus_per_actor

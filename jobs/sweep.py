@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.common import (OPTUNA_SAMPLERS, WARM_STARTS, add_deprecated_alias, add_model_arg, add_ray_args,
-                         add_seeds_args, add_solver_arg, add_teacher_nfe_arg, check_actors, name_list, show_names)
+                         add_seeds_args, add_solver_arg, add_teacher_nfe_arg, add_tracking_args, check_actors, name_list, show_names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,9 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Optuna storage: a journal file path or an RDB URL such as sqlite:///s.db or "
                         "postgresql://user@host/db (default <out-dir>/optuna.journal)")
     p.add_argument("--resume", action="store_true", help="continue --study-name up to --trials trials in total")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<cwd>/mlflow.db)")
-    p.add_argument("--experiment", default=None, help="MLflow experiment (default stridelab-sweep)")
-    p.add_argument("--no-mlflow", dest="track", action="store_false", help="do not track in MLflow")
+    add_tracking_args(p, "stridelab-sweep")
     p.add_argument("--out-dir", default="results/sweep",
                    help="output directory: outputs go to <out-dir>/<study-name>/ (default %(default)s)")
     add_ray_args(p, d.actors)

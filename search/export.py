@@ -5,6 +5,8 @@ level, and the same fields again in ``meta`` so `Schedule.load(path)` carries th
 
 =========================  ===================================================================
 ``timesteps``              descending ints (what DDIM visits), len = ``nfe``
+``inverse_timesteps``      optional: the ascending ints DDIM inversion walks, only where they are not
+                           ``timesteps`` reversed (an encoder tuned apart from the decoder)
 ``sigmas``                 n + 1 k-diffusion sigmas sqrt((1 - abar) / abar), ending in 0
 ``num_train_timesteps``    T of the model
 ``nfe``                    number of steps
@@ -95,7 +97,8 @@ def export_dict(
         "solver": export_solver(schedule, solver),
     }
     meta = {**dict(schedule.meta), **fields}
-    base = Schedule(schedule.timesteps, schedule.num_train_timesteps, schedule.name, schedule.params, meta).to_dict()
+    base = Schedule(schedule.timesteps, schedule.num_train_timesteps, schedule.name, schedule.params, meta,
+                    schedule.inverse_timesteps).to_dict()
     return {**base, **fields}
 
 

@@ -15,7 +15,8 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-SUBCOMMANDS = ["schedules", "evaluate", "train", "train digits", "train features", "sample", "sweep", "export", "ui",
+SUBCOMMANDS = ["schedules", "evaluate", "train", "train digits", "train features", "sample", "invert", "interpolate",
+               "sweep", "export", "ui",
                "report", "report digits"]
 
 

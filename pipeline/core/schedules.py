@@ -43,10 +43,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> tuple[int, ...]:
+def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int, *, increasing: bool = False) -> tuple[int, ...]:
     """Return `timesteps` as a tuple of ints, or raise `StridelabError` naming the first bad value.
 
-    Valid: non-empty, every entry an integer in [0, T-1], strictly decreasing (hence duplicate-free).
+    Valid: non-empty, every entry an integer in [0, T-1], strictly decreasing (hence duplicate-free);
+    strictly increasing with ``increasing=True`` (the order an inversion walks).
     """
     if isinstance(timesteps, torch.Tensor):
         if timesteps.is_floating_point():
@@ -68,9 +69,10 @@ def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> tu
         v = int(v)
         if not 0 <= v <= T - 1:
             raise StridelabError(f"timesteps[{i}] = {v} is out of range [0, {T - 1}]")
-        if out and v >= out[-1]:
-            what = "a duplicate" if v == out[-1] else "not decreasing"
-            raise StridelabError(f"timesteps[{i}] = {v} is {what} (previous {out[-1]}): must be strictly decreasing")
+        if out and (v <= out[-1] if increasing else v >= out[-1]):
+            order = "increasing" if increasing else "decreasing"
+            what = "a duplicate" if v == out[-1] else f"not {order}"
+            raise StridelabError(f"timesteps[{i}] = {v} is {what} (previous {out[-1]}): must be strictly {order}")
         out.append(v)
     return tuple(out)
 
@@ -117,6 +119,10 @@ class Schedule:
         name: where it came from (``"karras"``, ``"learned"``, ...).
         params: the parameters that produced it (JSON-serialisable).
         meta: anything else worth carrying (metrics, provenance, model hash); round-trips through JSON.
+        inverse_timesteps: the strictly increasing list a DDIM inversion (encoder) walks when it is not
+            ``reversed(timesteps)``; it must end where decoding starts (``timesteps[0]``), so the code it
+            makes is at the decoder's first noise level. None (the default, and what a list equal to the
+            reversed forward one is normalised to): the encoder walks the forward list backwards.
     """
 
     timesteps: tuple[int, ...]
@@ -124,6 +130,7 @@ class Schedule:
     name: str = "custom"
     params: Mapping[str, Any] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    inverse_timesteps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 2:
@@ -133,10 +140,24 @@ class Schedule:
             raise StridelabError(f"schedule name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "params", dict(self.params))
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.inverse_timesteps is not None:
+            try:
+                inv = validate_timesteps(self.inverse_timesteps, self.num_train_timesteps, increasing=True)
+            except StridelabError as e:
+                raise StridelabError(f"inverse_{e}") from None
+            if inv[-1] != self.timesteps[0]:
+                raise StridelabError(f"inverse_timesteps ends at {inv[-1]} but decoding starts at timesteps[0] = "
+                                     f"{self.timesteps[0]}: the encoder must end at the decoder's first noise level")
+            object.__setattr__(self, "inverse_timesteps", None if inv == self.timesteps[::-1] else inv)
 
     @property
     def nfe(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def encode_timesteps(self) -> tuple[int, ...]:
+        """The increasing list DDIM inversion walks: `inverse_timesteps`, else the forward list reversed."""
+        return self.inverse_timesteps if self.inverse_timesteps is not None else self.timesteps[::-1]
 
     def sigmas(self, alphas_cumprod: torch.Tensor) -> torch.Tensor:
         """k-diffusion-style sigmas, float64 shape [n + 1], decreasing, ending in 0 (the clean target)."""
@@ -157,6 +178,8 @@ class Schedule:
             "num_train_timesteps": self.num_train_timesteps,
             "timesteps": list(self.timesteps),
             "params": dict(self.params),
+            # Only when the encoder differs from the reversed forward list: files stay as they were otherwise.
+            **({"inverse_timesteps": list(self.inverse_timesteps)} if self.inverse_timesteps is not None else {}),
             **({"meta": dict(self.meta)} if self.meta else {}),
         }
 
@@ -172,8 +195,10 @@ class Schedule:
             raise StridelabError("schedule 'params' and 'meta' must be JSON objects")
         # Plain / downstream files carry these at the top level only; meta wins where both are present.
         meta = {**{k: d[k] for k in LIFTED_FIELDS if k in d}, **meta}
+        inv = d.get("inverse_timesteps")
         sched = cls(tuple(d["timesteps"]) if isinstance(d["timesteps"], list) else d["timesteps"],
-                    T, str(d.get("name", "custom")), params, meta)
+                    T, str(d.get("name", "custom")), params, meta,
+                    tuple(inv) if isinstance(inv, list) else inv)
         if "nfe" in d and d["nfe"] != sched.nfe:
             raise StridelabError(f"schedule says nfe = {d['nfe']!r} but lists {sched.nfe} timesteps")
         return sched

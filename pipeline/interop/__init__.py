@@ -1,4 +1,4 @@
-"""Reuse elsewhere: diffusers schedulers (`timesteps=` / `sigmas=`), k-diffusion and ComfyUI sigma lists, the drop-in DDIM scheduler."""
+"""Reuse elsewhere: diffusers schedulers (`timesteps=` / `sigmas=`), k-diffusion and ComfyUI sigma lists, the drop-in DDIM schedulers (forward and inverse)."""
 
 from __future__ import annotations
 
@@ -6,5 +6,6 @@ from pipeline.interop.apply import apply_schedule
 from pipeline.interop.reuse import scheduler_for_schedule
 from pipeline.interop.sigma_lists import comfyui_sigma_string, k_diffusion_sigmas
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
+from pipeline.interop.ddim_inverse_scheduler import StrideDDIMInverseScheduler
 
-__all__ = ["StrideDDIMScheduler", "apply_schedule", "comfyui_sigma_string", "k_diffusion_sigmas", "scheduler_for_schedule"]
+__all__ = ["StrideDDIMInverseScheduler", "StrideDDIMScheduler", "apply_schedule", "comfyui_sigma_string", "k_diffusion_sigmas", "scheduler_for_schedule"]

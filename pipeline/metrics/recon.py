@@ -7,9 +7,11 @@ convention), so numbers are comparable across models with different data ranges.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
+from pipeline.errors import StridelabError
 from pipeline.solvers.ddim import Denoiser, ddim_invert, ddim_sample
 
 
@@ -44,6 +46,36 @@ def inversion_errors(
     to_unit: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """DDIM paper Table 2 protocol: encode data x_0 with the schedule, decode with it, per-sample MSE [B]."""
-    x_T = ddim_invert(denoiser, x_0, timesteps, alphas_cumprod)
-    x_rec = ddim_sample(denoiser, x_T, timesteps, alphas_cumprod)
-    return per_sample_mse(to_unit(x_rec), to_unit(x_0))
+    return round_trip(denoiser, x_0, tuple(timesteps)[::-1], timesteps, alphas_cumprod, to_unit).errors
+
+
+class RoundTrip(NamedTuple):
+    """What `round_trip` returns: the code x_T [B, ...], the reconstruction x_rec [B, ...] and the
+    per-sample MSE [B] of x_rec against x_0 on the [0, 1] scale."""
+
+    x_T: torch.Tensor
+    x_rec: torch.Tensor
+    errors: torch.Tensor
+
+
+def round_trip(
+    denoiser: Denoiser,
+    x_0: torch.Tensor,
+    encode_timesteps: Sequence[int],
+    decode_timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    to_unit: Callable[[torch.Tensor], torch.Tensor],
+) -> RoundTrip:
+    """Encode data with DDIM inversion along `encode_timesteps` (strictly increasing), decode along
+    `decode_timesteps` (strictly decreasing, starting where the encoder ended), and measure the error.
+
+    With ``encode = reversed(decode)`` this is the DDIM paper's reconstruction (Table 2); editing workflows
+    encode with more steps than they decode with.
+    """
+    enc, dec = tuple(encode_timesteps), tuple(decode_timesteps)
+    if enc and dec and enc[-1] != dec[0]:
+        raise StridelabError(f"the encoder ends at timestep {enc[-1]} but decoding starts at {dec[0]}: "
+                             "the code must be at the decoder's first noise level")
+    x_T = ddim_invert(denoiser, x_0, enc[::-1], alphas_cumprod)
+    x_rec = ddim_sample(denoiser, x_T, dec, alphas_cumprod)
+    return RoundTrip(x_T, x_rec, per_sample_mse(to_unit(x_rec), to_unit(x_0)))
