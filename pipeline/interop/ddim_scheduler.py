@@ -305,7 +305,8 @@ class _DroppedScheduleFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if "'schedule_timesteps'" in msg and "were passed to" in msg and "not expected" in msg:
+        dropped = "'schedule_timesteps'" in msg and "'schedule_timesteps': None" not in msg
+        if dropped and "were passed to" in msg and "not expected" in msg:
             cls = msg.split("were passed to ", 1)[1].split(",", 1)[0]
             warnings.warn(
                 f"{cls} was built from a StrideDDIMScheduler config and dropped its learned schedule "
