@@ -29,7 +29,9 @@ computes at integer timesteps; a pipeline's ``pipe(timesteps=...)`` cannot pass 
 
 The solver a schedule was tuned with: exports record it (``meta["solver"]``, `SolverSpec.record`);
 `apply_schedule` warns when the scheduler it configures runs another update (`pipeline.interop.reuse`,
-where `scheduler_for_schedule` builds exactly the recorded scheduler from a pipeline's config).
+where `scheduler_for_schedule` builds exactly the recorded scheduler from a pipeline's config). A pipeline
+re-spaces the steps in its own ``set_timesteps(n)`` call: `pipeline.interop.pipelines.sample_with_schedule`
+runs one on exactly the schedule.
 
 Elsewhere (`pipeline.interop.sigma_lists`): `k_diffusion_sigmas` (n + 1 sigmas ending in 0, for
 ``k_diffusion.sampling.sample_*``), `schedule_from_sigmas` (back), `comfyui_sigma_string` (ComfyUI's
@@ -115,6 +117,18 @@ def check_compatible(
     return abar
 
 
+def warn_if_exported_for_other_model(schedule: Schedule, model: str, *, stacklevel: int = 2) -> bool:
+    """One warning when `schedule` records the model it was exported for (``meta["model"]``) and that is not
+    `model` (a model spec): the alphas_cumprod hash `check_compatible` compares cannot tell two models on
+    one noise table apart (bundled:digits and gmm:ring8 share linear betas). Returns whether it warned."""
+    made_for = schedule.meta.get("model")
+    if made_for is None or str(made_for) == str(model):
+        return False
+    warnings.warn(f"schedule {schedule.name!r} was learned on model {made_for}, running it on {model}: its steps "
+                  f"were placed for the other model", stacklevel=stacklevel + 1)
+    return True
+
+
 def supported_name(scheduler: Any) -> str | None:
     """The `SUPPORTED_SCHEDULERS` class `scheduler` is (or subclasses), or None."""
     for cls in type(scheduler).__mro__:
@@ -154,9 +168,9 @@ def apply_schedule(
 ) -> Any:
     """Configure a diffusers scheduler instance to run `schedule` (calls its ``set_timesteps``).
 
-    Then drive it as usual (``for t in scheduler.timesteps: ... scheduler.step(...)``), or hand the
-    schedule to a pipeline with ``pipe(..., timesteps=timesteps_for_pipeline(s))`` /
-    ``sigmas=sigmas_for_pipeline(s, abar)`` (pipelines call ``set_timesteps`` themselves).
+    Then drive it as usual (``for t in scheduler.timesteps: ... scheduler.step(...)``). A pipeline calls
+    ``set_timesteps`` itself and so undoes this: run one with
+    `pipeline.interop.pipelines.sample_with_schedule`, which checks the steps it actually ran.
 
     Args:
         scheduler: one of `SUPPORTED_SCHEDULERS` (or a subclass).
