@@ -4,7 +4,6 @@ and loaded locally); the analytic mixture stands in for a trained model where co
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 
