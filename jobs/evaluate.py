@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.distributed import SamplerPool
     from pipeline.errors import StridelabError
     from pipeline.evaluation.grid import is_schedule_file, plan_grid
+    from pipeline.interop.apply import warn_if_exported_for_other_model
     from pipeline.io.reports import format_table, write_table
     from pipeline.metrics.recon import recon_sem
     from pipeline.models.load import load_model
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         args.nfe = sorted({Schedule.load(f).nfe for f in files}) if files and len(files) == len(named) else [5, 10, 20]
     # Resolve every cell before any sampling, so a bad name fails in a second, not after the teacher.
     cells = plan_grid(specs, solvers, args.nfe, model.alphas_cumprod, allow_other_model=args.allow_other_model)
+    for spec in dict.fromkeys(s for s in specs if is_schedule_file(s)):
+        warn_if_exported_for_other_model(Schedule.load(spec), args.model)
     seeds = range(args.seed, args.seed + args.num_seeds)
     extra = [m for m in args.metrics if m in ("fid", "kid")]
     features = reference = None
@@ -117,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     recon = "recon" in args.metrics
     where = "in-process" if args.actors == 0 else f"on {args.actors} Ray actors"
     if recon:
-        print(f"teacher: {args.teacher_nfe or T}-step DDIM on {args.num_seeds} seeds, {where} ...", flush=True)
+        print(f"teacher: {args.teacher_nfe or T}-step DDIM of {args.model} on {args.num_seeds} seeds, {where} ...",
+              flush=True)
     results = {}
     with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
                      extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
@@ -130,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if len(solvers) > 1 or args.solvers:
         print("equal NFE = equal model evaluations: each solver takes the most steps that fit (heun: 2 per step, 1 on "
               "the last); a schedule file with other step counts is log-sigma interpolated (column how)")
+    print(f"model {args.model} (T = {T}), {args.num_seeds} seeds from {args.seed}:")
     print(format_table(rows, ["schedule", "solver", "nfe", "steps", "recon", "recon_sem", "x_default", "inversion",
                               "fid", "kid", "how"]))
     if args.out:

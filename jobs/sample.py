@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.distributed import generate_samples, write_sample_dir
+    from pipeline.interop.apply import warn_if_exported_for_other_model
     from pipeline.errors import StridelabError
     from pipeline.models.load import load_model
     from pipeline.core.schedules import check_nfe, resolve_schedule
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise StridelabError(f"{args.schedule} has {sched.nfe} steps but --nfe {args.nfe} gives {solver.name} {steps}")
 
     warn_if_tuned_for_other(sched.meta, solver.name)
+    warn_if_exported_for_other_model(sched, args.model)
     sched = Schedule(sched.timesteps, sched.num_train_timesteps, sched.name, sched.params,
                      {**sched.meta, "sampled_with": solver.record()})
     batches = generate_samples(args.model, sched.timesteps, args.num_seeds, seed=args.seed, eta=args.eta,
@@ -80,6 +82,6 @@ def run(args: argparse.Namespace) -> int:
     path = write_sample_dir(out, batches, num_samples=args.num_seeds, first_seed=args.seed, schedule=sched,
                             eta=args.eta, model=args.model, sample_shape=model.sample_shape,
                             data_range=model.data_range, progress=not args.no_progress)
-    print(f"wrote {args.num_seeds} samples ({sched.name}, {solver.name}, {sched.nfe} steps = "
+    print(f"wrote {args.num_seeds} samples of {args.model} ({sched.name}, {solver.name}, {sched.nfe} steps = "
           f"{solver.evaluations(sched.nfe)} model evaluations, eta {args.eta}) to {path}")
     return 0

@@ -103,7 +103,13 @@ def test_scheduler_for_schedule_ddim_holds_the_schedule_in_its_config():
     assert type(sched) is StrideDDIMScheduler and sched.config.schedule_timesteps == list(s.timesteps)
     # An old file (no solver recorded) is DDIM's, as every sweep before solvers ran DDIM.
     old = Schedule(s.timesteps, 1000, "learned", {}, {"alphas_cumprod_sha256": s.meta["alphas_cumprod_sha256"]})
-    assert type(scheduler_for_schedule(old, DDPMScheduler().config)) is StrideDDIMScheduler
+    assert type(scheduler_for_schedule(old, DDPMScheduler(clip_sample=False).config)) is StrideDDIMScheduler
+    # The base's own values count, defaults included (DDPMScheduler's clip_sample=True; HeunDiscrete took its
+    # own default betas from a DDPMScheduler() before): from_config ignores `_use_default_values` here.
+    with pytest.raises(StridelabError, match="clip_sample=False"):
+        scheduler_for_schedule(old, DDPMScheduler().config)
+    heun = scheduler_for_schedule(tuned("heun"), DDPMScheduler())
+    assert torch.equal(heun.alphas_cumprod, DDPMScheduler().alphas_cumprod)
 
 
 def test_scheduler_for_schedule_refuses_a_solver_without_diffusers_scheduler():

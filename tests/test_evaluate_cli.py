@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import pyarrow.parquet as pq
 import pytest
@@ -75,3 +76,26 @@ def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, cli_stderr, bad, nee
     err = cli_stderr()
     assert len(err) == 1 and needle in err[0] and err[0].startswith("stridelab evaluate: error:"), err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_schedule_learned_on_another_model_warns_and_the_output_names_the_model(tmp_path, capsys):
+    """gmm:ring8 and bundled:digits share linear betas, so the alphas_cumprod hash passes: the recorded model
+    id is what tells them apart. The warning names both; the log and the table header name the model run."""
+    from pipeline.interop.apply import alphas_cumprod_sha256
+    from search.export import export_dict, write_export
+
+    abar = load_model("gmm:ring8").alphas_cumprod
+    sched = make_schedule("karras", 4, abar)
+    js = tmp_path / "digits.json"
+    write_export(js, export_dict(sched, model="bundled:digits", sigmas=sched.sigmas(abar).tolist(),
+                                 alphas_hash=alphas_cumprod_sha256(abar)))
+    argv = [a for a in BASE if a not in ("--nfe", "3,6")] + ["--schedules", str(js), "--metrics", "recon"]
+    with pytest.warns(UserWarning, match="learned on model bundled:digits, running it on gmm:ring8"):
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "DDIM of gmm:ring8" in out and "model gmm:ring8 (T = 1000)" in out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same file on the model it records: no warning
+        write_export(js, export_dict(sched, model="gmm:ring8", sigmas=sched.sigmas(abar).tolist(),
+                                     alphas_hash=alphas_cumprod_sha256(abar)))
+        assert main(argv) == 0

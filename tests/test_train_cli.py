@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jobs.cli import main
 
 
@@ -43,3 +45,27 @@ def test_train_digits_writes_pipeline(tmp_path):
     rec = json.loads((out / "TRAINING.json").read_text())
     assert rec["steps"] == 2 and rec["weights"] == "EMA" and rec["config"]["max_minutes"] is None
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_train_digits_never_writes_the_bundled_model_unless_asked(tmp_path, monkeypatch, cli_stderr):
+    """Without --out-dir it writes results/train/digits (relative to the working directory); the shipped
+    assets are replaced only with --replace-bundled (here pointed at a copy), and not with both flags."""
+    from pipeline.training import ddpm
+
+    shipped = ddpm.DEFAULT_DDPM_DIR / "unet" / "diffusion_pytorch_model.safetensors"
+    before = shipped.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    quick = ["--steps", "1", "--batch-size", "4", "--max-minutes", "0", "--threads", "1"]
+    assert main(["train", "digits", *quick]) == 0
+    rec = json.loads((tmp_path / "results" / "train" / "digits" / "TRAINING.json").read_text())
+    assert rec["command"].endswith("--out-dir results/train/digits")
+    assert shipped.read_bytes() == before
+
+    monkeypatch.setattr(ddpm, "DEFAULT_DDPM_DIR", tmp_path / "bundled")
+    assert main(["train", "digits", *quick, "--replace-bundled"]) == 0
+    assert (tmp_path / "bundled" / "TRAINING.json").is_file() and shipped.read_bytes() == before
+    assert json.loads((tmp_path / "bundled" / "TRAINING.json").read_text())["command"].endswith("--replace-bundled")
+
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        main(["train", "digits", *quick, "--replace-bundled", "--out-dir", "x"])
+    assert e.value.code == 2 and "not allowed with argument" in cli_stderr()[-1]

@@ -29,7 +29,9 @@ computes at integer timesteps; a pipeline's ``pipe(timesteps=...)`` cannot pass 
 
 The solver a schedule was tuned with: exports record it (``meta["solver"]``, `SolverSpec.record`);
 `apply_schedule` warns when the scheduler it configures runs another update (`pipeline.interop.reuse`,
-where `scheduler_for_schedule` builds exactly the recorded scheduler from a pipeline's config).
+where `scheduler_for_schedule` builds exactly the recorded scheduler from a pipeline's config). A pipeline
+re-spaces the steps in its own ``set_timesteps(n)`` call: `pipeline.interop.pipelines.sample_with_schedule`
+runs one on exactly the schedule.
 
 Elsewhere (`pipeline.interop.sigma_lists`): `k_diffusion_sigmas` (n + 1 sigmas ending in 0, for
 ``k_diffusion.sampling.sample_*``), `schedule_from_sigmas` (back), `comfyui_sigma_string` (ComfyUI's
@@ -115,7 +117,20 @@ def check_compatible(
     return abar
 
 
-def _supported_name(scheduler: Any) -> str | None:
+def warn_if_exported_for_other_model(schedule: Schedule, model: str, *, stacklevel: int = 2) -> bool:
+    """One warning when `schedule` records the model it was exported for (``meta["model"]``) and that is not
+    `model` (a model spec): the alphas_cumprod hash `check_compatible` compares cannot tell two models on
+    one noise table apart (bundled:digits and gmm:ring8 share linear betas). Returns whether it warned."""
+    made_for = schedule.meta.get("model")
+    if made_for is None or str(made_for) == str(model):
+        return False
+    warnings.warn(f"schedule {schedule.name!r} was learned on model {made_for}, running it on {model}: its steps "
+                  f"were placed for the other model", stacklevel=stacklevel + 1)
+    return True
+
+
+def supported_name(scheduler: Any) -> str | None:
+    """The `SUPPORTED_SCHEDULERS` class `scheduler` is (or subclasses), or None."""
     for cls in type(scheduler).__mro__:
         if cls.__name__ in SUPPORTED_SCHEDULERS:
             return cls.__name__
@@ -127,7 +142,8 @@ def _unsupported(scheduler: Any) -> StridelabError:
     why = ""
     if name == "DDIMScheduler":
         why = (" (its set_timesteps takes no timesteps= and its step assumes even spacing, t - T // N; use "
-               "pipeline.interop.ddim_scheduler.StrideDDIMScheduler.from_config(scheduler.config) instead)")
+               "pipeline.interop.ddim_scheduler.StrideDDIMScheduler.from_config(scheduler.config, clip_sample=False, "
+               "thresholding=False) instead, or sample_with_schedule(pipe, schedule))")
     return StridelabError(
         f"{name} cannot run a custom timestep schedule{why}; schedulers that can: "
         f"{', '.join(SUPPORTED_SCHEDULERS)}"
@@ -136,7 +152,7 @@ def _unsupported(scheduler: Any) -> StridelabError:
 
 def model_evaluations(scheduler: Any, nfe: int) -> int:
     """Network evaluations `scheduler` spends on an `nfe`-step schedule (Heun: 2 nfe - 1, others: nfe)."""
-    name = _supported_name(scheduler)
+    name = supported_name(scheduler)
     if name is None:
         raise _unsupported(scheduler)
     return 2 * nfe - 1 if name == "HeunDiscreteScheduler" else nfe
@@ -152,9 +168,9 @@ def apply_schedule(
 ) -> Any:
     """Configure a diffusers scheduler instance to run `schedule` (calls its ``set_timesteps``).
 
-    Then drive it as usual (``for t in scheduler.timesteps: ... scheduler.step(...)``), or hand the
-    schedule to a pipeline with ``pipe(..., timesteps=timesteps_for_pipeline(s))`` /
-    ``sigmas=sigmas_for_pipeline(s, abar)`` (pipelines call ``set_timesteps`` themselves).
+    Then drive it as usual (``for t in scheduler.timesteps: ... scheduler.step(...)``). A pipeline calls
+    ``set_timesteps`` itself and so undoes this: run one with
+    `pipeline.interop.pipelines.sample_with_schedule`, which checks the steps it actually ran.
 
     Args:
         scheduler: one of `SUPPORTED_SCHEDULERS` (or a subclass).
@@ -170,7 +186,7 @@ def apply_schedule(
         StridelabError: an unsupported scheduler class (listing the supported ones), a T or alphas_cumprod
             mismatch, or a scheduler config that cannot take custom steps (e.g. ``use_karras_sigmas``).
     """
-    name = _supported_name(scheduler)
+    name = supported_name(scheduler)
     if name is None:
         raise _unsupported(scheduler)
     own = getattr(scheduler, "alphas_cumprod", None)
@@ -214,18 +230,27 @@ def apply_schedule(
                 "create it with timestep_spacing='leading' (unused otherwise when sigmas= is given)",
                 stacklevel=2,
             )
+    set_schedule(scheduler, name, schedule, device)
+    return scheduler
+
+
+def set_schedule(scheduler: Any, name: str, schedule: Schedule, device: str | torch.device | None = None) -> None:
+    """Set `schedule` on `scheduler` (a `SUPPORTED_SCHEDULERS` `name`) the way `SUPPORTED_SCHEDULERS` says,
+    with the class's own ``set_timesteps`` (an instance's may be pinned to this very call,
+    `pipeline.interop.pipelines`). No checks: `apply_schedule` makes them first."""
+    set_timesteps = type(scheduler).set_timesteps
     try:
         if SUPPORTED_SCHEDULERS[name] == "sigmas":
-            scheduler.set_timesteps(sigmas=schedule.sigmas(abar).tolist(), device=device)
+            abar = as_alphas_cumprod(scheduler.alphas_cumprod)
+            set_timesteps(scheduler, sigmas=schedule.sigmas(abar).tolist(), device=device)
         elif SUPPORTED_SCHEDULERS[name] == "assigned":
             _assign_schedule(scheduler, schedule, device)
         else:
-            scheduler.set_timesteps(timesteps=list(schedule.timesteps), device=device)
+            set_timesteps(scheduler, timesteps=list(schedule.timesteps), device=device)
     except ValueError as e:  # diffusers' config conflicts (use_karras_sigmas=True, ...), one line
         if isinstance(e, StridelabError):
             raise
         raise StridelabError(f"{type(scheduler).__name__} refused the schedule: {e}") from None
-    return scheduler
 
 
 def _assign_schedule(scheduler: Any, schedule: Schedule, device: str | torch.device | None) -> None:
@@ -237,7 +262,7 @@ def _assign_schedule(scheduler: Any, schedule: Schedule, device: str | torch.dev
     if fixed or getattr(scheduler, "solver_p", None) is not None:
         what = f"{fixed[0]}=True" if fixed else "a solver_p"
         raise StridelabError(f"{type(scheduler).__name__} with {what} places its own steps; create it without")
-    scheduler.set_timesteps(schedule.nfe, device=device)
+    type(scheduler).set_timesteps(scheduler, schedule.nfe, device=device)
     ac = scheduler.alphas_cumprod
     table = (((1 - ac) / ac) ** 0.5).numpy()
     last = 0.0 if cfg.get("final_sigmas_type", "zero") == "zero" else float(table[0])

@@ -1,21 +1,35 @@
 """`StrideDDIMScheduler`: a diffusers scheduler that runs DDIM on any explicit timestep list.
 
 diffusers' own ``DDIMScheduler`` takes no ``timesteps=`` and its ``step`` derives the next timestep as
-``t - T // N``, so a learned, non-uniform schedule is silently mis-stepped. This scheduler is a drop-in
-for it in diffusers pipelines (same config keys, ``from_config`` / ``save_config`` round trip, the same
-``step`` signature and output) with two differences:
+``t - T // N``, so a learned, non-uniform schedule is silently mis-stepped. This scheduler has the same config
+keys, ``from_config`` / ``save_config`` round trip, ``step`` signature and output, with two differences:
 
 - ``set_timesteps(timesteps=[...])`` accepts any strictly decreasing list (checked by
   `pipeline.core.schedules.validate_timesteps`), so pipelines that pass ``timesteps=`` through diffusers'
-  ``retrieve_timesteps`` work; and the config key ``schedule_timesteps`` can hold the list, so pipelines
-  that only ever call ``set_timesteps(num_inference_steps)`` (``DDPMPipeline``, ``DDIMPipeline``) run it
-  too, and ``pipe.save_pretrained`` saves it with the pipeline.
+  ``retrieve_timesteps`` work; and the config key ``schedule_timesteps`` can hold the list, so a pipeline
+  that only calls ``set_timesteps(num_inference_steps)`` runs it too.
 - ``step`` goes from ``timesteps[i]`` to ``timesteps[i + 1]``, the next *listed* timestep, and from the
   last one to abar = 1 (``set_alpha_to_one=True``) or abar_0.
 
+What keeps the schedule (tests/test_interop.py checks each):
+
+- ``DDPMPipeline(unet, scheduler=stride)``, its ``save_pretrained`` and ``DDPMPipeline.from_pretrained``: the
+  schedule is in ``scheduler/scheduler_config.json`` and runs after the reload. ``DDPMPipeline`` is the
+  pipeline for this scheduler.
+- ``DDIMPipeline`` does **not**: its ``__init__`` replaces any scheduler by
+  ``DDIMScheduler.from_config(scheduler.config)``, so ``DDIMPipeline(unet, stride)`` and
+  ``DDIMPipeline.from_pretrained(dir)`` run diffusers' uniform steps. diffusers only logs that it dropped
+  ``schedule_timesteps``; once a stride scheduler holding a schedule exists, that log line also raises a
+  ``UserWarning`` (`ScheduleDroppedWarning`; any other class built from such a config, too).
+  Assigning ``pipe.scheduler = stride`` after construction, or
+  `pipeline.interop.pipelines.sample_with_schedule`, works in any pipeline.
+
 The update itself is `pipeline.solvers.ddim.ddim_step` and the v / x0 -> eps conversion is
 `pipeline.models.denoisers.eps_from_prediction`, so this scheduler and `pipeline.solvers.ddim.ddim_sample` cannot
-drift apart. Notation as in `pipeline.solvers.ddim`.
+drift apart. ``step`` runs both in float64 (float32 on devices without it) and casts the results to the
+sample's dtype: at abar ~ 2.4e-9 (cosine betas, t = 999) x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) divides
+by 4.9e-5, and in the sample's own precision the v -> eps -> x0 round trip lost 6e-4 (float32) and ~100%
+(float16) of x0. Notation as in `pipeline.solvers.ddim`.
 
 Example::
 
@@ -29,9 +43,12 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
@@ -126,8 +143,11 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         if schedule_timesteps is not None:
             ts = validate_timesteps(list(schedule_timesteps), T)
             self.register_to_config(schedule_timesteps=list(ts))  # JSON-shaped, so configs compare equal
+        if schedule_timesteps is not None:
+            _warn_when_a_schedule_is_dropped()
         self.num_inference_steps: int | None = None
-        self.timesteps: torch.Tensor | None = None
+        # Before set_timesteps: every training timestep, high to low, as diffusers' schedulers hold.
+        self.timesteps = torch.from_numpy(np.arange(T)[::-1].copy())
 
     # ---------------------------------------------------------------------------------------------- helpers
     @classmethod
@@ -191,7 +211,7 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
-        if self.timesteps is None:
+        if self.num_inference_steps is None:
             raise StridelabError("call set_timesteps before step")
         t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
         if float(t) != int(t):
@@ -238,8 +258,10 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         t_cur = int(self.timesteps[i])
         a_cur = float(self._abar[t_cur])
         a_next = float(self._abar[int(self.timesteps[i + 1])]) if i + 1 < len(self.timesteps) else self.final_alpha_cumprod
-        abar_batch = torch.full((sample.shape[0],), a_cur, dtype=torch.float64, device=sample.device)
-        eps = eps_from_prediction(model_output, sample, abar_batch, self.config.prediction_type).to(sample.dtype)
+        wide = _wide_dtype(sample.device)  # see the module docstring: x0 divides by sqrt(abar)
+        x = sample.to(wide)
+        abar_batch = torch.full((sample.shape[0],), a_cur, dtype=wide, device=sample.device)
+        eps = eps_from_prediction(model_output.to(wide), x, abar_batch, self.config.prediction_type)
         noise = None
         if eta > 0 and ddim_sigma(a_cur, a_next, eta) > 0:
             if variance_noise is not None and generator is not None:
@@ -247,8 +269,9 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
             noise = variance_noise if variance_noise is not None else randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
             )
-            noise = noise.to(sample.dtype)
-        prev_sample, x0_pred = ddim_step(sample, eps, a_cur, a_next, eta=eta, noise=noise)
+            noise = noise.to(wide)
+        prev_sample, x0_pred = ddim_step(x, eps, a_cur, a_next, eta=eta, noise=noise)
+        prev_sample, x0_pred = prev_sample.to(sample.dtype), x0_pred.to(sample.dtype)
         if not return_dict:
             return prev_sample, x0_pred
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_pred)
@@ -258,3 +281,46 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         abar = self._abar.to(original_samples.device)[timesteps.to(original_samples.device).long()]
         abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1))).to(original_samples.dtype)
         return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 per sample (Salimans & Ho 2022; v-prediction training
+        targets), with `sample` = x0 and `noise` = eps, shapes [B, ...], `timesteps` [B]."""
+        abar = self._abar.to(sample.device)[timesteps.to(sample.device).long()]
+        abar = abar.reshape(-1, *([1] * (sample.ndim - 1))).to(sample.dtype)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * sample
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (MPS has not: float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class ScheduleDroppedWarning(UserWarning):
+    """A scheduler was built from a `StrideDDIMScheduler` config and dropped its learned schedule."""
+
+
+class _DroppedScheduleFilter(logging.Filter):
+    """Turns diffusers' log line "The config attributes {'schedule_timesteps': ...} were passed to X, but are
+    not expected and will be ignored" (``ConfigMixin.extract_init_dict``) into a `ScheduleDroppedWarning`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        dropped = "'schedule_timesteps'" in msg and "'schedule_timesteps': None" not in msg
+        if dropped and "were passed to" in msg and "not expected" in msg:
+            cls = msg.split("were passed to ", 1)[1].split(",", 1)[0]
+            warnings.warn(
+                f"{cls} was built from a StrideDDIMScheduler config and dropped its learned schedule "
+                f"(schedule_timesteps): it runs {cls}'s own spacing. DDIMPipeline does this to any scheduler in "
+                "__init__ (and from_pretrained); use DDPMPipeline, assign pipe.scheduler after construction, or "
+                "pipeline.interop.sample_with_schedule",
+                ScheduleDroppedWarning, stacklevel=2,
+            )
+        return True
+
+
+def _warn_when_a_schedule_is_dropped() -> None:
+    """Install `_DroppedScheduleFilter` on diffusers' config logger, once (when the first stride scheduler with a
+    schedule is made: only then can a config drop one)."""
+    log = logging.getLogger("diffusers.configuration_utils")
+    if not any(isinstance(f, _DroppedScheduleFilter) for f in log.filters):
+        log.addFilter(_DroppedScheduleFilter())

@@ -154,7 +154,10 @@ def scheduler_for_schedule(
             f"run it with {' or '.join(elsewhere) or 'stridelab itself (pipeline.solvers.registry.solve)'}"
         )
     cls = scheduler_class(cls_name)
-    config = dict(base.config if hasattr(base, "config") else base)
+    # diffusers lists the keys an in-memory scheduler left at its class defaults in `_use_default_values`, and
+    # from_config then takes the *new* class's defaults for them (HeunDiscrete: other betas); the model's values
+    # are what the schedule was tuned on, so drop the list.
+    config = {k: v for k, v in dict(base.config if hasattr(base, "config") else base).items() if k != "_use_default_values"}
     extra = {"schedule_timesteps": list(schedule.timesteps)} if cls_name == "StrideDDIMScheduler" else {}
     sched = cls.from_config(config, **{**rec["diffusers_config"], **extra, **overrides})
     from pipeline.interop.apply import apply_schedule  # apply imports this module for its warning
