@@ -101,8 +101,10 @@ def test_walks_any_list_as_ddim_invert(unet, ptype):
         y = x
         for t in fwd.timesteps:
             y = fwd.step(unet(y, t.expand(4)).sample, t, y).prev_sample
-        torch.testing.assert_close(y, ddim_sample(DiffusersDenoiser(unet, AC), x, schedule.timesteps, AC),
-                                   atol=2e-5, rtol=0)
+        ref = ddim_sample(DiffusersDenoiser(unet, AC), x, schedule.timesteps, AC)
+        # The forward drop-in steps in float64 and rounds once, ddim_sample in float32: each is a few 1e-7 of
+        # the output's scale from float64 truth (this net's outputs reach thousands), so compare at that scale.
+        torch.testing.assert_close(y, ref, atol=1e-6 * float(ref.abs().max()), rtol=0)
 
 
 def test_full_loop_pinned(unet):
