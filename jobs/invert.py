@@ -19,14 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "timesteps reversed) and decode the codes with the same or another schedule (--decode-schedule). "
             "IMAGES: a folder of PNGs (8-bit grey or RGB, the model's size), a .npy array [N, C, H, W] or a "
             ".parquet file (a 'sample' column as `stridelab sample` writes, or PNG bytes in 'image'), in the "
-            "model's data range. Writes DIR/noise.safetensors (or noise.parquet: the codes and reconstructions), "
+            "model's data range, or digits:SPLIT[:N] (the first N bundled digits of split train, test or all). Writes DIR/noise.safetensors (or noise.parquet: the codes and reconstructions), "
             "DIR/errors.csv (or .parquet: per-image MSE on [0, 1], the DDIM paper's reconstruction error), "
             "DIR/grid.png (originals above, reconstructions below) and DIR/schedule.json (the decoder, with the "
             "encoder list when it differs); DIR appears only when complete. Runs in this process."
         ),
     )
     add_model_arg(p)
-    p.add_argument("--images", required=True, help="a PNG folder, a .npy or a .parquet file (see above)")
+    p.add_argument("--images", required=True, help="a PNG folder, a .npy or a .parquet file, or digits:SPLIT[:N] (see above)")
     p.add_argument("--schedule", required=True, help="the encoder (and decoder): a schedule name (needs --nfe) or a .json file")
     p.add_argument("--nfe", type=int, default=None, help="steps of a named --schedule (and of --decode-schedule)")
     p.add_argument("--decode-schedule", default=None,

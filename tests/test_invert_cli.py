@@ -124,6 +124,8 @@ def _write(path, data: bytes):
     ("parquet-corrupt", "not a readable Parquet file"),
     ("empty-folder", "no .png files"),
     ("decoder", "--decode-schedule starts at timestep 900 but the --schedule encoder ends at 800"),
+    ("digits-split", "expected digits:SPLIT[:N]"),
+    ("digits-count", "the test split has 360 images, asked for 361"),
 ])
 def test_bad_inputs_are_one_line_and_write_nothing(case, message, tmp_path, png_dir, digits, capsys):
     ok = _png(np.zeros((8, 8), np.uint8))
@@ -154,6 +156,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(case, message, tmp_path, png_
     elif case == "empty-folder":
         src = tmp_path / "d"
         src.mkdir()
+    elif case.startswith("digits"):
+        src = {"digits-split": "digits:val:4", "digits-count": "digits:test:361"}[case]
     else:
         src = png_dir
         extra = ("--decode-schedule", str(Schedule((900, 10), 1000).save(tmp_path / "dec.json")))
@@ -163,3 +167,19 @@ def test_bad_inputs_are_one_line_and_write_nothing(case, message, tmp_path, png_
     assert len(err) == 1 and err[0].startswith("stridelab invert: error: ") and message in err[0], err
     if case in ("size", "corrupt"):
         assert "b.png" in err[0]  # names the bad file
+
+
+def test_the_bundled_digits_and_a_sample_parquet_invert(tmp_path, capsys):
+    """The README's commands: `digits:test:N` names the bundled test split; a `stridelab sample` output
+    (whose values overshoot [-1, 1] a little, as a model's samples do) inverts as it is."""
+    assert main(["invert", "--images", "digits:test:6", "--schedule", "uniform", "--nfe", "5",
+                 "--out-dir", str(tmp_path / "inv")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "inv" / "errors.csv")))
+    assert [r["name"] for r in rows] == [f"digits-test-{i}" for i in range(6)]
+    assert all(0 < float(r["mse"]) < 0.05 for r in rows)
+    x = load_digits_images("test")[:2].numpy()
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = -1.2, 1.24  # what sampled digits reach
+    np.save(tmp_path / "over.npy", x)
+    assert main(["invert", "--images", str(tmp_path / "over.npy"), "--schedule", "uniform", "--nfe", "5",
+                 "--out-dir", str(tmp_path / "inv2")]) == 0
+    capsys.readouterr()
