@@ -5,10 +5,15 @@ active-run stack and is not thread-safe). Default tracking URI: ``sqlite:///<cwd
 own default since the file store was dropped), with artifacts in ``<db dir>/mlartifacts``; a server
 (``http://host:5000``) via ``--tracking-uri``.
 
-Parent run: config params, best schedule JSON, plots, sample grids, comparison table (CSV artifact and
-``holdout_recon/<schedule>`` metrics). Child run ``trial-<n>`` (tag ``mlflow.parentRunId``): params
-``timesteps``, ``space``, ``sampler``, ``kind``, ``schedule`` and the space's parameters as ``p.<name>``;
-metrics ``recon``, ``fid``, ``seconds``, ``screen_recon``; tag ``state`` (COMPLETE / PRUNED / FAIL).
+Parent run, one per study (tags ``study`` and ``stridelab.storage`` find it again; ``--resume`` continues it):
+config params, best schedule JSON, plots, sample grids, comparison table (CSV artifact and
+``holdout_recon/<schedule>`` metrics), ``best_<objective>`` stepped by finished trials; tag ``segments`` (driver
+runs that wrote to it, ``segment.<n>.<param>`` for a param that changed, ``resumed_at``) and a description
+(``mlflow.note.content``) with one timestamped line per event: started, interrupted, resumed, finished.
+Child run ``trial <n> · <what>`` (``tpe``, ``baseline uniform``, ``polish``; `` (pruned)`` / `` (failed)``; tag
+``mlflow.parentRunId``), spanning the evaluation that carried the trial: params ``timesteps``, ``space``,
+``sampler``, ``kind``, ``schedule`` and the space's parameters as ``p.<name>``; metrics ``recon``, ``fid``,
+``seconds``, ``screen_recon``; tag ``state`` (COMPLETE / PRUNED / FAIL); status FINISHED, FAILED for FAIL.
 """
 
 from __future__ import annotations
