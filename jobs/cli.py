@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from jobs.common import add_output_args, apply_output_policy
+
 COMMAND_MODULES = ["jobs.schedules_cmd", "jobs.evaluate", "jobs.train", "jobs.sample", "jobs.invert", "jobs.interpolate", "jobs.sweep", "jobs.export", "jobs.ui", "jobs.report"]
 
 DESCRIPTION = """\
@@ -40,7 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in {id(c): c for c in leaf_parsers(parser)}.values():  # an alias maps to the same parser
+        add_output_args(command)
     return parser
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers that run something (``sweep``, ``train digits``): where the shared output flags go."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for child in a.choices.values() for leaf in leaf_parsers(child)]
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -71,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from pipeline.errors import StridelabError
 
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed, for hints such as resume_hint
+    apply_output_policy(args)
     try:
         return int(args.func(args) or 0)
     except StridelabError as e:
@@ -84,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"stridelab {args.command}: interrupted", file=sys.stderr)
+        # A command that can be continued says how (`args.resume_hint`, set once it knows, e.g. the study name).
+        hint = getattr(args, "resume_hint", None)
+        print(f"stridelab {args.command}: interrupted" + (f"; continue with: {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 

@@ -186,3 +186,39 @@ def check_writable_parent(path: str, flag: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise StridelabError(f"{flag} {path}: {parent} is not a directory")
+
+
+# -- what a command shows on stderr: the one policy, applied by jobs/cli.py before every subcommand runs --------
+
+QUIET_ENV = {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." and other INFO lines
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+"""Environment of a quiet command (the default). Set before mlflow, diffusers or Ray is imported (the CLI
+imports them inside each command) and inherited by Ray's worker processes; a value the user already set wins.
+Not ``RAY_BACKEND_LOG_LEVEL``: Ray's C++ logger announces that variable with a line of its own on every start.
+Ray's own Python logging and its worker forwarding are quieted where Ray starts (`init_ray`)."""
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    """--verbose and --no-progress, on every subcommand."""
+    p.add_argument("--verbose", action="store_true",
+                   help="also show third-party output (Ray's worker logs and warnings, MLflow and diffusers info)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (they are drawn on stderr only when it is a terminal)")
+
+
+def apply_output_policy(args: argparse.Namespace) -> None:
+    """Quiet third-party output unless ``--verbose``; bars unless ``--no-progress`` (`pipeline.io.console`)."""
+    import os
+
+    from pipeline.io import console
+
+    verbose = bool(getattr(args, "verbose", False))
+    console.configure(progress=bool(getattr(args, "progress", True)), verbose=verbose)
+    if not verbose:
+        for k, v in QUIET_ENV.items():
+            os.environ.setdefault(k, v)

@@ -56,13 +56,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         import optuna
 
-        from search.study import make_storage, missing_store, study_exists
+        from search.study import make_storage, missing_store, no_study_message, study_names
 
         if missing_store(args.storage) is not None:  # opening it would create an empty store
             raise StridelabError(f"no study named {args.study_name!r}: {args.storage} does not exist")
         storage = make_storage(args.storage)
-        if not study_exists(storage, args.study_name):
-            raise StridelabError(f"no study named {args.study_name!r} in {args.storage}")
+        if args.study_name not in (names := study_names(storage)):
+            raise StridelabError(f"{args.storage}: {no_study_message(args.study_name, names)}")
         study = optuna.load_study(study_name=args.study_name, storage=storage)
         path = export.export_from_study(study, args.out, args.storage, trial=args.trial, fmt=args.fmt)
         if args.table:

@@ -33,7 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DDIM eta in [0, 1] (default 0: deterministic; > 0 only with --solver ddim)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per Ray Data batch (default %(default)s)")
     add_ray_args(p, 2)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                                num_gpus=args.gpus_per_actor, solver=solver.name)
     path = write_sample_dir(out, batches, num_samples=args.num_seeds, first_seed=args.seed, schedule=sched,
                             eta=args.eta, model=args.model, sample_shape=model.sample_shape,
-                            data_range=model.data_range, progress=not args.no_progress)
+                            data_range=model.data_range, progress=args.progress)
     print(f"wrote {args.num_seeds} samples of {args.model} ({sched.name}, {solver.name}, {sched.nfe} steps = "
           f"{solver.evaluations(sched.nfe)} model evaluations, eta {args.eta}) to {path}")
     return 0

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.schedules or list(SCHEDULES)
     if args.out and len(names) != 1:
         raise StridelabError("--out saves one schedule: give exactly one name with --schedules")
+    print(f"{args.model} (T={model.num_train_timesteps}), {args.nfe} steps:")  # its alphas_cumprod place the sigmas
     for name in names:
         s = make_schedule(name, args.nfe, model.alphas_cumprod)
         print(f"{name:>15}: {list(s.timesteps)}")

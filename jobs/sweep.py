@@ -78,8 +78,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def resume_command(argv: list[str], study_name: str) -> str:
+    """The command that continues this sweep: what was typed, with ``--study-name NAME --resume``."""
+    import shlex
+
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--study-name":
+            skip = True
+        elif not a.startswith("--study-name=") and a != "--resume":
+            kept.append(a)
+    return shlex.join(["stridelab", *kept, "--study-name", study_name, "--resume"])
+
+
 def run(args: argparse.Namespace) -> int:
-    from search.sweep import SweepConfig, run_sweep
+    from search.sweep import SweepConfig, default_study_name, run_sweep
 
     check_actors(args)
     cfg = SweepConfig(
@@ -89,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
         polish=args.polish,
     )
-    run_sweep(cfg, study_name=args.study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
+    study_name = args.study_name or default_study_name(cfg)
+    args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted
+    run_sweep(cfg, study_name=study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,
               ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor)
     return 0

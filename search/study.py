@@ -96,8 +96,35 @@ def missing_store(spec: str | os.PathLike) -> Path | None:
     return None if path.is_file() else path
 
 
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
 def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
-    return any(s.study_name == name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
+    return name in study_names(storage)
+
+
+def no_study_message(name: str | None, names: list[str]) -> str:
+    """'no study named X in this storage (it has 'a', 'b'); ...': the studies the storage does have."""
+    have = f"it has {', '.join(repr(n) for n in names)}" if names else "it has no studies yet"
+    return f"no study named {name!r} in this storage ({have}); pass one of them as `study_name`"
+
+
+IDENTITY_PARAMS = {"model": "`model`", "nfe": "`nfe`", "solver": "`solver`", "space": "`space`",
+                   "objective": "`objective`", "tuning_seeds": "`seed` / `num_seeds`", "teacher_nfe": "`teacher_nfe`",
+                   "num_train_timesteps": "`model` (its checkpoint)", "alphas_cumprod_sha256": "`model` (its checkpoint)"}
+"""The parameters behind each identity key a resumed study checks, so a mismatch names what to change."""
+
+
+def set_objective_names(study: optuna.Study, names: list[str]) -> None:
+    """Name the study's objectives (optuna-dashboard then labels its plots "recon", not "Objective 0")."""
+    import warnings
+
+    if study.metric_names == names:
+        return
+    with warnings.catch_warnings():  # experimental in some Optuna releases
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
 
 
 LEGACY_IDENTITY = {"solver": "ddim"}
@@ -111,25 +138,35 @@ def open_study(
     sampler: optuna.samplers.BaseSampler,
     identity: Mapping[str, Any],
     resume: bool,
+    metric_names: list[str] | None = None,
 ) -> optuna.Study:
-    """Create `name`, or load it when `resume` (checking `identity` against what the study recorded)."""
-    exists = study_exists(storage, name)
+    """Create `name`, or load it when `resume` (checking `identity` against what the study recorded).
+
+    `metric_names`: one per direction, recorded on the study (`set_objective_names`)."""
+    names = study_names(storage)
+    exists = name in names
     if exists and not resume:
         raise StridelabError(f"study {name!r} already exists in this storage; pass `resume` or a new `study_name`")
     if not exists and resume:
-        raise StridelabError(f"`resume`: no study named {name!r} in this storage")
+        raise StridelabError(f"`resume`: {no_study_message(name, names)}")
     if not exists:
         study = optuna.create_study(storage=storage, study_name=name, directions=directions, sampler=sampler)
         for k, v in identity.items():
             study.set_user_attr(k, v)
+        if metric_names:
+            set_objective_names(study, metric_names)
         return study
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     recorded = {**LEGACY_IDENTITY, **study.user_attrs}
-    diffs = [f"{k}: study has {recorded.get(k)!r}, asked {v!r}" for k, v in identity.items() if recorded.get(k) != v]
+    diffs = [f"{IDENTITY_PARAMS.get(k, k)}: study has {recorded.get(k)!r}, asked {v!r}"
+             for k, v in identity.items() if recorded.get(k) != v]
     if diffs:
-        raise StridelabError(f"`resume`: study {name!r} was made with other settings ({'; '.join(diffs)})")
+        raise StridelabError(f"`resume`: study {name!r} was made with other settings ({'; '.join(diffs)}); "
+                             "pass the study's values, or a new `study_name`")
     if [d.name.lower() for d in study.directions] != directions:
         raise StridelabError(f"`resume`: study {name!r} has directions {study.directions}, asked {directions}")
+    if metric_names:
+        set_objective_names(study, metric_names)  # a study made before objectives were named
     return study
 
 

@@ -5,16 +5,22 @@ active-run stack and is not thread-safe). Default tracking URI: ``sqlite:///<cwd
 own default since the file store was dropped), with artifacts in ``<db dir>/mlartifacts``; a server
 (``http://host:5000``) via ``--tracking-uri``.
 
-Parent run: config params, best schedule JSON, plots, sample grids, comparison table (CSV artifact and
-``holdout_recon/<schedule>`` metrics). Child run ``trial-<n>`` (tag ``mlflow.parentRunId``): params
-``timesteps``, ``space``, ``sampler``, ``kind``, ``schedule`` and the space's parameters as ``p.<name>``;
-metrics ``recon``, ``fid``, ``seconds``, ``screen_recon``; tag ``state`` (COMPLETE / PRUNED / FAIL).
+Parent run, one per study (tags ``study`` and ``stridelab.storage`` find it again; ``--resume`` continues it):
+config params, best schedule JSON, plots, sample grids, comparison table (CSV artifact and
+``holdout_recon/<schedule>`` metrics), ``best_<objective>`` stepped by finished trials; tag ``segments`` (driver
+runs that wrote to it, ``segment.<n>.<param>`` for a param that changed, ``resumed_at``) and a description
+(``mlflow.note.content``) with one timestamped line per event: started, interrupted, resumed, finished.
+Child run ``trial <n> · <what>`` (``tpe``, ``baseline uniform``, ``polish``; `` (pruned)`` / `` (failed)``; tag
+``mlflow.parentRunId``), spanning the evaluation that carried the trial: params ``timesteps``, ``space``,
+``sampler``, ``kind``, ``schedule`` and the space's parameters as ``p.<name>``; metrics ``recon``, ``fid``,
+``seconds``, ``screen_recon``; tag ``state`` (COMPLETE / PRUNED / FAIL); status FINISHED, FAILED for FAIL.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +43,9 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def _status(state: str) -> str:
-    return {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}.get(state, "FINISHED")
+    """MLflow status of a trial's child run. A pruned trial is FINISHED (its ``state`` tag says PRUNED): it was
+    stopped on purpose, and MLflow's UI draws both FAILED and KILLED as a red failure."""
+    return "FAILED" if state == "FAIL" else "FINISHED"
 
 
 def _param(v: Any) -> str:
@@ -45,12 +53,36 @@ def _param(v: Any) -> str:
     return s[:6000]
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _clock(ms: int | None = None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((ms if ms is not None else _now_ms()) / 1000))
+
+
+def storage_key(storage: str | os.PathLike) -> str:
+    """How a parent run names the Optuna storage of its study: an absolute path for a journal file, the URL
+    without its password for a database."""
+    spec = str(storage)
+    if "://" in spec:
+        return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1@", spec)
+    return str(Path(spec).resolve())
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""MLflow 3 opens an experiment without this tag in its GenAI view; a sweep is model development."""
+
+
 class Tracker:
-    """A sweep's MLflow runs.
+    """A sweep's MLflow runs: one parent run per study (continued on resume), one child run per trial.
+
+    The parent's description (``mlflow.note.content``) tells its story, one timestamped line per event
+    (started, interrupted, resumed, finished); tag ``segments`` counts the driver runs that wrote to it.
 
     Args:
         tracking_uri: MLflow tracking URI (default: sqlite in the working directory).
-        experiment: experiment name, created when missing.
+        experiment: experiment name, created when missing (as a model-development experiment, `EXPERIMENT_KIND`).
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
@@ -64,40 +96,94 @@ class Tracker:
             if self.tracking_uri.startswith("sqlite:///"):
                 db = Path(self.tracking_uri[len("sqlite:///"):])
                 artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location,
+                                                               tags=dict([EXPERIMENT_KIND]))
         else:
             self.experiment_id = exp.experiment_id
+            if EXPERIMENT_KIND[0] not in exp.tags:  # made before the tag was set; a kind a user chose stays
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         self.run_id: str | None = None
 
-    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
+    # -- the parent run -----------------------------------------------------------------------------
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+              story: str = "started") -> str:
+        """A new parent run (segment 1); `story`: the first line of its description."""
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={**dict(tags or {}), "segments": "1"})
         self.run_id = run.info.run_id
         self.client.log_batch(self.run_id, params=[Param(k, _param(v)) for k, v in params.items()])
+        self.story(story)
         return self.run_id
 
+    def find_parent(self, tags: Mapping[str, str]) -> str | None:
+        """The newest parent run of this experiment carrying every tag in `tags`, or None."""
+        where = " and ".join(f"tags.`{k}` = '{v.replace(chr(39), chr(39) * 2)}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], where, max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
+    def reopen(self, run_id: str, params: Mapping[str, Any], story: str) -> str:
+        """Continue parent run `run_id` as its next segment: status RUNNING again, params it lacks logged (MLflow
+        params are immutable: a value that changed, e.g. ``trials``, is kept as tag ``segment.<n>.<key>``)."""
+        from mlflow.entities import Param
+
+        run = self.client.get_run(run_id)
+        self.run_id = run_id
+        segment = int(run.data.tags.get("segments", "1")) + 1
+        self.client.update_run(run_id, status="RUNNING")
+        old = run.data.params
+        new = [Param(k, _param(v)) for k, v in params.items() if k not in old]
+        if new:
+            self.client.log_batch(run_id, params=new)
+        for k, v in params.items():
+            if k in old and old[k] != _param(v):
+                self.client.set_tag(run_id, f"segment.{segment}.{k}", _param(v)[:5000])
+        self.client.set_tag(run_id, "segments", str(segment))
+        self.client.set_tag(run_id, "resumed_at", _clock())
+        self.story(story)
+        return run_id
+
+    def story(self, line: str) -> None:
+        """Append one timestamped line to the parent's description."""
+        note = self.client.get_run(self.run_id).data.tags.get("mlflow.note.content", "")
+        self.client.set_tag(self.run_id, "mlflow.note.content", f"{note}- {_clock()} {line}\n")
+
+    def end(self, status: str = "FINISHED", story: str | None = None) -> None:
+        if self.run_id is not None:
+            if story:
+                self.story(story)
+            self.client.set_terminated(self.run_id, status)
+
+    # -- child runs ---------------------------------------------------------------------------------
     def log_trial(self, number: int, state: str, params: Mapping[str, Any], metrics: Mapping[str, float],
-                  tags: Mapping[str, str] | None = None) -> str:
-        """A finished child run for trial `number`."""
+                  tags: Mapping[str, str] | None = None, name: str | None = None,
+                  start_ms: int | None = None, end_ms: int | None = None) -> str:
+        """A finished child run for trial `number`, named `name` (default ``trial <number>``).
+
+        Args:
+            state: the Optuna state name (COMPLETE, PRUNED, FAIL); tag ``state`` and the run's status (`_status`).
+            start_ms, end_ms: when the trial's evaluation started and ended (ms since the epoch; default now),
+                so the run's duration is the trial's.
+        """
         from mlflow.entities import Metric, Param
 
         if self.run_id is None:
             raise StridelabError("Tracker.start must come before log_trial")
+        end_ms = _now_ms() if end_ms is None else int(end_ms)
+        start_ms = end_ms if start_ms is None else int(start_ms)
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{number}",
+            self.experiment_id, run_name=name or f"trial {number}", start_time=start_ms,
             tags={"mlflow.parentRunId": self.run_id, "trial": str(number), "state": state, **dict(tags or {})},
         )
-        now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+        ms = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items() if v is not None]
         self.client.log_batch(run.info.run_id, metrics=ms, params=[Param(k, _param(v)) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id, _status(state))
+        self.client.set_terminated(run.info.run_id, _status(state), end_time=end_ms)
         return run.info.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = _now_ms()
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(ms), 500):
             self.client.log_batch(self.run_id, metrics=ms[i : i + 500])
@@ -126,7 +212,3 @@ class Tracker:
                     self.client.set_terminated(run.info.run_id, status)
                     closed.append(run.info.run_id)
         return closed
-
-    def end(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status)

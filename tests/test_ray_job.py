@@ -199,7 +199,7 @@ def test_ray_job_submit_runs_a_sweep_that_lands_in_mlflow(ray_head, tmp_path):
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
     # each child run ends with the status its Optuna trial's state maps to (COMPLETE -> FINISHED, PRUNED ->
-    # KILLED, FAIL -> FAILED), read from the job's own journal
+    # FINISHED with tag state PRUNED, FAIL -> FAILED), read from the job's own journal
     import optuna
 
     from search.study import make_storage
@@ -207,7 +207,7 @@ def test_ray_job_submit_runs_a_sweep_that_lands_in_mlflow(ray_head, tmp_path):
     study = optuna.load_study(study_name="rehearsal", storage=make_storage(tmp_path / "optuna.journal"))
     state_of = {t.number: t.state.name for t in study.trials}
     assert len(children) == trials and sorted(int(c.data.tags["trial"]) for c in children) == sorted(state_of)
-    mlflow_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    mlflow_status = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
     for c in children:
         state = state_of[int(c.data.tags["trial"])]
         assert (c.data.tags["state"], c.info.status) == (state, mlflow_status[state]), c.data.tags

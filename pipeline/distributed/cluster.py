@@ -17,18 +17,30 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     Does nothing when Ray is already initialised. Returns True when this call started or connected
     (the caller then owns the shutdown).
+
+    Unless `pipeline.io.console` is verbose, Ray stays quiet on the driver's stderr: workers' logs are not
+    forwarded (their exceptions still reach the driver through ``ray.get``) and only Ray's errors are logged
+    (its start-up warnings, e.g. about token authentication, are not).
     """
+    import logging
+
     import ray
+
+    from pipeline.io import console
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return False
+    verbose = console.current().verbose
+    level = "warning" if verbose else "error"
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 log_to_driver=True, logging_level="warning")
+                 log_to_driver=verbose, logging_level=level)
     else:
-        ray.init(address=address, logging_level="warning")
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+    if not verbose:  # Ray Data sets its own logger up on import (INFO): quiet it too
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
 

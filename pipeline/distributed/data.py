@@ -148,12 +148,12 @@ def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarr
     """Stream `batches` into `path`, checking they come in seed order; returns the first `keep` samples [k, D]."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from tqdm import tqdm
+    from pipeline.io.console import progress as progress_bar
 
     grid: list[np.ndarray] = []
     expected = int(first_seed)
     with pq.ParquetWriter(path, schema) as w, \
-            tqdm(total=num_samples, unit="sample", desc="sampling", disable=not progress) as bar:
+            progress_bar(num_samples, "sampling", unit="sample", enabled=progress) as bar:
         for b in batches:
             seeds = np.asarray(b["seed"], dtype=np.int64)
             if len(seeds) == 0:

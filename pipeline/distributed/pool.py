@@ -182,6 +182,22 @@ class SamplerPool:
     def actors(self) -> int:
         return 0 if self.local else len(self._handles)
 
+    def wait_for_teachers(self) -> None:
+        """Block until every shard's teacher is computed, with a progress bar that ticks per shard (in-process:
+        already done in the constructor)."""
+        from pipeline.io.console import progress
+
+        remote = [r for r in self._warm if not isinstance(r, _Done)]
+        if not remote:
+            return
+        import ray
+
+        with progress(len(remote), f"teacher ({len(self.seeds)} seeds)", unit="shard") as bar:
+            while remote:
+                done, remote = ray.wait(remote, num_returns=1)
+                _ray_get(done)  # a failure raises here, as in evaluate()
+                bar.update(len(done))
+
     def _shard_seeds(self, i: int) -> list[int]:
         a, b = self.shards[i]
         return list(self.seeds[a:b])

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.errors import StridelabError
+from pipeline.io import console
 from pipeline.models.bundled import DIGITS_DDPM_DIR, DIGITS_V_DDPM_DIR, atomic_directory
 from pipeline.models.digits import SPLITS, load_digits_images
 
@@ -239,7 +239,7 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
 
     Args:
         cfg: the run configuration.
-        progress_bar: show a tqdm bar.
+        progress_bar: show a progress bar with ETA on stderr (`pipeline.io.console`: terminal only).
 
     Returns:
         The EMA ``UNet2DModel`` (eval mode, on CPU) and a history dict with ``loss`` (per step),
@@ -265,9 +265,9 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
     batches = EpochBatches(data, cfg.batch_size, gen)
     stopped_by = "steps"
     t_start = time.monotonic()
-    bar = tqdm(range(cfg.steps), desc="ddpm", disable=not progress_bar, mininterval=2.0)
+    bar = console.progress(cfg.steps, "training", unit="step", enabled=progress_bar, mininterval=2.0)
     unet.train()
-    for step in bar:
+    for step in range(cfg.steps):
         elapsed = time.monotonic() - t_start
         if budget_s is not None and elapsed >= budget_s:
             stopped_by = "max_minutes"
@@ -284,6 +284,7 @@ def train_ddpm(cfg: TrainConfig, *, progress_bar: bool = True) -> tuple[Any, dic
         loss_smooth = value if math.isnan(loss_smooth) else 0.99 * loss_smooth + 0.01 * value
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss_smooth:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        bar.update()
         if (step + 1) % cfg.log_every == 0:
             log.info("step %d loss %.4f (smoothed) %.1f s", step + 1, loss_smooth, time.monotonic() - t_start)
     bar.close()

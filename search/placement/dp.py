@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import StridelabError
+from pipeline.io.console import progress
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel
 from pipeline.core.noise import log_snr_from_abar
@@ -86,12 +87,24 @@ def teacher_trajectory(
     x_T, _ = initial_noise(list(seeds), model.sample_shape)
     states = {teacher_ts[0]: x_T.clone()}
 
+    bar = progress(len(teacher_ts), "dp teacher", unit="step")
+
     def record(info: dict) -> None:
+        bar.update()
         if info["t_next"] in keep:
             states[info["t_next"]] = info["x"].clone()
 
-    x0 = run_teacher(model.denoiser, x_T, teacher_ts, model.alphas_cumprod, callback=record)
+    with bar:
+        x0 = run_teacher(model.denoiser, x_T, teacher_ts, model.alphas_cumprod, callback=record)
     return TeacherTrajectory(grid, torch.stack([states[t] for t in grid]), x0)
+
+
+def progress_iter(items: Sequence, desc: str, unit: str):
+    """`items`, ticking a progress bar (`pipeline.io.console`) as they are consumed."""
+    with progress(len(items), desc, unit=unit) as bar:
+        for item in items:
+            yield item
+            bar.update()
 
 
 @torch.no_grad()
@@ -110,7 +123,7 @@ def _costs(model: LoadedModel, sources: TeacherTrajectory, traj: TeacherTrajecto
     a_next = [abar[t].item() for t in traj.grid] + [1.0]
     cost = np.full((G, G + 1), np.inf)
     a_all = torch.tensor(a_next, dtype=torch.float64)
-    for i, t in enumerate(traj.grid):
+    for i, t in enumerate(progress_iter(traj.grid, "dp costs", "row")):
         x = sources.states[i]
         eps = model.denoiser(x, torch.full((x.shape[0],), t, dtype=torch.long)).double()
         x, a_t = x.double(), abar[t].item()
@@ -139,7 +152,7 @@ def heun_jump_costs(model: LoadedModel, traj: TeacherTrajectory) -> np.ndarray:
     a = torch.tensor([abar[t].item() for t in traj.grid], dtype=torch.float64)
     sig = ((1 - a) / a).sqrt()
     B = traj.states.shape[1]
-    for i, t in enumerate(traj.grid[:-1]):
+    for i, t in enumerate(progress_iter(traj.grid[:-1], "dp heun costs", "row")):
         x = traj.states[i]
         eps_i = model.denoiser(x, torch.full((B,), t, dtype=torch.long)).double()
         xt_i = x.double() / a[i].sqrt()

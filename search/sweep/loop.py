@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 from pipeline.core.schedules import Schedule, make_schedule
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
+from pipeline.io.console import progress
 from pipeline.models.load import LoadedModel
 from search.evaluators import Objective, TrialFailed
 from search.placement.polish import next_candidates, step_ladder
@@ -37,6 +38,10 @@ from search.space import make_space
 from search.study import enqueued_params, finished_count, make_sampler
 from search.sweep.config import SweepConfig
 from search.sweep.pruning import combine, safe_evaluate, screen_is_worse
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 HEUN_DP_GRID = 48
@@ -59,6 +64,9 @@ class Sweep:
             self.rest = evaluators(seeds[cfg.n_screen :])
         else:
             self.screen, self.rest = None, evaluators(seeds)
+        for ev in (self.screen, self.rest):  # the teachers, before the first trial (a pool computes them async)
+            getattr(ev, "wait_for_teachers", lambda: None)()
+        self._span: dict[int, tuple[int, int]] = {}  # trial number -> its evaluation's (start, end), ms since epoch
         self.per_seed: dict[int, np.ndarray] = {
             t.number: np.asarray(t.user_attrs["recon_per_seed"])
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "recon_per_seed" in t.user_attrs
@@ -91,15 +99,32 @@ class Sweep:
         return ua
 
     def _track(self, number: int, state: str, sched: Schedule | None, params: dict, ua: dict, kind: str) -> None:
+        """The trial's MLflow child run, named by what it is (``trial 12 · tpe``, ``trial 3 · baseline uniform``,
+        ``trial 90 · polish``) and spanning its evaluation (`_span`)."""
         if self.tracker is None:
             return
-        p = {"kind": kind, "space": "steps" if kind == "polish" else self.cfg.space,
-             "sampler": "compass" if kind == "polish" else self.cfg.sampler,
+        sampler = "compass" if kind == "polish" else self.cfg.sampler
+        p = {"kind": kind, "space": "steps" if kind == "polish" else self.cfg.space, "sampler": sampler,
              **{f"p.{k}": round(float(v), 6) for k, v in params.items()}}
         if sched is not None:
             p.update(schedule=sched.name, timesteps=" ".join(map(str, sched.timesteps)))
         metrics = {k: ua.get(k) for k in ("recon", "fid", "seconds", "screen_recon", "screen_p")}
-        self.tracker.log_trial(number, state, p, metrics)
+        what = {"baseline": f"baseline {sched.name if sched is not None else ''}".strip(), "polish": "polish"}.get(kind, sampler)
+        name = f"trial {number} · {what}" + {"PRUNED": " (pruned)", "FAIL": " (failed)"}.get(state, "")
+        start_ms, end_ms = self._span.get(number, (None, None))
+        self.tracker.log_trial(number, state, p, metrics, name=name, start_ms=start_ms, end_ms=end_ms)
+
+    def _track_progress(self) -> None:
+        """The parent run's key numbers so far, stepped by finished trials: the best value and the trial count."""
+        if self.tracker is None or self.objective.multi:
+            return
+        n = finished_count(self.study)
+        try:
+            best = self.study.best_value
+        except ValueError:
+            return
+        key = f"best_{self.cfg.objective}" if self.cfg.objective.isalnum() else "best_objective"
+        self.tracker.log_metrics({key: best, "trials_finished": n}, step=n)
 
     # -- warm starts --------------------------------------------------------------------------------
     def warm_start(self) -> None:
@@ -124,7 +149,9 @@ class Sweep:
         if not todo:
             return
         scheds = [dps[b] if b in dps else self._baseline(b) for b in todo]
+        t0 = _now_ms()
         results = self.evaluate_full(scheds)
+        span = (t0, _now_ms())  # evaluated together: each warm start's run spans the one call
         dists = self.space.distributions()
         for sched, res in zip(scheds, results):
             params = self.space.params_of(sched)
@@ -142,6 +169,7 @@ class Sweep:
             ft = optuna.trial.create_trial(params=params, distributions=dists, values=values, state=state, user_attrs=ua)
             self.study.add_trial(ft)
             number = self.study.get_trials(deepcopy=False)[-1].number
+            self._span[number] = span
             if state == TrialState.COMPLETE:
                 self.per_seed[number] = np.asarray(ua["recon_per_seed"])
             self._track(number, state.name, sched, params, ua, "baseline")
@@ -176,10 +204,13 @@ class Sweep:
     def run_batch(self, k: int) -> None:
         """Ask `k` trials, screen them (when pruning), evaluate the survivors on the rest and tell each."""
         live = self._ask(k)
+        t0 = _now_ms()  # a batch is evaluated together: its trials' runs span the calls that carried them
         screen_res: dict[int, ScheduleResult] = {}
         if self.screen is not None and live:
-            live, screen_res = self._screen(live)
+            live, screen_res = self._screen(live, t0)
         rest = safe_evaluate(self.rest, [s for _, s in live])
+        t1 = _now_ms()
+        self._span.update({trial.number: (t0, t1) for trial, _ in live})
         for (trial, sched), res in zip(live, rest):
             if isinstance(res, Exception):
                 self._fail(trial, sched, f"{type(res).__name__}: {res}")
@@ -197,14 +228,16 @@ class Sweep:
                 self._fail(trial, None, f"bad schedule: {e}")
         return live
 
-    def _screen(self, live: list[tuple[optuna.Trial, Schedule]]
+    def _screen(self, live: list[tuple[optuna.Trial, Schedule]], t0: int
                 ) -> tuple[list[tuple[optuna.Trial, Schedule]], dict[int, ScheduleResult]]:
         """Evaluate `live` on the screen seeds and tell PRUNED those worse than the best trial there.
 
-        Returns the survivors and their screen results by trial number."""
+        `t0`: when the batch's evaluation started (ms). Returns the survivors and their screen results by trial number."""
         best = self._best_screen()
         kept, screen_res = [], {}
-        for (trial, sched), res in zip(live, safe_evaluate(self.screen, [s for _, s in live])):
+        results = safe_evaluate(self.screen, [s for _, s in live])
+        self._span.update({trial.number: (t0, _now_ms()) for trial, _ in live})
+        for (trial, sched), res in zip(live, results):
             if isinstance(res, Exception):
                 self._fail(trial, sched, f"{type(res).__name__}: {res}")
                 continue
@@ -290,10 +323,12 @@ class Sweep:
             src = [t for t in self.study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("kind") == "baseline"]
         t0, start = time.perf_counter(), finished_count(self.study)
         global_end = self.cfg.trials - self.cfg.polish_trials
+        bar = progress(self.cfg.trials, "trials", unit="trial", initial=start)
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting and start < self.cfg.trials:
             # A stopped driver's batch, enqueued again on resume: run it alone, as the undisturbed run did.
             self.run_batch(min(len(waiting), self.cfg.trials - start))
+            bar.update(finished_count(self.study) - start)
         while (done := finished_count(self.study)) < self.cfg.trials:
             if done < global_end:
                 self._reseed(src)
@@ -303,6 +338,8 @@ class Sweep:
                 self.enqueue_polish(k)
                 self.run_batch(k)
             n = finished_count(self.study)
+            bar.update(n - done)
+            self._track_progress()
             if self.objective.multi:
                 best = f"Pareto front {len(self.study.best_trials)}"
             else:
@@ -311,6 +348,7 @@ class Sweep:
                 except ValueError:
                     best = "no complete trial yet"
             self.log(f"  trials {n}/{self.cfg.trials}  {best}  ({time.perf_counter() - t0:.0f} s)")
+        bar.close()
         if finished_count(self.study) > start:
             self.log(f"search: {finished_count(self.study) - start} trials in {time.perf_counter() - t0:.1f} s")
 

@@ -101,7 +101,7 @@ def run_sweep(
         raise
     finally:
         if tracker is not None:
-            tracker.end(status)
+            tracker.end(status, story=_end_story(status, study, cfg.trials))
         if factory is not None:
             factory.close()
 
@@ -116,7 +116,8 @@ def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_n
                 "num_train_timesteps": model.num_train_timesteps,
                 "alphas_cumprod_sha256": export.alphas_cumprod_sha256(model.alphas_cumprod),
                 "tuning_seeds": [cfg.seed, cfg.num_seeds], "teacher_nfe": cfg.teacher_nfe}
-    study = open_study(make_storage(storage_spec), study_name, objective.directions, sampler, identity, resume)
+    study = open_study(make_storage(storage_spec), study_name, objective.directions, sampler, identity, resume,
+                       metric_names=cfg.objective.split(","))  # "recon", "recon,fid" -> recon, fid
     stale = fail_stale_running(study) if resume else []
     if stale:
         log(f"resume: trials {stale} were left RUNNING by a stopped driver: marked FAIL, not counted, asked again")
@@ -126,23 +127,50 @@ def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_n
 def _start_tracking(cfg: SweepConfig, study: optuna.Study, study_name: str, storage_spec: str, resume: bool,
                     actors: int, gpus_per_actor: float | None, tracking_uri: str | None, experiment: str | None,
                     log: Callable[[str], None]) -> Any:
-    """Start the MLflow parent run (closing runs a killed driver left RUNNING) and record it on the study."""
+    """Start the MLflow parent run, or on resume continue the study's own (found by its study and storage
+    tags; runs a killed driver left RUNNING are closed first), and record it on the study. A resumed study
+    whose parent is not in this tracking store (another URI) gets a new parent linked by tag
+    ``stridelab.resumed_from`` to the ones the study recorded."""
     from pipeline import __version__
-    from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri
+    from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri, storage_key
 
     tracking_uri = tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, experiment or DEFAULT_EXPERIMENT)
-    if resume:  # a driver killed mid-run never ended its MLflow runs
-        closed = tracker.close_stale(study.user_attrs.get("mlflow_parent_runs", []))
+    params = {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume, "actors": actors,
+              "gpus_per_actor": gpus_per_actor, "stridelab_version": __version__}
+    identity = {"stridelab.kind": "sweep", "study": study_name, "stridelab.storage": storage_key(storage_spec)}
+    previous = study.user_attrs.get("mlflow_parent_runs", [])
+    parent, closed = None, []
+    if resume:
+        closed = tracker.close_stale(previous)  # a driver killed mid-run never ended its MLflow runs
         if closed:
             log(f"resume: MLflow runs {closed} were left RUNNING by a stopped driver: marked KILLED")
-    tracker.start(study_name, {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume,
-                               "actors": actors, "gpus_per_actor": gpus_per_actor,
-                               "stridelab_version": __version__},
-                  tags={"stridelab.kind": "sweep", "study": study_name})
-    study.set_user_attr("mlflow_parent_runs", [*study.user_attrs.get("mlflow_parent_runs", []), tracker.run_id])
+        parent = tracker.find_parent(identity)
+    done = finished_count(study)
+    if parent is not None:
+        tracker.reopen(parent, params, f"resumed at {done} of {cfg.trials} trials"
+                                       + (" (the previous driver stopped without ending this run)" if parent in closed else ""))
+        log(f"resume: continuing MLflow run {parent}")
+    else:
+        link = {"stridelab.resumed_from": ",".join(previous)} if resume and previous else {}
+        story = (f"started: {cfg.trials} trials" if not resume else
+                 f"resumed at {done} of {cfg.trials} trials; the study's earlier runs {previous or 'none'} are not in "
+                 f"this tracking store (they were in {study.user_attrs.get('mlflow_tracking_uri', 'none recorded')})")
+        tracker.start(study_name, params, tags={**identity, **link}, story=story)
+    if tracker.run_id not in previous:
+        study.set_user_attr("mlflow_parent_runs", [*previous, tracker.run_id])
     study.set_user_attr("mlflow_tracking_uri", tracking_uri)
     return tracker
+
+
+def _end_story(status: str, study: optuna.Study, trials: int) -> str:
+    """The parent run's closing line: how far the study got and why this segment ended."""
+    done = finished_count(study)
+    if status == "FINISHED":
+        return f"finished: {done} of {trials} trials"
+    if status == "KILLED":
+        return f"interrupted at {done} of {trials} trials (resuming the study continues this run)"
+    return f"stopped by an error at {done} of {trials} trials"
 
 
 def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_address: str | None,
