@@ -81,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
     check_writable_parent(args.out_dir, "--out-dir")
     model = load_model(args.model)
     encode, decoder = _schedules(args, model)
-    x0, names = read_images(args.images, model.sample_shape, model.data_range)
+    if args.images.startswith("digits:"):
+        from pipeline.models.digits import digits_source
+
+        x0, names = digits_source(args.images, tuple(model.sample_shape), model.data_range)
+    else:
+        x0, names = read_images(args.images, model.sample_shape, model.data_range)
 
     rt = round_trip(model.denoiser, x0, encode, decoder.timesteps, model.alphas_cumprod, model.to_unit)
     mse = rt.errors.tolist()

@@ -9,8 +9,6 @@ PNG folder     ``*.png`` files (sorted by name), 8-bit grey (``L``, 1 channel) o
 ``.parquet``   a ``sample`` column (fixed-size float lists of prod(sample_shape), model range: what
                ``stridelab sample`` writes) or else an ``image`` column (PNG bytes); names from a
                ``name`` or ``seed`` column when there is one
-``digits:S[:N]`` the bundled digits of split S (``train``, ``test``, ``all``), the first N of them, for
-               the bundled models (1 x 8 x 8); names ``digits-S-i``
 =============  =====================================================================================
 
 Every image is checked before any is used (size and channels against ``sample_shape``, values inside
@@ -112,24 +110,6 @@ def _read_parquet(p: Path, shape: Sequence[int], data_range: tuple[float, float]
     raise StridelabError(f"{p}: has no 'sample' or 'image' column (columns: {', '.join(table.column_names)})")
 
 
-def _bundled_digits(spec: str, shape: tuple[int, ...], data_range: tuple[float, float]
-                    ) -> tuple[torch.Tensor, list[str]]:
-    """``digits:SPLIT[:N]``: the first N images of a split of the bundled digits, in `data_range`."""
-    from pipeline.models.digits import load_digits_images
-
-    _, split, *rest = spec.split(":")
-    if split not in ("train", "test", "all") or len(rest) > 1 or (rest and not rest[0].isdigit()):
-        raise StridelabError(f"{spec}: expected digits:SPLIT[:N] with SPLIT train, test or all and N a count")
-    if shape != (1, 8, 8):
-        raise StridelabError(f"{spec}: the digits are 1 x 8 x 8; this model's samples are {list(shape)}")
-    x = load_digits_images(split)  # type: ignore[arg-type]
-    n = int(rest[0]) if rest else len(x)
-    if not 1 <= n <= len(x):
-        raise StridelabError(f"{spec}: the {split} split has {len(x)} images, asked for {n}")
-    u = ((x[:n] + 1.0) / 2.0).numpy()
-    return torch.from_numpy(_from_unit(u, data_range)), [f"digits-{split}-{i}" for i in range(n)]
-
-
 def read_images(path: str | os.PathLike, sample_shape: Sequence[int],
                 data_range: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
     """Images for a model with per-sample shape (C, H, W) and `data_range`: float32 [N, C, H, W] in the data
@@ -142,8 +122,6 @@ def read_images(path: str | os.PathLike, sample_shape: Sequence[int],
     shape = tuple(int(s) for s in sample_shape)
     if len(shape) != 3:
         raise StridelabError(f"images need a model whose samples are [C, H, W]; this one's are {list(shape)}")
-    if str(path).startswith("digits:"):
-        return _bundled_digits(str(path), shape, data_range)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
         if not files:

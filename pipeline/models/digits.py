@@ -85,3 +85,20 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 def from_unit(u: torch.Tensor) -> torch.Tensor:
     """Map [0, 1] to the model range [-1, 1]."""
     return u * 2.0 - 1.0
+
+
+def digits_source(spec: str, shape: tuple[int, ...], data_range: tuple[float, float]
+                  ) -> tuple[torch.Tensor, list[str]]:
+    """``digits:SPLIT[:N]`` (an image source of `stridelab invert`): the first N images of a split, float32
+    [N, 1, 8, 8] in `data_range` (a model's), and their names ``digits-SPLIT-i``."""
+    _, split, *rest = spec.split(":")
+    if split not in SPLITS or len(rest) > 1 or (rest and not rest[0].isdigit()):
+        raise StridelabError(f"{spec}: expected digits:SPLIT[:N] with SPLIT train, test or all and N a count")
+    if shape != (1, 8, 8):
+        raise StridelabError(f"{spec}: the digits are 1 x 8 x 8; this model's samples are {list(shape)}")
+    x = load_digits_images(split)  # type: ignore[arg-type]
+    n = int(rest[0]) if rest else len(x)
+    if not 1 <= n <= len(x):
+        raise StridelabError(f"{spec}: the {split} split has {len(x)} images, asked for {n}")
+    lo, hi = data_range
+    return (lo + (x[:n] + 1.0) / 2.0 * (hi - lo)).float(), [f"digits-{split}-{i}" for i in range(n)]
