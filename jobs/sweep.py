@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_deprecated_alias(p, "--seeds", "--num-seeds", "num_seeds", type=int)
     p.add_argument("--holdout-seeds", type=int, default=d.holdout_seeds,
                    help="held-out seeds for the final table, a disjoint range (default %(default)s)")
+    p.add_argument("--validation-seeds", type=int, default=d.validation_seeds,
+                   help="seeds (another disjoint range, never searched on) that choose the exported schedule "
+                        "among the 5 best trials and every warm start; 0: export the best trial on the tuning "
+                        "seeds (default %(default)s)")
     show_names(p.add_argument("--schedules", type=name_list, default=None, metavar="NAMES",
                    help="comma-separated warm-start schedules, from %(names)s (default: all but dp_free, the DP that "
                         "also chooses its first timestep; 'default', the solver's diffusers set_timesteps(n) spacing, "
@@ -58,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_deprecated_alias(p, "--baselines", "--schedules", "schedules", type=name_list)
     p.add_argument("--polish", type=int, default=d.polish,
                    help="trials (of --trials) that refine the best schedule at the end by moving one step at a "
-                        "time on the integer grid (compass search; single objective only; default %(default)s)")
+                        "time on the integer grid (compass search; single objective only; at most two thirds of "
+                        "the trials after the warm starts; default %(default)s)")
     p.add_argument("--no-prune", dest="prune", action="store_false", help="evaluate every trial on all tuning seeds")
     p.add_argument("--screen-seeds", type=int, default=d.screen_seeds,
                    help="seeds of the pruning screen (default: a quarter of the tuning seeds, at least 8)")
@@ -75,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output directory: outputs go to <out-dir>/<study-name>/ (default %(default)s)")
     add_ray_args(p, d.actors)
     p.set_defaults(param_flags={"sampler": "--optuna-sampler", "baselines": "--schedules"})
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, parser=p)
 
 
 def resume_command(argv: list[str], study_name: str) -> str:
@@ -102,11 +107,21 @@ def run(args: argparse.Namespace) -> int:
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
         holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.schedules) if args.schedules else None, prune=args.prune,
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
-        polish=args.polish,
+        polish=args.polish, validation_seeds=args.validation_seeds,
     )
     study_name = args.study_name or default_study_name(cfg)
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted
     run_sweep(cfg, study_name=study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,
-              ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor)
+              ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, log=flag_printer(args))
     return 0
+
+
+def flag_printer(args: argparse.Namespace):
+    """``print`` for the sweep's log, naming this command's flags where a line names a parameter in backticks
+    (the verdict's advice, the polish cap), as error lines do (`jobs.cli.error_line`)."""
+    from jobs.cli import flag_names
+    from pipeline.errors import StridelabError
+
+    flags = {**flag_names(args.parser), **args.param_flags}
+    return lambda line: print(StridelabError(line).render(flags.get))

@@ -233,10 +233,14 @@ def write_trials_parquet(study: Any, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def best_trial(study: Any) -> Any:
-    """The best COMPLETE trial; for two objectives, the Pareto trial with the least log(recon) + log(fid)."""
+def best_trial(study: Any, selected: bool = True) -> Any:
+    """The trial a sweep exports: the one it chose on its validation seeds (study user attr ``selected_trial``,
+    `search.sweep.select`) when `selected` and recorded, else the best COMPLETE trial; for two objectives, the
+    Pareto trial with the least log(recon) + log(fid)."""
     import math
 
+    if selected and study.user_attrs.get("selected_trial") is not None:
+        return trial_by_number(study, int(study.user_attrs["selected_trial"]))
     if len(study.directions) == 1:
         try:
             return study.best_trial

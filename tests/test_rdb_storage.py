@@ -56,12 +56,13 @@ def test_sqlite_url_sweep_then_resume_exact_trials(tmp_path, capsys):
         t = study.trials[n]
         assert (t.state, t.values, t.user_attrs["timesteps"]) == before
 
-    # other settings on resume are refused; export reads the best trial from the database
+    # other settings on resume are refused; export reads the sweep's exported trial (chosen on its validation
+    # seeds, recorded on the study) from the database
     assert _sweep(tmp_path, url, 12, "--resume", "--nfe", "4") == 2
     assert "other settings" in capsys.readouterr().err
     out = tmp_path / "s.json"
     assert main(["export", "--study-name", "rdb", "--storage", url, "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["timesteps"] == study.best_trial.user_attrs["timesteps"]
+    assert json.loads(out.read_text())["timesteps"] == study.trials[study.user_attrs["selected_trial"]].user_attrs["timesteps"]
 
 
 def test_postgresql_url_reaches_the_rdb_storage(tmp_path, cli_stderr):

@@ -2,12 +2,19 @@
 
 Seed ranges (``s`` = `SweepConfig.seed`):
     tuning seeds    ``s .. s + num_seeds - 1``; the pruning screen is the first `SweepConfig.n_screen` of them
-    held-out seeds  ``s + HOLDOUT_OFFSET .. s + HOLDOUT_OFFSET + holdout_seeds - 1``
+    validation      ``s + VALIDATION_OFFSET .. s + VALIDATION_OFFSET + validation_seeds - 1``: never seen by the
+                    search; they choose the exported schedule among the top trials (`search.sweep.select`)
+    held-out seeds  ``s + HOLDOUT_OFFSET .. s + HOLDOUT_OFFSET + holdout_seeds - 1``: only the final table
+
+Trial budget (`SweepConfig.trials`, warm starts included): the warm starts first, then the sampler's
+(`search_trials`), then polish (`polish_trials`), which takes at most `POLISH_SHARE` of what the warm starts
+leave, so a small budget still searches globally before it refines.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,11 @@ from search.study import SAMPLERS
 
 HOLDOUT_OFFSET = 1_000_000
 """Held-out seeds start here (plus --seed): disjoint from any tuning range shorter than this."""
+VALIDATION_OFFSET = 2 * HOLDOUT_OFFSET
+"""Validation seeds start here (plus --seed): disjoint from the tuning and the held-out ranges."""
+POLISH_SHARE = Fraction(2, 3)
+"""Polish takes at most this share of the trials after the warm starts. The default sweep (150 trials, 10 warm
+starts, polish 80) is under the cap (93) and keeps its 60 sampler trials; ``trials=30`` gets 13 polish, 7 sampler."""
 
 DEFAULT_BASELINES: tuple[str, ...] = (*SCHEDULES, "dp")
 """The DDIM sweep's warm starts (DDIM's own default spacing is `uniform`, already among them)."""
@@ -57,6 +69,7 @@ class SweepConfig:
     fid_weight: float = DEFAULTS["fid_weight"]
     num_seeds: int = DEFAULTS["num_seeds"]
     holdout_seeds: int = DEFAULTS["holdout_seeds"]
+    validation_seeds: int = DEFAULTS["validation_seeds"]
     seed: int = DEFAULTS["seed"]
     baselines: tuple[str, ...] | None = None
     prune: bool = True
@@ -84,7 +97,9 @@ class SweepConfig:
         need(self.space in SPACES, f"unknown search space {self.space!r}; choose one of {', '.join(SPACES)}")
         need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         need(2 <= self.num_seeds < HOLDOUT_OFFSET, f"`num_seeds` must be in [2, {HOLDOUT_OFFSET}), got {self.num_seeds}")
-        need(self.holdout_seeds >= 1, f"`holdout_seeds` must be >= 1, got {self.holdout_seeds}")
+        need(1 <= self.holdout_seeds < HOLDOUT_OFFSET, f"`holdout_seeds` must be in [1, {HOLDOUT_OFFSET}), got {self.holdout_seeds}")
+        need(isinstance(self.validation_seeds, int) and 0 <= self.validation_seeds < HOLDOUT_OFFSET,
+             f"`validation_seeds` must be an integer in [0, {HOLDOUT_OFFSET}), got {self.validation_seeds!r}")
         need(0 < self.prune_p < 1, f"prune p-value threshold must be in (0, 1), got {self.prune_p}")
         need(0 <= self.screen_seeds < self.num_seeds, f"`screen_seeds` must be in [0, {self.num_seeds}), got {self.screen_seeds}")
         bad = [b for b in self.baselines if b not in ALL_BASELINES]
@@ -106,9 +121,20 @@ class SweepConfig:
         return list(range(self.seed, self.seed + self.num_seeds))
 
     @property
+    def validation_seed_list(self) -> list[int]:
+        start = self.seed + VALIDATION_OFFSET
+        return list(range(start, start + self.validation_seeds))
+
+    @property
     def holdout_seed_list(self) -> list[int]:
         start = self.seed + HOLDOUT_OFFSET
         return list(range(start, start + self.holdout_seeds))
+
+    @property
+    def validating(self) -> bool:
+        """Whether the exported trial is chosen on validation seeds (single objective only: a Pareto front has
+        no one best to validate; `search.sweep.select`)."""
+        return self.validation_seeds > 0 and not Objective(self.objective, self.fid_weight).multi
 
     @property
     def pruning(self) -> bool:
@@ -116,11 +142,25 @@ class SweepConfig:
 
     @property
     def polish_trials(self) -> int:
-        """Trials of the polish phase: `polish`, capped to what the warm starts leave; 0 for two objectives
-        (a single-step move has no single 'better' on a Pareto front)."""
+        """Trials of the polish phase: `polish`, capped to `POLISH_SHARE` of what the warm starts leave; 0 for
+        two objectives (a single-step move has no single 'better' on a Pareto front)."""
         if Objective(self.objective, self.fid_weight).multi:
             return 0
-        return min(self.polish, self.trials - len(self.baselines))
+        return min(self.polish, int(POLISH_SHARE * (self.trials - len(self.baselines))))  # exact: a Fraction
+
+    @property
+    def search_trials(self) -> int:
+        """Trials the Optuna sampler proposes: what the warm starts and the polish phase leave."""
+        return self.trials - len(self.baselines) - self.polish_trials
+
+    def budget_note(self) -> str | None:
+        """One line when `polish_trials` is not the `polish` asked for, else None."""
+        if self.polish_trials == self.polish:
+            return None
+        if Objective(self.objective, self.fid_weight).multi:
+            return f"`polish` {self.polish} ignored: polish needs a single objective, {self.objective!r} has two"
+        return (f"`polish` {self.polish} capped to {self.polish_trials}: polish takes at most "
+                f"{POLISH_SHARE} of the {self.trials - len(self.baselines)} `trials` after the warm starts")
 
     @property
     def n_screen(self) -> int:

@@ -6,25 +6,31 @@ Columns of a row (one schedule): ``schedule, solver, nfe`` (model evaluations), 
                                  ``default``), all run by the sweep's solver
     ``x_best_default_pair``      holdout_recon / min over those and the reference rows ``<solver> default``
                                  (every other solver with its own default spacing at the same budget)
+    ``x_best_baseline_lo, _hi``  its 95% interval: a paired bootstrap over the held-out seeds
+                                 (`pipeline.metrics.recon.paired_ratio_interval`), the best baseline fixed
+    ``x_best_default_pair_lo, _hi``  likewise
     ``fid_x_best_baseline``      holdout_fid / min over the `SCHEDULES` rows
     ``fid_gap_x_best_baseline``  (holdout_fid - teacher's) / (best baseline's - teacher's): the share of the
                                  gap to the teacher's FID floor left open (only with a teacher row)
 Rows: the learned schedule first, then the rest by held-out recon, the teacher last. The reference rows
-mean a learned schedule is never shown without the strongest thing a user could pick instead.
+mean a learned schedule is never shown without the strongest thing a user could pick instead, and
+`verdict` says in one line whether the learned row's interval is below 1, straddles it or is above it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
 from pipeline.core.schedules import SCHEDULES, Schedule, uniform
 from pipeline.evaluation.inprocess import ScheduleResult
-from pipeline.metrics.recon import recon_sem
+from pipeline.metrics.recon import paired_ratio_interval, recon_sem
 from search import export
 from pipeline.solvers.registry import SOLVERS
 from search.sweep.config import SweepConfig
@@ -111,6 +117,7 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
     each row run by ``solvers[name]`` (default ddim)."""
     rows = []
     solvers = solvers or {}
+    per_seed: dict[str, np.ndarray] = {}  # held-out recon per seed by row: the bootstrap pairs them
     for (name, s), r in zip(named.items(), results):
         solver = solvers.get(name, "ddim")
         row: dict[str, Any] = {"schedule": name, "solver": solver, "nfe": SOLVERS[solver].evaluations(s.nfe),
@@ -120,28 +127,47 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
         else:
             row.update({f"holdout_{k}": v for k, v in objective_metrics(r).items()})
             row["holdout_recon_sem"] = recon_sem(r.recon)
+            per_seed[name] = r.recon.double().cpu().numpy()
         row["tuning_recon"] = tuning.get(name)
         row["timesteps"] = " ".join(map(str, s.timesteps))
         rows.append(row)
-    best_fid = _add_ratios(rows)
+    best_fid = _add_ratios(rows, per_seed)
     teacher_rows = [r for r in rows if r["schedule"].startswith(TEACHER_PREFIX)]
     if teacher_rows and "holdout_fid" in teacher_rows[0]:
         _add_fid_gap(rows, teacher_rows[0]["holdout_fid"], best_fid)
-    _add_best_any(rows)
+    _add_best_any(rows, per_seed)
     others = [r for r in rows[1:] if r not in teacher_rows]
     return rows[:1] + sorted(others, key=lambda r: r.get("holdout_recon", math.inf)) + teacher_rows
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> float | None:
-    """Add ``x_best_baseline`` and ``fid_x_best_baseline`` in place; returns the best baseline's FID."""
-    best_base: dict[str, float | None] = {}
-    for metric, col in (("holdout_recon", "x_best_baseline"), ("holdout_fid", "fid_x_best_baseline")):
-        best_base[metric] = min((r[metric] for r in rows if _is_baseline(r["schedule"]) and metric in r),
-                                default=None)
-        for r in rows:
-            if best_base[metric] and metric in r:
-                r[col] = r[metric] / best_base[metric]
-    return best_base["holdout_fid"]
+def _add_ratios(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray]) -> float | None:
+    """Add ``x_best_baseline`` (and its interval) and ``fid_x_best_baseline`` in place; returns the best
+    baseline's FID."""
+    _add_recon_ratio(rows, per_seed, "x_best_baseline", lambda r: _is_baseline(r["schedule"]))
+    base_fids = [r["holdout_fid"] for r in rows if _is_baseline(r["schedule"]) and "holdout_fid" in r]
+    best_fid = min(base_fids, default=None)
+    for r in rows:
+        if best_fid and "holdout_fid" in r:
+            r["fid_x_best_baseline"] = r["holdout_fid"] / best_fid
+    return best_fid
+
+
+def _add_recon_ratio(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray], col: str,
+                     in_pool: Any) -> None:
+    """Add ``col`` = holdout_recon / the least holdout_recon of the rows `in_pool` selects, and ``col_lo``,
+    ``col_hi``: its paired 95% bootstrap interval over the held-out seeds (that best row fixed)."""
+    pool = [r for r in rows if "holdout_recon" in r and in_pool(r)]
+    if not pool:
+        return
+    best = min(pool, key=lambda r: r["holdout_recon"])
+    if not best["holdout_recon"] > 0:
+        return
+    for r in rows:
+        if "holdout_recon" in r:
+            r[col] = r["holdout_recon"] / best["holdout_recon"]
+            if r["schedule"] in per_seed and np.all(per_seed[best["schedule"]] > 0):
+                r[f"{col}_lo"], r[f"{col}_hi"] = paired_ratio_interval(per_seed[r["schedule"]],
+                                                                       per_seed[best["schedule"]])
 
 
 def _is_baseline(name: str) -> bool:
@@ -149,15 +175,11 @@ def _is_baseline(name: str) -> bool:
     return name in SCHEDULES or name == "default"
 
 
-def _add_best_any(rows: list[dict[str, Any]]) -> None:
-    """Add ``x_best_default_pair`` in place: holdout_recon / min over the baselines and every other solver's
-    default spacing (the strongest zero-search pick a user has at this budget)."""
-    pool = [r["holdout_recon"] for r in rows if "holdout_recon" in r
-            and (_is_baseline(r["schedule"]) or r["schedule"].endswith(REFERENCE_SUFFIX))]
-    best = min(pool, default=None)
-    for r in rows:
-        if best and "holdout_recon" in r:
-            r["x_best_default_pair"] = r["holdout_recon"] / best
+def _add_best_any(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray]) -> None:
+    """Add ``x_best_default_pair`` (and its interval) in place: holdout_recon / min over the baselines and every
+    other solver's default spacing (the strongest zero-search pick a user has at this budget)."""
+    _add_recon_ratio(rows, per_seed, "x_best_default_pair",
+                     lambda r: _is_baseline(r["schedule"]) or r["schedule"].endswith(REFERENCE_SUFFIX))
 
 
 def _add_fid_gap(rows: list[dict[str, Any]], floor: float, best_fid: float | None) -> None:
@@ -165,3 +187,38 @@ def _add_fid_gap(rows: list[dict[str, Any]], floor: float, best_fid: float | Non
     for r in rows:
         if best_fid is not None and best_fid > floor and "holdout_fid" in r:
             r["fid_gap_x_best_baseline"] = (r["holdout_fid"] - floor) / (best_fid - floor)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the learned schedule beats the best baseline on the held-out seeds, from its 95% interval.
+
+    Attributes:
+        kind: ``better`` (interval below 1), ``unclear`` (it contains 1), ``worse`` (above 1), ``baseline``
+            (the learned schedule is the best baseline itself: validation chose it) or ``unknown`` (no ratio).
+        text: one line saying so and what to do; parameters in backticks (`pipeline.errors`).
+    """
+
+    kind: str
+    text: str
+
+
+def verdict(rows: Sequence[Mapping[str, Any]]) -> Verdict:
+    """The verdict of the learned row (the first) against the best baseline (the table's rows, module docstring)."""
+    learned = rows[0]
+    if "x_best_baseline_lo" not in learned:
+        return Verdict("unknown", "no held-out ratio to the best baseline: cannot say whether the learned schedule wins")
+    base = min((r for r in rows if _is_baseline(r["schedule"]) and "holdout_recon" in r), key=lambda r: r["holdout_recon"])
+    lo, hi = learned["x_best_baseline_lo"], learned["x_best_baseline_hi"]
+    ratio = f"{learned['x_best_baseline']:.2f}x the best baseline {base['schedule']} (95% interval {lo:.2f} to {hi:.2f})"
+    more = "run with more tuning and validation seeds (`num_seeds`, `validation_seeds`)"
+    if learned["timesteps"] == base["timesteps"]:
+        return Verdict("baseline", f"the learned schedule is the best baseline {base['schedule']}: no trial beat it on "
+                                   f"the validation seeds, so that is what was exported; to find a better one, {more}")
+    if hi < 1:
+        return Verdict("better", f"better: the learned schedule is {ratio} on the held-out seeds")
+    if lo > 1:
+        return Verdict("worse", f"worse: the learned schedule is {ratio} on the held-out seeds; it was exported "
+                                f"anyway: use {base['schedule']} instead, or {more}")
+    return Verdict("unclear", f"not distinguishable: the learned schedule is {ratio} on the held-out seeds; "
+                              f"{more}, and more held-out seeds (`holdout_seeds`) for a narrower interval")

@@ -7,8 +7,8 @@ is never worse than the best of them on the tuning seeds.
 
 Search: ``study.ask()`` `parallel` trials, build their schedules, evaluate them in one ``evaluate(list)``
 call, ``study.tell`` each. A schedule that raises or gives NaN is told FAIL and the sweep goes on. Trials
-are counted as in `search.study` (exactly `trials` in total). The last `polish` trials (single objective
-only) refine the best schedule so far on the integer timestep grid by compass search
+are counted as in `search.study` (exactly `trials` in total). The last `SweepConfig.polish_trials` (single
+objective only; `polish` capped so the sampler keeps a share of the budget) refine the best schedule so far on the integer timestep grid by compass search
 (`search.placement.polish`): each batch enqueues untried single-step moves of the incumbent (params of the
 ``steps`` space, user attr ``kind = "polish"``).
 
@@ -321,6 +321,9 @@ class Sweep:
         src = None
         if self.cfg.sampler == "cmaes":
             src = [t for t in self.study.get_trials(states=(TrialState.COMPLETE,)) if t.user_attrs.get("kind") == "baseline"]
+        note = self.cfg.budget_note()
+        if note and finished_count(self.study) < self.cfg.trials:
+            self.log(note)
         t0, start = time.perf_counter(), finished_count(self.study)
         global_end = self.cfg.trials - self.cfg.polish_trials
         bar = progress(self.cfg.trials, "trials", unit="trial", initial=start)

@@ -16,10 +16,13 @@ import optuna
 
 from pipeline.core.schedules import Schedule, make_schedule
 from pipeline.models.load import LoadedModel
-from search.sweep.config import HOLDOUT_OFFSET, SweepConfig
+from search.sweep.config import HOLDOUT_OFFSET, VALIDATION_OFFSET, SweepConfig
+from search.sweep.holdout import Verdict, verdict
 
-TABLE_COLUMNS = ["schedule", "solver", "nfe", "holdout_recon", "x_best_baseline", "x_best_default_pair", "holdout_fid",
-                 "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon", "timesteps"]
+TABLE_COLUMNS = ["schedule", "solver", "nfe", "holdout_recon", "x_best_baseline", "x_best_baseline 95%", "x_best_default_pair",
+                 "x_best_default_pair 95%", "holdout_fid", "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon",
+                 "timesteps"]
+"""The printed table; ``<ratio> 95%`` shows the CSV's ``<ratio>_lo`` and ``<ratio>_hi`` as one cell."""
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,23 @@ class HeldOut:
     learned: Schedule
     named: Mapping[str, Schedule]
     rows: list[dict[str, Any]]
+    validation: Mapping[int, float] | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        return verdict(self.rows)
 
     def summary_metrics(self) -> dict[str, Any]:
-        """The learned row's held-out numbers and ratios, and the best trial's tuning numbers."""
-        metrics = {k: v for k, v in self.rows[0].items() if k.startswith("holdout_") or k.endswith(("x_best_baseline", "x_best_default_pair"))}
+        """The learned row's held-out numbers, ratios and their intervals, the exported trial's tuning numbers
+        (and validation objective), and the verdict's kind."""
+        ratios = ("x_best_baseline", "x_best_default_pair")
+        metrics = {k: v for k, v in self.rows[0].items()
+                   if k.startswith("holdout_") or k.endswith(ratios) or k.endswith(tuple(f"{r}_{e}" for r in ratios for e in ("lo", "hi")))}
         bt = self.best_trial
         metrics.update({f"tuning_{k}": bt.user_attrs[k] for k in ("recon", "fid") if bt.user_attrs.get(k) is not None})
+        if self.validation and bt.number in self.validation:
+            metrics["validation_objective"] = self.validation[bt.number]
+        metrics["verdict"] = self.verdict.kind
         return metrics
 
 
@@ -63,13 +77,16 @@ def write_files(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held:
 
 
 def sweep_provenance(cfg: SweepConfig, study_name: str, storage_spec: str, trial: int,
-                     run_id: str | None) -> dict[str, Any]:
-    """Where the exported schedule came from: study, trial, MLflow run and both seed ranges."""
+                     run_id: str | None, held: HeldOut | None = None) -> dict[str, Any]:
+    """Where the exported schedule came from: study, trial, MLflow run, the seed ranges ([first, count]) and the
+    held-out verdict (its one line)."""
     from search import export
 
     return export.provenance(study=study_name, storage=storage_spec, trial=trial, mlflow_run_id=run_id,
                              tuning_seeds=[cfg.seed, cfg.num_seeds],
-                             holdout_seeds=[cfg.seed + HOLDOUT_OFFSET, cfg.holdout_seeds])
+                             validation_seeds=[cfg.seed + VALIDATION_OFFSET, cfg.validation_seeds] if cfg.validating else None,
+                             holdout_seeds=[cfg.seed + HOLDOUT_OFFSET, cfg.holdout_seeds],
+                             verdict=held.verdict.text if held is not None else None)
 
 
 def _draw(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldOut, run_dir: Path,
@@ -104,6 +121,14 @@ def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
     tracker.log_metrics({**{k: v for k, v in held.summary_metrics().items() if isinstance(v, (int, float))},
                          **{_metric_key(r["schedule"]): r["holdout_recon"] for r in held.rows if "holdout_recon" in r}})
     tracker.set_tag("best_trial", str(held.best_trial.number))
+    tracker.set_tag("verdict", held.verdict.kind)
+    tracker.set_tag("verdict_text", held.verdict.text)
+
+
+def _interval_cells(row: Mapping[str, Any]) -> dict[str, str]:
+    """``{"<ratio> 95%": "[lo, hi]"}`` for each ratio of `row` with an interval."""
+    return {f"{c} 95%": f"[{row[c + '_lo']:.2f}, {row[c + '_hi']:.2f}]"
+            for c in ("x_best_baseline", "x_best_default_pair") if f"{c}_lo" in row}
 
 
 def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, counts: dict[str, int],
@@ -113,7 +138,9 @@ def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, c
     from search.tracking import ui_command
 
     log("")
-    log(format_table([{**r, "timesteps": short_steps(r["timesteps"], 10)} for r in held.rows], TABLE_COLUMNS))
+    log(format_table([{**r, **_interval_cells(r), "timesteps": short_steps(r["timesteps"], 10)} for r in held.rows],
+                     TABLE_COLUMNS))
+    log(f"\nverdict: {held.verdict.text}")
     log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
     log(f"exported schedule: {written.export_path}")
     log(f"trials table: {written.parquet_path}")

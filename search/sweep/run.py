@@ -15,11 +15,10 @@ from pipeline.errors import StridelabError
 from pipeline.models.load import LoadedModel
 from search.evaluators import EvaluatorFactory, Objective
 from search.study import fail_stale_running, finished_count, make_sampler, make_storage, missing_store, open_study
-from search.sweep import holdout
+from search.sweep import holdout, select
 from search.sweep.config import SweepConfig, SweepResult
 from search.sweep.loop import Sweep
 from search.sweep.outputs import HeldOut, log_to_tracker, print_summary, sweep_provenance, write_files
-from search.sweep.pruning import safe_evaluate
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -84,9 +83,14 @@ def run_sweep(
             f"teachers on {cfg.num_seeds} tuning seeds: {time.perf_counter() - t0:.1f} s")
         sweep.warm_start()
         sweep.search()
-        held = _held_out(cfg, model, study, sweep, factory, evaluators, log)
+        _log_budget(cfg, study, tracker, log)
+        for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
+            if factory is not None:
+                factory.release(ev)  # the search is over: free its actors for the validation and held-out pools
+        selection = _select(cfg, model, study, factory, evaluators, log)
+        held = _held_out(cfg, model, study, selection, factory, evaluators, log)
         prov = sweep_provenance(cfg, study_name, storage_spec, held.best_trial.number,
-                                tracker.run_id if tracker else None)
+                                tracker.run_id if tracker else None, held)
         written = write_files(cfg, model, study, held, run_dir, prov, objective.multi, figures)
         if tracker is not None:
             log_to_tracker(tracker, written, held)
@@ -184,21 +188,50 @@ def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_ad
     return factory
 
 
-def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: Sweep,
+def _log_budget(cfg: SweepConfig, study: optuna.Study, tracker: Any, log: Callable[[str], None]) -> None:
+    """Log (and track as metrics) the counted trials of the study by phase: what ran, not what was asked."""
+    ran = budget_counts(study)
+    log(f"trials by phase: {ran['warm_starts']} warm starts, {ran['search_trials']} {cfg.sampler}, "
+        f"{ran['polish_trials']} polish")
+    if tracker is not None:
+        tracker.log_metrics(ran)
+
+
+def budget_counts(study: optuna.Study) -> dict[str, int]:
+    """Counted trials (`search.study.finished_count`) by phase: ``warm_starts``, ``search_trials``, ``polish_trials``."""
+    from search.study import COUNTED_STATES
+
+    kinds = [t.user_attrs.get("kind", "search") for t in study.get_trials(deepcopy=False, states=COUNTED_STATES)
+             if not t.user_attrs.get("stale")]
+    return {"warm_starts": kinds.count("baseline"), "search_trials": kinds.count("search"),
+            "polish_trials": kinds.count("polish")}
+
+
+def _select(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, factory: EvaluatorFactory | None,
+            evaluators: Callable[[Sequence[int]], Any], log: Callable[[str], None]) -> select.Selection:
+    """The trial to export, chosen on the validation seeds (`search.sweep.select`); their pool is closed after."""
+    t0 = time.perf_counter()
+    ev = evaluators(cfg.validation_seed_list) if cfg.validating else None
+    try:
+        return select.select_trial(cfg, study, ev, model.num_train_timesteps, log)
+    finally:
+        if ev is not None:
+            log(f"validation (teacher and {len(study.user_attrs.get('validation', {}))} candidates): "
+                f"{time.perf_counter() - t0:.1f} s")
+            if factory is not None:
+                factory.release(ev)
+
+
+def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selection: select.Selection,
               factory: EvaluatorFactory | None, evaluators: Callable[[Sequence[int]], Any],
               log: Callable[[str], None]) -> HeldOut:
-    """Re-evaluate the learned schedule and every warm start (and, with FID, the teacher) on held-out seeds, all
+    """Re-evaluate the selected schedule and every warm start (and, with FID, the teacher) on held-out seeds, all
     run by the sweep's solver, next to every other solver's own default spacing (reference rows) when the
     evaluators are the factory's (injected stand-ins serve the sweep's solver only)."""
-    from search import export
-
     T = model.num_train_timesteps
-    bt = export.best_trial(study)
+    bt = selection.trial
     learned_name, learned = holdout.learned_schedule(bt, cfg.space, T, cfg.solver)
     named = {learned_name: learned, **holdout.warm_schedules(study, T)}
-    for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
-        if factory is not None:
-            factory.release(ev)  # the search is over: free its actors for the held-out pool
     t0 = time.perf_counter()
     hold_eval = None
     if factory is not None and cfg.holdout_fid:
@@ -219,7 +252,7 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, sweep: 
     named = {k: sched for k, sched, _ in entries}
     rows = holdout.holdout_rows(named, results, holdout.tuning_recon(study, bt, learned_name),
                                 {k: solver for k, _, solver in entries})
-    return HeldOut(bt, learned_name, learned, named, rows)
+    return HeldOut(bt, learned_name, learned, named, rows, selection.validation)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:
