@@ -188,6 +188,17 @@ def check_writable_parent(path: str, flag: str) -> None:
         raise StridelabError(f"{flag} {path}: {parent} is not a directory")
 
 
+def check_out_dir(path: str, flag: str = "--out-dir") -> None:
+    """An output directory a command may (atomically) replace: not an existing file, and creatable."""
+    from pathlib import Path
+
+    from pipeline.errors import StridelabError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise StridelabError(f"{flag} {path} exists and is not a directory")
+    check_writable_parent(path, flag)
+
+
 # -- what a command shows on stderr: the one policy, applied by jobs/cli.py before every subcommand runs --------
 
 QUIET_ENV = {

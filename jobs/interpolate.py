@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_model_arg, add_solver_arg, add_tracking_args, check_writable_parent, int_list
+from jobs.common import add_model_arg, add_solver_arg, add_tracking_args, check_out_dir, int_list
 
 EXPERIMENT = "stridelab-interpolate"
 
@@ -87,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.core.interpolation import slerp_path
     from pipeline.core.schedules import check_nfe, resolve_schedule
-    from pipeline.errors import StridelabError
     from pipeline.io.files import atomic_directory, atomic_write_bytes, atomic_write_text
     from pipeline.io.images import png_bytes, tile
     from pipeline.metrics.fid import make_feature_fn
@@ -97,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.solvers.registry import get_solver, solve
 
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise StridelabError(f"--out-dir {out} exists and is not a directory")
-    check_writable_parent(args.out_dir, "--out-dir")
+    check_out_dir(args.out_dir)
     solver = get_solver(args.solver)
     model = load_model(args.model)
     steps = None

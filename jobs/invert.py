@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_model_arg, check_writable_parent
+from jobs.common import add_model_arg, check_out_dir
 
 GRID_IMAGES = 16
 """The before/after grid shows the first this many images (originals above, reconstructions below)."""
@@ -67,7 +67,6 @@ def _grid(x01, rec01):
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.errors import StridelabError
     from pipeline.io.files import atomic_directory, atomic_write_bytes
     from pipeline.io.image_files import read_images
     from pipeline.io.noise_files import write_noise
@@ -76,9 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.models.load import load_model
 
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise StridelabError(f"--out-dir {out} exists and is not a directory")
-    check_writable_parent(args.out_dir, "--out-dir")
+    check_out_dir(args.out_dir)
     model = load_model(args.model)
     encode, decoder = _schedules(args, model)
     if args.images.startswith("digits:"):

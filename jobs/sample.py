@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jobs.common import (add_deprecated_alias, add_model_arg, add_ray_args, add_seeds_args, add_solver_arg,
-                         check_actors, check_writable_parent, eta_value)
+                         check_actors, check_out_dir, eta_value)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise StridelabError(f"--seed must be >= 0, got {args.seed}")
     out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise StridelabError(f"--out-dir {out} exists and is not a directory")
-    check_writable_parent(args.out_dir, "--out-dir")
+    check_out_dir(args.out_dir)
     solver = get_solver(args.solver)
     if args.eta > 0 and not solver.eta:
         raise StridelabError(f"--eta > 0 needs --solver ddim ({solver.name} is deterministic)")

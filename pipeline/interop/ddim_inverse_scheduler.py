@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from pipeline.core.schedules import Schedule, validate_timesteps
 from pipeline.errors import StridelabError
-from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
+from pipeline.interop.ddim_scheduler import StrideDDIMScheduler, timestep_index
 from pipeline.models.denoisers import eps_from_prediction
 from pipeline.solvers.ddim import ddim_step
 
@@ -168,15 +168,7 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
-        if self.timesteps is None:
-            raise StridelabError("call set_timesteps before step")
-        t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
-        if float(t) != int(t):
-            raise StridelabError(f"timestep {t} is not an integer; {type(self).__name__} runs integer timesteps")
-        hits = (self.timesteps == int(t)).nonzero()
-        if hits.numel() == 0:
-            raise StridelabError(f"timestep {int(t)} is not one of this scheduler's timesteps {self.timesteps.tolist()}")
-        return int(hits[0, 0])
+        return timestep_index(self.timesteps, timestep, type(self).__name__)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep whose level the step to `timestep` comes from: the listed one before, or -1 (the start)."""

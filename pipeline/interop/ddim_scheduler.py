@@ -67,6 +67,23 @@ TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 _SPACING_FNS = {"leading": uniform, "linspace": linspace, "trailing": trailing}
 
 
+def timestep_index(timesteps: torch.Tensor | None, timestep: int | torch.Tensor, owner: str) -> int:
+    """Position of `timestep` in a drop-in scheduler's `timesteps` (None: `set_timesteps` not called yet).
+
+    Raises:
+        StridelabError: not set yet, a fractional timestep, or one that is not listed.
+    """
+    if timesteps is None:
+        raise StridelabError("call set_timesteps before step")
+    t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+    if float(t) != int(t):
+        raise StridelabError(f"timestep {t} is not an integer; {owner} runs integer timesteps")
+    hits = (timesteps == int(t)).nonzero()
+    if hits.numel() == 0:
+        raise StridelabError(f"timestep {int(t)} is not one of this scheduler's timesteps {timesteps.tolist()}")
+    return int(hits[0, 0])
+
+
 class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
     """DDIM (Song et al. 2021) over an explicit, arbitrary timestep list, as a diffusers scheduler.
 
@@ -211,15 +228,8 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
-        if self.num_inference_steps is None:
-            raise StridelabError("call set_timesteps before step")
-        t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
-        if float(t) != int(t):
-            raise StridelabError(f"timestep {t} is not an integer; StrideDDIMScheduler runs integer timesteps")
-        hits = (self.timesteps == int(t)).nonzero()
-        if hits.numel() == 0:
-            raise StridelabError(f"timestep {int(t)} is not one of this scheduler's timesteps {self.timesteps.tolist()}")
-        return int(hits[0, 0])
+        return timestep_index(self.timesteps if self.num_inference_steps is not None else None, timestep,
+                              type(self).__name__)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep the step from `timestep` lands on: the next listed one, or -1 (the final jump)."""
