@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install sweep test bench clean
+.PHONY: install sweep test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 	$(PY) benchmarks/bench_solver_schedules.py
+
+# GPU readiness (at most ~5 minutes): writes docs/GPU.md on a CUDA machine; elsewhere one line, exit 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) results

@@ -136,6 +136,17 @@ def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
 
 
+DTYPES = LazyChoices("pipeline.models.load", "DTYPES")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """``--dtype NAME``: the network's dtype (sample / evaluate / sweep); checked by `pipeline.models.load.model_dtype`."""
+    show_names(p.add_argument("--dtype", metavar="NAME", default="float32",
+                              help="dtype the network runs in: %(names)s (bfloat16/float16 pay on a GPU; the "
+                                   "sampler's state stays float32, its coefficients float64) (default %(default)s)"),
+               DTYPES)
+
+
 def add_seeds_args(p: argparse.ArgumentParser, default: int, what: str) -> None:
     """--num-seeds N and --seed S: seeds S .. S+N-1, one per sample (old spelling --num-samples)."""
     p.add_argument("--num-seeds", type=int, default=default, help=f"{what}: seeds --seed .. --seed + N - 1, "

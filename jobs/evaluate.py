@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from jobs.common import (SOLVERS, add_deprecated_alias, add_model_arg, add_ray_args, add_seeds_args, add_teacher_nfe_arg,
+from jobs.common import (SOLVERS, add_deprecated_alias, add_dtype_arg, add_model_arg, add_ray_args, add_seeds_args, add_teacher_nfe_arg,
                          check_actors, check_writable_parent, int_list, name_list, show_names)
 
 DEFAULT_SCHEDULES = "uniform,quadratic,karras,logsnr,time_quadratic"
@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_teacher_nfe_arg(p, None)
     p.add_argument("--metrics", type=name_list, default=list(DEFAULT_METRICS),
                    metavar="NAMES", help=f"comma-separated, from {', '.join(METRICS)} (default {','.join(DEFAULT_METRICS)})")
+    add_dtype_arg(p)
     add_ray_args(p, 0)
     p.add_argument("--fid-features", default="auto",
                    help="feature extractor: digits[:DIR], pixels, inception, or auto (digits for 1x8x8 samples, "
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.interop.apply import warn_if_exported_for_other_model
     from pipeline.io.reports import format_table, write_table
     from pipeline.metrics.recon import recon_sem
-    from pipeline.models.load import load_model
+    from pipeline.models.load import load_model, model_dtype
     from pipeline.core.schedules import Schedule, check_nfe
 
     _check_samples_and_out(args)
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise StridelabError(f"unknown metric {bad[0]!r}; choose from {', '.join(METRICS)}")
     check_actors(args)
+    model_dtype(args.dtype)
     solvers = args.solvers or ["ddim"]
     specs = list(args.schedules)
     if args.solvers and "default" not in specs:
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
                      extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
-                     cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor) as pool:
+                     cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor, dtype=args.dtype) as pool:
         for solver in solvers:  # one call per solver: its cells run in parallel on the actors
             mine = [c for c in cells if c.solver == solver]
             results.update(zip(map(id, mine), pool.evaluate([c.schedule for c in mine], solver=solver)))

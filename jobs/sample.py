@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import (add_deprecated_alias, add_model_arg, add_ray_args, add_seeds_args, add_solver_arg,
+from jobs.common import (add_deprecated_alias, add_dtype_arg, add_model_arg, add_ray_args, add_seeds_args, add_solver_arg,
                          check_actors, check_out_dir, eta_value)
 
 
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eta", type=eta_value, default=0.0,
                    help="DDIM eta in [0, 1] (default 0: deterministic; > 0 only with --solver ddim)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per Ray Data batch (default %(default)s)")
+    add_dtype_arg(p)
     add_ray_args(p, 2)
     p.set_defaults(func=run)
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.distributed import generate_samples, write_sample_dir
     from pipeline.interop.apply import warn_if_exported_for_other_model
     from pipeline.errors import StridelabError
-    from pipeline.models.load import load_model
+    from pipeline.models.load import load_model, model_dtype
     from pipeline.core.schedules import check_nfe, resolve_schedule
     from pipeline.core.schedules import Schedule
     from pipeline.solvers.registry import get_solver, warn_if_tuned_for_other
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num_seeds < 1:
         raise StridelabError(f"--num-seeds must be >= 1, got {args.num_seeds}")
     check_actors(args)
+    model_dtype(args.dtype)
     if args.batch_size < 1:
         raise StridelabError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0:
@@ -75,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
                      {**sched.meta, "sampled_with": solver.record()})
     batches = generate_samples(args.model, sched.timesteps, args.num_seeds, seed=args.seed, eta=args.eta,
                                actors=args.actors, batch_size=args.batch_size, ray_address=args.ray_address,
-                               num_gpus=args.gpus_per_actor, solver=solver.name)
+                               num_gpus=args.gpus_per_actor, solver=solver.name, dtype=args.dtype)
     path = write_sample_dir(out, batches, num_samples=args.num_seeds, first_seed=args.seed, schedule=sched,
                             eta=args.eta, model=args.model, sample_shape=model.sample_shape,
-                            data_range=model.data_range, progress=args.progress)
+                            data_range=model.data_range, progress=args.progress,
+                            model_dtype=args.dtype)
     print(f"wrote {args.num_seeds} samples of {args.model} ({sched.name}, {solver.name}, {sched.nfe} steps = "
-          f"{solver.evaluations(sched.nfe)} model evaluations, eta {args.eta}) to {path}")
+          f"{solver.evaluations(sched.nfe)} model evaluations, eta {args.eta}, {args.dtype}) to {path}")
     return 0

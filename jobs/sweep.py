@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import (OPTUNA_SAMPLERS, WARM_STARTS, add_deprecated_alias, add_model_arg, add_ray_args,
+from jobs.common import (OPTUNA_SAMPLERS, WARM_STARTS, add_deprecated_alias, add_dtype_arg, add_model_arg, add_ray_args,
                          add_seeds_args, add_solver_arg, add_teacher_nfe_arg, add_tracking_args, check_actors, name_list, show_names)
 
 
@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_tracking_args(p, "stridelab-sweep")
     p.add_argument("--out-dir", default="results/sweep",
                    help="output directory: outputs go to <out-dir>/<study-name>/ (default %(default)s)")
+    add_dtype_arg(p)
     add_ray_args(p, d.actors)
     p.set_defaults(param_flags={"sampler": "--optuna-sampler", "baselines": "--schedules"})
     p.set_defaults(func=run, parser=p)
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
         holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.schedules) if args.schedules else None, prune=args.prune,
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
-        polish=args.polish, validation_seeds=args.validation_seeds,
+        polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype,
     )
     study_name = args.study_name or default_study_name(cfg)
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted

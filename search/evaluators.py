@@ -103,11 +103,14 @@ class EvaluatorFactory:
             them); default: one GPU per actor when the cluster has GPUs now, else CPU actors.
         solver: what runs every schedule (`pipeline.solvers`); an evaluator's ``evaluate(schedules, solver)``
             may name another for one call (the held-out table's reference rows).
+        dtype: the network's dtype in the pool's actors (`pipeline.models.load.DTYPES`); in-process evaluators
+            run `model` as loaded.
     """
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
                  teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
-                 gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER):
+                 gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER, dtype: str = "float32"):
+        self.dtype = dtype
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
         self.solver = get_solver(solver).name
         self.gpus_per_actor = gpus_per_actor
@@ -147,7 +150,8 @@ class EvaluatorFactory:
                 kw["num_gpus"] = self.gpus_per_actor
             elif self.actors > 0:
                 kw["num_cpus"] = self._cpus_per_actor()
-            ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, solver=self.solver, **kw)
+            ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, solver=self.solver,
+                                 dtype=self.dtype, **kw)
         else:
             if fid:
                 raise StridelabError("FID needs the evaluator of pipeline.distributed, which is not available")

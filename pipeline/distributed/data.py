@@ -72,10 +72,12 @@ def generate_samples(
     trace_dir: str | None = None,
     num_gpus: float | None = None,
     solver: str = "ddim",
+    dtype: str = "float32",
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of samples of `solver` in seed order: Ray Data with an actor pool of `actors`, or in-process
-    for 0. `num_gpus`: GPUs per actor, requested as given (see `actor_resources`)."""
-    kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir)
+    for 0. `num_gpus`: GPUs per actor, requested as given (see `actor_resources`); `dtype`: the network's
+    (`pipeline.models.load.DTYPES`)."""
+    kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir, dtype=dtype)
     if actors == 0:
         fn = SampleBatch(model, timesteps, eta, seed, solver, **kwargs)
         for a in range(0, num_samples, batch_size):
@@ -125,14 +127,14 @@ def scatter_image(points: np.ndarray, size: int = 256) -> np.ndarray:
 
 
 def _sample_schema(schedule: Schedule, eta: float, model: str, sample_shape: Sequence[int],
-                   data_range: tuple[float, float], num_samples: int) -> Any:
+                   data_range: tuple[float, float], num_samples: int, model_dtype: str = "float32") -> Any:
     """The Parquet schema of ``samples.parquet``; the run's description goes in its metadata."""
     import pyarrow as pa
 
     D = int(np.prod(sample_shape))
     meta = {
         "model": model, "sample_shape": list(sample_shape), "dtype": "float32", "data_range": list(data_range),
-        "schedule": schedule.to_dict(), "eta": eta, "num_samples": num_samples,
+        "model_dtype": model_dtype, "schedule": schedule.to_dict(), "eta": eta, "num_samples": num_samples,
         "columns": {"sample": "x_0 in the model's data range, flattened; reshape to sample_shape",
                     "image": "PNG, uint8 = round(255 * clip((x_0 - lo) / (hi - lo), 0, 1))"},
     }
@@ -200,6 +202,7 @@ def write_sample_dir(
     data_range: tuple[float, float],
     grid_size: int = 64,
     progress: bool = True,
+    model_dtype: str = "float32",
 ) -> Path:
     """Stream batches into ``DIR/samples.parquet`` (+ ``grid.png``, ``schedule.json``), atomically.
 
@@ -207,14 +210,14 @@ def write_sample_dir(
     (`pipeline.io.files.atomic_directory`); on any failure the temporary directory is removed and DIR is
     untouched. Columns: seed int64, schedule string, nfe int32, eta float64, sample
     fixed_size_list<float32>[D] (model range; shape and dtype in the schema metadata), and image (PNG,
-    uint8 from [0, 1]) for images. Raises `StridelabError` when the batches are not `num_samples`
+    uint8 from [0, 1]) for images; `model_dtype` (the network's) goes in the metadata. Raises `StridelabError` when the batches are not `num_samples`
     consecutive seeds from `first_seed`.
     """
     from PIL import Image
 
     target = Path(out_dir).resolve()
     D = int(np.prod(sample_shape))
-    schema = _sample_schema(schedule, eta, model, sample_shape, data_range, num_samples)
+    schema = _sample_schema(schedule, eta, model, sample_shape, data_range, num_samples, model_dtype)
     keep = grid_size if _is_image(sample_shape) else 4096  # points for the scatter plot
     with atomic_directory(target) as tmp:
         first = _write_parquet(tmp / "samples.parquet", schema, batches, num_samples=num_samples,

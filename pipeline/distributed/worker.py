@@ -31,19 +31,10 @@ from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import evaluate_shard
 from pipeline.io.files import atomic_write_bytes
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
-from pipeline.models.load import LoadedModel, load_model
+from pipeline.models.load import LoadedModel, load_model, model_dtype
 from pipeline.solvers.registry import DEFAULT_SOLVER, solve
 
 Loader = Callable[[str, Any, Any], LoadedModel]
-
-
-def _dtype(d: str | torch.dtype) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
-    out = getattr(torch, str(d), None)
-    if not isinstance(out, torch.dtype):
-        raise StridelabError(f"unknown dtype {d!r}; use float32, float16 or bfloat16")
-    return out
 
 
 def _seed_key(seeds: Sequence[int]) -> str:
@@ -68,7 +59,7 @@ class SamplerWorker:
         model: model spec for `loader` (default `pipeline.models.load.load_model`).
         loader: ``(spec, device, dtype) -> LoadedModel``.
         device: default cuda when available, else cpu.
-        dtype: model dtype name.
+        dtype: the network's dtype (`pipeline.models.load.DTYPES`).
         forward_batch: rows per network call (fixed, for batch-size invariance; 0 = as given).
         threads: torch intra-op threads (None: leave as is).
         features: feature extractor spec for FID/KID (`pipeline.metrics.fid.make_feature_fn`), built on first use.
@@ -93,7 +84,7 @@ class SamplerWorker:
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = (loader or load_model)(model, self.device, _dtype(dtype))
+        self.model = (loader or load_model)(model, self.device, model_dtype(dtype))
         d = self.model.denoiser
         self.denoiser = BatchInvariant(d, forward_batch) if forward_batch > 0 else d
         self.forward_batch = int(forward_batch)

@@ -61,6 +61,19 @@ ACCEPTED = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+"""The network dtypes a model may run in. The sampler's state and coefficients never follow it: x and eps
+stay float32 and the coefficients float64 (`DiffusersDenoiser` casts at the network's edge)."""
+
+
+def model_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The one check of a network dtype: a name in `DTYPES` (or that torch dtype) -> the torch dtype."""
+    if isinstance(dtype, torch.dtype) and str(dtype).removeprefix("torch.") in DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return getattr(torch, dtype)
+    raise StridelabError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", param="dtype")
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -97,7 +110,7 @@ class LoadedModel:
 def load_model(
     spec: str,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     *,
     prompt: str | None = None,
     negative_prompt: str | None = None,
@@ -108,11 +121,12 @@ def load_model(
     Args:
         spec: e.g. ``gmm:ring8``, ``bundled:digits``, ``path/to/ddpm``, ``sd-dir?prompt=a%20cat``, ``google/ddpm-cifar10-32``.
         device: where the network runs (the caller picks; nothing is hard-coded).
-        dtype: the network's weight dtype (float32; bf16/fp16 on a GPU). Samples and eps stay in the caller's dtype.
+        dtype: the network's weight dtype, one of `DTYPES` (bf16/fp16 pay on a GPU). Samples and eps stay in the caller's dtype.
         prompt, negative_prompt, guidance_scale: latent models only; override the spec's query options.
     Raises:
         StridelabError: one line saying what is wrong and which forms are accepted.
     """
+    dtype = model_dtype(dtype)
     base, options = _split_options(spec)
     overrides = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance_scale}
     options.update({k: v for k, v in overrides.items() if v is not None})

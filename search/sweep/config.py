@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.core.schedules import SCHEDULES, Schedule
 from pipeline.errors import StridelabError
+from pipeline.models.load import DTYPES
 from pipeline.solvers.registry import DEFAULT_SOLVER, SOLVERS, get_solver
 from search.defaults import DEFAULT_MODEL, DEFAULTS
 from search.evaluators import OBJECTIVES, Objective
@@ -81,6 +82,7 @@ class SweepConfig:
     dp_grid: int = 160
     grid_seeds: int = 64
     holdout_fid: bool = True
+    dtype: str = "float32"  # the network's (`pipeline.models.load.DTYPES`); changes the numbers a little
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -88,6 +90,7 @@ class SweepConfig:
                 raise StridelabError(msg)
 
         need(isinstance(self.nfe, int) and self.nfe >= 1, f"`nfe` must be an integer >= 1, got {self.nfe!r}")
+        need(self.dtype in DTYPES, f"`dtype` must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         need(self.solver in SOLVERS, f"`solver` must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.baselines is None:  # frozen: resolve the solver's default warm starts once
             object.__setattr__(self, "baselines", baselines_for(self.solver))

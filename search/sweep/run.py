@@ -63,7 +63,7 @@ def run_sweep(
     missing = missing_store(storage_spec) if resume else None
     if missing is not None:  # before opening it, which would create an empty store
         raise StridelabError(f"`resume`: no study named {study_name!r}: {missing} does not exist")
-    model = model or load_model(cfg.model)
+    model = model or load_model(cfg.model, dtype=cfg.dtype)
     check_nfe(cfg.steps, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)
     study_name = study_name or default_study_name(cfg)
@@ -182,7 +182,7 @@ def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_ad
                        log: Callable[[str], None]) -> EvaluatorFactory:
     """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
     factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
-                               gpus_per_actor=gpus_per_actor, solver=cfg.solver)
+                               gpus_per_actor=gpus_per_actor, solver=cfg.solver, dtype=cfg.dtype)
     log(f"evaluator: {factory.kind}; solver {cfg.solver}, {cfg.steps} steps ({cfg.nfe} model evaluations budget); "
         f"teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
     return factory
