@@ -122,3 +122,38 @@ def test_pool_gradient_equals_in_process(ray_local, gmm, grad_fn):
     assert ploss == pytest.approx(loss, rel=1e-12)
     assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
     assert torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+
+
+def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
+    import optuna
+
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", GMM, "--nfe", "4", "--method", "gradient", "--grad-iters", "5",
+                 "--slack-radius", "0.05", "--trials", "11", "--num-seeds", "8", "--holdout-seeds", "8",
+                 "--validation-seeds", "4", "--teacher-nfe", "40", "--actors", "0", "--no-mlflow",
+                 "--no-holdout-fid", "--no-prune", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient placement (5 iterations" in printed
+    (study_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    assert (study_dir / "best_schedule.json").is_file()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    grad = [t for t in trials if t.user_attrs.get("kind") == "gradient"]
+    assert len(grad) == 1 and grad[0].state.name == "COMPLETE" and len(trials) == 11
+
+
+@pytest.mark.parametrize("flags, message", [(["--grad-iters", "0"], "--grad-iters must be an integer >= 1"),
+                                            (["--slack-radius", "-0.5"], "--slack-radius must be a finite number >= 0"),
+                                            (["--solver", "unipc"], "--method gradient differentiates ddim only")])
+def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", GMM, "--method", "gradient", *flags, "--actors", "0", "--no-mlflow",
+                 "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
