@@ -38,6 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                               help="Optuna sampler that proposes the trials: %(names)s (default %(default)s)"),
                OPTUNA_SAMPLERS)
     add_deprecated_alias(p, "--sampler", "--optuna-sampler", "optuna_sampler")
+    p.add_argument("--method", choices=("optuna", "gradient"), default="optuna",
+                   help="optuna: warm starts then Optuna trials; gradient: also learn continuous step times by "
+                        "backpropagation through DDIM against the teacher (LD3-style, ddim only), projected to "
+                        "integer timesteps and added to the study as a warm start (default %(default)s)")
+    p.add_argument("--grad-iters", type=int, default=100, help="--method gradient: Adam iterations (default %(default)s)")
+    p.add_argument("--grad-lr", type=float, default=0.05, help="--method gradient: Adam learning rate (default %(default)s)")
+    p.add_argument("--grad-loss", choices=("mse",), default="mse",
+                   help="--method gradient: distance to the teacher, mse on the [0, 1] scale (default %(default)s)")
+    p.add_argument("--slack-radius", type=float, default=0.0,
+                   help="--method gradient: LD3 soft teacher forcing, the student may start within this radius "
+                        "(per-dimension noise std units) of the teacher's noise; 0 = none (default %(default)s)")
     p.add_argument("--space", metavar="NAME", default=d.space,
                    help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) "
                         "(default %(default)s)")
@@ -108,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         space=args.space, objective=args.objective, fid_weight=args.fid_weight, num_seeds=args.num_seeds,
         holdout_seeds=args.holdout_seeds, seed=args.seed, baselines=tuple(args.schedules) if args.schedules else None, prune=args.prune,
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
-        polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype,
+        polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype, method=args.method,
+        grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_loss=args.grad_loss, slack_radius=args.slack_radius,
     )
     study_name = args.study_name or default_study_name(cfg)
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted

@@ -239,6 +239,21 @@ class SamplerPool:
         parts = _ray_get(refs)
         return torch.cat(parts) if parts else torch.zeros(0)
 
+    def gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None,
+                 dtype: str = "float32") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+        """Data-parallel `SamplerWorker.gradient` over the pool's seeds: each actor differentiates its shard
+        against its resident teacher; returns the sums over all seeds (a `GradFn`, see
+        `search.placement.gradient`), delta's gradient in seed order. `delta`: [len(seeds), ...] or None."""
+        theta = theta.detach().cpu()
+        refs = [self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
+                           None if delta is None else delta[a:b].detach().cpu(), dtype)
+                for i, (a, b) in enumerate(self.shards)]
+        parts = _ray_get(refs)
+        total = sum(p[0] for p in parts)
+        g_theta = torch.stack([p[1] for p in parts]).sum(0)
+        g_delta = None if delta is None else torch.cat([p[2] for p in parts])
+        return total, g_theta, g_delta
+
     def pids(self) -> list[int]:
         """The process id of each actor (this process for an in-process pool)."""
         return _ray_get([self._call(i, "pid") for i in range(len(self._handles))])

@@ -28,6 +28,7 @@ from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant
 from pipeline.core.schedules import validate_timesteps
 from pipeline.core.seeds import initial_noise
 from pipeline.errors import StridelabError
+from pipeline.evaluation.gradient import shard_loss_and_grad
 from pipeline.evaluation.inprocess import evaluate_shard
 from pipeline.io.files import atomic_write_bytes
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
@@ -193,6 +194,21 @@ class SamplerWorker:
             atomic_write_bytes(path, save({"x0": x0.contiguous().cpu(),
                                            "seeds": torch.as_tensor(list(seeds), dtype=torch.int64)}))
         return x0
+
+    def gradient(self, seeds: Sequence[int], theta: torch.Tensor, teacher_nfe: int | None = None,
+                 delta: torch.Tensor | None = None, dtype: str = "float32") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+        """(sum over the shard's seeds of the continuous-DDIM loss, its gradient in theta, in delta) against the
+        shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student runs in
+        `dtype`). The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
+        self._calls += 1
+        self._trace("gradient", "start")
+        teach = self.teacher(seeds, teacher_nfe)
+        dt = _dtype(dtype)
+        lo, hi = self.model.data_range
+        out = shard_loss_and_grad(self.model.denoiser, teach.x_T.to(dt), teach.x0.to(dt), theta,
+                                  self.model.alphas_cumprod, delta=delta, scale=1.0 / (hi - lo))
+        self._trace("gradient", "done")
+        return out
 
     def _features(self, x0: torch.Tensor) -> np.ndarray:
         from pipeline.metrics.fid import features_in_chunks, make_feature_fn

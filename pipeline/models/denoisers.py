@@ -8,6 +8,10 @@ noise schedule.
   ``epsilon`` / ``v_prediction`` / ``sample``) and converts it to eps.
 - `GaussianMixtureDenoiser` is an analytic model: data from a Gaussian mixture, the exact eps for every t.
   It makes closed-form tests and quick demos possible without any network.
+
+Both also have ``eps_at_time(x, t, abar)``: eps at a *fractional* timestep t [B] (float) whose noise level
+abar [B] the caller has interpolated (`pipeline.core.noise.abar_at`), with autograd on, so a loss can be
+differentiated with respect to where the steps sit (`pipeline.evaluation.gradient`).
 """
 
 from __future__ import annotations
@@ -69,6 +73,18 @@ class DiffusersDenoiser(torch.nn.Module):
         self.model = model
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", as_alphas_cumprod(alphas_cumprod), persistent=False)
+
+    def eps_at_time(self, x: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """eps at fractional timesteps t [B] with noise levels abar [B], differentiable in x, t and abar.
+
+        diffusers UNets embed a float timestep sinusoidally, so t need not be an integer.
+        """
+        p = next(self.model.parameters())
+        out = self.model(x.to(p.device, p.dtype), t.to(p.device, torch.float32))
+        out = getattr(out, "sample", out).to(x.device, x.dtype)
+        if self.prediction_type == "epsilon":
+            return out
+        return eps_from_prediction(out, x, abar.to(x.device), self.prediction_type)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -140,6 +156,10 @@ class GaussianMixtureDenoiser(torch.nn.Module):
         score = -(r[..., None] * diff / var[..., None]).sum(1)  # [B, D]
         eps = -(1 - a[:, 0]).sqrt() * score
         return eps.reshape(x.shape).to(x.dtype)
+
+    def eps_at_time(self, x: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """eps at noise levels abar [B] (t is not needed: the mixture's eps is a function of abar)."""
+        return self.eps_at_abar(x, abar)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,9 @@ HOLDOUT_OFFSET = 1_000_000
 VALIDATION_OFFSET = 2 * HOLDOUT_OFFSET
 """Validation seeds start here (plus --seed): disjoint from the tuning and the held-out ranges."""
 POLISH_SHARE = Fraction(2, 3)
+
+METHODS = ("optuna", "gradient")
+"""How the sweep places steps: Optuna trials only, or also one gradient (LD3-style) placement as a warm start."""
 """Polish takes at most this share of the trials after the warm starts. The default sweep (150 trials, 10 warm
 starts, polish 80) is under the cap (93) and keeps its 60 sampler trials; ``trials=30`` gets 13 polish, 7 sampler."""
 
@@ -83,6 +86,11 @@ class SweepConfig:
     grid_seeds: int = 64
     holdout_fid: bool = True
     dtype: str = "float32"  # the network's (`pipeline.models.load.DTYPES`); changes the numbers a little
+    method: str = "optuna"  # "gradient": one more warm start, placed by `search.placement.gradient`
+    grad_iters: int = 100
+    grad_lr: float = 0.05
+    grad_loss: str = "mse"
+    slack_radius: float = 0.0
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -109,10 +117,28 @@ class SweepConfig:
         need(not bad, f"unknown baseline {bad[0]!r}; choose from {', '.join(ALL_BASELINES)}" if bad else "")
         need(len(self.baselines) <= self.trials,
              f"`trials` ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
+        need(self.method in METHODS, f"unknown `method` {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "gradient":
+            self.gradient_config()  # validates the gradient settings
+            need(self.solver == "ddim", f"`method` gradient differentiates ddim only, got `solver` {self.solver!r}")
+            need(len(self.baselines) + 1 <= self.trials,
+                 f"`trials` ({self.trials}) must cover the {len(self.baselines) + 1} warm-start trials (baselines, dp "
+                 "and the gradient placement)")
         need(isinstance(self.polish, int) and self.polish >= 0, f"`polish` must be an integer >= 0, got {self.polish!r}")
         if self.objective == "recon,fid":
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
+
+    def gradient_config(self):
+        """The `search.placement.gradient.GradientConfig` of ``method = "gradient"``."""
+        from search.placement.gradient import GradientConfig
+
+        return GradientConfig(iters=self.grad_iters, lr=self.grad_lr, slack_radius=self.slack_radius, loss=self.grad_loss)
+
+    @property
+    def warm_trials(self) -> int:
+        """Trials added before the search: the baselines (dp included) and, with ``method = "gradient"``, one more."""
+        return len(self.baselines) + (self.method == "gradient")
 
     @property
     def steps(self) -> int:
@@ -154,7 +180,7 @@ class SweepConfig:
     @property
     def search_trials(self) -> int:
         """Trials the Optuna sampler proposes: what the warm starts and the polish phase leave."""
-        return self.trials - len(self.baselines) - self.polish_trials
+        return self.trials - self.warm_trials - self.polish_trials
 
     def budget_note(self) -> str | None:
         """One line when `polish_trials` is not the `polish` asked for, else None."""

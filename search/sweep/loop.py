@@ -109,7 +109,8 @@ class Sweep:
         if sched is not None:
             p.update(schedule=sched.name, timesteps=" ".join(map(str, sched.timesteps)))
         metrics = {k: ua.get(k) for k in ("recon", "fid", "seconds", "screen_recon", "screen_p")}
-        what = {"baseline": f"baseline {sched.name if sched is not None else ''}".strip(), "polish": "polish"}.get(kind, sampler)
+        what = {"baseline": f"baseline {sched.name if sched is not None else ''}".strip(), "polish": "polish",
+                "gradient": "gradient"}.get(kind, sampler)
         name = f"trial {number} · {what}" + {"PRUNED": " (pruned)", "FAIL": " (failed)"}.get(state, "")
         start_ms, end_ms = self._span.get(number, (None, None))
         self.tracker.log_trial(number, state, p, metrics, name=name, start_ms=start_ms, end_ms=end_ms)
@@ -146,9 +147,33 @@ class Sweep:
                     dps[name] = dp_schedule(self.model, self.cfg.steps, traj=traj, free_start=name == "dp_free",
                                             solver=self.cfg.solver)
                     self.log(f"{name} placement ({time.perf_counter() - t0:.1f} s): {list(dps[name].timesteps)}")
-        if not todo:
-            return
-        scheds = [dps[b] if b in dps else self._baseline(b) for b in todo]
+        if todo:
+            self._add_fixed([dps[b] if b in dps else self._baseline(b) for b in todo], "baseline")
+        if self.cfg.method == "gradient" and not any(t.user_attrs.get("kind") == "gradient"
+                                                     for t in self.study.get_trials(deepcopy=False)):
+            self._add_fixed([self._gradient_placement()], "gradient")
+
+    def _gradient_placement(self) -> Schedule:
+        """The LD3-style placement on the tuning seeds (in this process), its loss per iteration logged on the
+        parent run (``gradient_loss``, step = iteration)."""
+        from search.placement.gradient import gradient_placement, local_grad_fn
+
+        t0 = time.perf_counter()
+        gc = self.cfg.gradient_config()
+        fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe)
+
+        def on_iter(it: int, loss: float, t_now) -> None:
+            if self.tracker is not None:
+                self.tracker.log_metrics({"gradient_loss": loss}, step=it)
+
+        res = gradient_placement(fn, self.cfg.steps, self.model.alphas_cumprod, gc, num_seeds=self.cfg.num_seeds,
+                                 sample_shape=self.model.sample_shape, callback=on_iter)
+        self.log(f"gradient placement ({gc.iters} iterations, {time.perf_counter() - t0:.1f} s): loss "
+                 f"{res.losses[0]:.3g} -> {res.losses[-1]:.3g}; {list(res.schedule.timesteps)}")
+        return res.schedule
+
+    def _add_fixed(self, scheds: list[Schedule], kind: str) -> None:
+        """Evaluate fixed schedules (warm starts) on all tuning seeds and add each to the study as a trial of `kind`."""
         t0 = _now_ms()
         results = self.evaluate_full(scheds)
         span = (t0, _now_ms())  # evaluated together: each warm start's run spans the one call
@@ -156,7 +181,7 @@ class Sweep:
         for sched, res in zip(scheds, results):
             params = self.space.params_of(sched)
             exact = self.space.build(params).timesteps == sched.timesteps
-            ua: dict[str, Any] = {"kind": "baseline", "params_exact": exact}
+            ua: dict[str, Any] = {"kind": kind, "params_exact": exact}
             state, values = TrialState.FAIL, None
             try:
                 if isinstance(res, Exception):
@@ -172,7 +197,7 @@ class Sweep:
             self._span[number] = span
             if state == TrialState.COMPLETE:
                 self.per_seed[number] = np.asarray(ua["recon_per_seed"])
-            self._track(number, state.name, sched, params, ua, "baseline")
+            self._track(number, state.name, sched, params, ua, kind)
 
     def _baseline(self, name: str) -> Schedule:
         """A named warm start at the sweep's step count; ``default`` is the solver's diffusers default spacing."""

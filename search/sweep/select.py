@@ -57,7 +57,7 @@ def candidates(study: optuna.Study, top: int = VALIDATION_TOP) -> list[optuna.tr
     seen: set[tuple[int, ...]] = set()
     for t in done:
         ts = tuple(t.user_attrs["timesteps"])
-        if ts not in seen and (len(out) < top or t.user_attrs.get("kind") == "baseline"):
+        if ts not in seen and (len(out) < top or t.user_attrs.get("kind") in ("baseline", "gradient")):
             out.append(t)
             seen.add(ts)
     return out

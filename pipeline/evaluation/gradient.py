@@ -1,0 +1,161 @@
+"""The differentiable student: DDIM (eta = 0) over continuous step times, its loss against the teacher and the
+gradient of that loss with respect to where the steps sit (LD3, Tong et al., arXiv 2405.15506).
+
+One pure function per piece, shared by the in-process optimiser (`search.placement.gradient`) and the Ray
+actors (`pipeline.distributed.worker.SamplerWorker.gradient`), so both differentiate the same loss.
+
+Notation (see also `pipeline.solvers.ddim` and `pipeline.core.noise`):
+
+=============  =====================================================================  ==================
+name           meaning                                                                LD3
+=============  =====================================================================  ==================
+``theta``      n + 1 logits; w = softmax(theta) are the gaps, in log sigma, between    xi (the learned
+               sigma_max, the n steps and sigma_min: step i sits at                    discretisation)
+               log sigma_i = log sigma_max - (w_0 + ... + w_i)(log sigma_max - log sigma_min)
+``t_frac``     the steps as fractional timesteps [n], strictly decreasing, in (0, T-1)  t_i
+``delta``      the student's input offset [B, ...]: the student starts from x_T + delta  x'_T - x_T
+               (soft teacher forcing: delta stays in a ball, see `project_to_ball`)
+``loss``       per seed: mean over dimensions of (x0_student - x0_teacher)^2 on the     d(., .)
+               [0, 1] scale (``scale`` = 1 / (data_range width))
+=============  =====================================================================  ==================
+
+Any theta gives a valid placement (softmax gaps are positive and sum to 1, so the steps are strictly
+decreasing and strictly inside the model's sigma range); the parametrisation cannot produce a collision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pipeline.core.noise import abar_from_sigma, sigmas_of, t_from_sigma
+from pipeline.errors import StridelabError
+
+# Smallest gap (fraction of the log-sigma range) an integer schedule is lifted to: the noisiest step of a
+# uniform schedule sits exactly at sigma_max (gap 0), whose logit would be -inf.
+MIN_GAP = 1e-3
+
+
+def log_sigma_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:
+    """(log sigma at t = 0, log sigma at t = T-1) of the model's table, python floats."""
+    ls = sigmas_of(alphas_cumprod).log()
+    return float(ls[0]), float(ls[-1])
+
+
+def times_from_params(theta: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n steps that logits theta [n + 1] place: (t_frac [n], abar [n]), float64, differentiable in theta.
+
+    abar is the model's table interpolated linearly in log sigma (`pipeline.core.noise.sigma_at`), so at
+    integer t it is exactly the trained level.
+    """
+    if theta.ndim != 1 or theta.numel() < 2:
+        raise StridelabError(f"theta must be 1-D with n + 1 >= 2 entries, got shape {tuple(theta.shape)}")
+    lo, hi = log_sigma_range(alphas_cumprod)
+    gaps = torch.softmax(theta.to(torch.float64), dim=0)
+    log_sigma = hi - torch.cumsum(gaps, dim=0)[:-1] * (hi - lo)
+    sigma = log_sigma.exp()
+    return t_from_sigma(sigma, alphas_cumprod), abar_from_sigma(sigma)
+
+
+def params_from_timesteps(timesteps: Sequence[float], alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Logits theta [n + 1] (float64) that place steps at `timesteps` (decreasing; gaps below `MIN_GAP` lifted)."""
+    ls = sigmas_of(alphas_cumprod).log()
+    lo, hi = float(ls[0]), float(ls[-1])
+    t = torch.as_tensor([float(v) for v in timesteps], dtype=torch.float64)
+    if t.numel() < 1 or (t[1:] >= t[:-1]).any():
+        raise StridelabError("timesteps must be non-empty and strictly decreasing")
+    low = t.floor().long().clamp(0, ls.numel() - 2)
+    w = t - low
+    log_sigma = (1 - w) * ls[low] + w * ls[low + 1]
+    edges = torch.cat([torch.tensor([hi], dtype=torch.float64), log_sigma, torch.tensor([lo], dtype=torch.float64)])
+    gaps = ((edges[:-1] - edges[1:]) / (hi - lo)).clamp(min=MIN_GAP)
+    return (gaps / gaps.sum()).log()
+
+
+def continuous_eps(denoiser, x: torch.Tensor, t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """eps at one fractional timestep t (0-d) with level abar (0-d) for the batch x [B, ...], differentiable."""
+    fn = getattr(denoiser, "eps_at_time", None)
+    if fn is None:
+        raise StridelabError(f"{type(denoiser).__name__} has no continuous-time eps (eps_at_time): gradient "
+                             "placement supports the bundled, hub pixel and gmm models")
+    B = x.shape[0]
+    return fn(x, t.expand(B), abar.expand(B))
+
+
+def ddim_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0, DDIM eq. 12) from x_T [B, ...] through levels abar [n] to abar = 1.
+
+    The same update as `pipeline.solvers.ddim.ddim_step`, written on tensors so autograd reaches abar.
+    Returns x0 [B, ...] in x_T's dtype.
+    """
+    x = x_T
+    n = abar.numel()
+    for i in range(n):
+        a_t = abar[i].to(x.dtype)
+        eps = continuous_eps(denoiser, x, t_frac[i], abar[i])
+        x0_pred = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if i == n - 1:
+            return x0_pred  # the jump to abar = 1 lands on x0_pred
+        a_s = abar[i + 1].to(x.dtype)
+        x = a_s.sqrt() * x0_pred + (1 - a_s).sqrt() * eps
+    raise AssertionError("unreachable")
+
+
+def per_seed_mse(x: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean over dimensions of ((x - target) * scale)^2, per row: [B] (the recon metric's definition)."""
+    return ((x - target) * scale).pow(2).flatten(1).mean(1)
+
+
+def shard_loss_and_grad(
+    denoiser,
+    x_T: torch.Tensor,
+    x0_teacher: torch.Tensor,
+    theta: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    delta: torch.Tensor | None = None,
+    scale: float = 0.5,
+) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+    """Sum over the shard's seeds of the student's loss, and its gradients.
+
+    Args:
+        denoiser: has ``eps_at_time`` (`pipeline.models.denoisers`).
+        x_T: the seeds' noise [B, ...]; x0_teacher: the teacher's outputs from it [B, ...].
+        theta: logits [n + 1] (`times_from_params`).
+        delta: the student's input offsets [B, ...] (soft teacher forcing), or None (start at x_T).
+        scale: 1 / width of the data range (0.5 for [-1, 1]): the loss is on the [0, 1] scale.
+    Returns:
+        (sum of per-seed losses, d sum / d theta [n + 1] float64 CPU, d sum / d delta [B, ...] CPU or None).
+        Sums, not means, so shards add up exactly and the driver divides once by the seed count.
+    """
+    theta = theta.detach().to(torch.float64).clone().requires_grad_(True)
+    leaves = [theta]
+    x_in = x_T
+    if delta is not None:
+        delta = delta.detach().to(x_T.device, x_T.dtype).clone().requires_grad_(True)
+        leaves.append(delta)
+        x_in = x_T + delta
+    with torch.enable_grad():
+        t_frac, abar = times_from_params(theta, alphas_cumprod)
+        x0 = ddim_continuous(denoiser, x_in, t_frac.to(x_T.device), abar.to(x_T.device))
+        loss = per_seed_mse(x0, x0_teacher.to(x0.dtype), scale).sum()
+        grads = torch.autograd.grad(loss, leaves)
+    g_delta = grads[1].detach().cpu() if delta is not None else None
+    return float(loss.detach()), grads[0].detach().cpu(), g_delta
+
+
+def project_to_ball(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """Each row of delta [B, ...] scaled back into the ball ||delta_b|| <= radius * sqrt(D) (D = dims per row).
+
+    The radius is in units of the noise's per-dimension standard deviation (x_T ~ N(0, I)): radius r lets the
+    student start anywhere within r * sqrt(D) of x_T, the typical length of r times a fresh noise vector.
+    """
+    if radius < 0 or not math.isfinite(radius):
+        raise StridelabError(f"must be a finite number >= 0, got {radius}", param="radius")
+    D = delta[0].numel() if delta.shape[0] else 1
+    bound = radius * math.sqrt(D)
+    norms = delta.flatten(1).norm(dim=1).clamp(min=1e-30)
+    factor = (bound / norms).clamp(max=1.0)
+    return delta * factor.reshape(-1, *([1] * (delta.ndim - 1)))

@@ -1,0 +1,193 @@
+"""Gradient step placement (LD3, Tong et al., ICLR 2025, arXiv 2405.15506): continuous step times learned by
+backpropagation through deterministic DDIM against the teacher's endpoint from the same noise.
+
+1. The n steps are n + 1 softmax logits over the log-sigma range (`pipeline.evaluation.gradient`), started
+   from an integer schedule (default uniform); any logits give a valid, strictly decreasing placement.
+2. Each iteration: the loss (per-seed MSE on the [0, 1] scale vs the teacher, averaged over the seeds) and
+   its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `SamplerPool.gradient`, each
+   actor on its seed shard, summed and divided once by the seed count here). One Adam step.
+3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
+   x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
+   times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
+   fit each seed exactly. r = 0 is the plain teacher-matching loss (LD3's "hard" objective).
+4. `project_schedule`: the continuous steps rounded to the nearest trained timestep in log sigma (the
+   fractional timestep is linear in log sigma within each table interval), collisions pushed apart by
+   `pipeline.core.schedules.project_to_distinct`; the exact continuous times and sigmas go in ``meta``.
+
+Example:
+    >>> from pipeline.models.load import load_model
+    >>> m = load_model("gmm:ring8")
+    >>> fn = local_grad_fn(m, range(16), teacher_nfe=100)
+    >>> res = gradient_placement(fn, 6, m.alphas_cumprod, GradientConfig(iters=5), num_seeds=16)
+    >>> res.schedule.nfe
+    6
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from pipeline.core.schedules import Schedule, project_to_distinct, uniform
+from pipeline.errors import StridelabError
+from pipeline.evaluation.gradient import params_from_timesteps, project_to_ball, shard_loss_and_grad, times_from_params
+
+GradLoss = Literal["mse"]
+
+GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[float, torch.Tensor, "torch.Tensor | None"]]
+"""``grad_fn(theta [n + 1], delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """Settings of one gradient placement run.
+
+    Attributes:
+        iters: Adam iterations (>= 1).
+        lr: Adam learning rate on the logits (and on delta).
+        slack_radius: LD3's soft-teacher-forcing radius r (units of the noise's per-dimension std); 0 = none.
+        loss: the distance to the teacher: "mse" (per-dimension MSE on the [0, 1] scale).
+    """
+
+    iters: int = 100
+    lr: float = 0.05
+    slack_radius: float = 0.0
+    loss: GradLoss = "mse"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
+            raise StridelabError(f"must be an integer >= 1, got {self.iters!r}", param="grad_iters")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise StridelabError(f"must be a finite number > 0, got {self.lr!r}", param="grad_lr")
+        if not (isinstance(self.slack_radius, (int, float)) and math.isfinite(self.slack_radius)
+                and self.slack_radius >= 0):
+            raise StridelabError(f"must be a finite number >= 0, got {self.slack_radius!r}", param="slack_radius")
+        if self.loss != "mse":
+            raise StridelabError(f"unknown loss {self.loss!r}; choose one of mse (features is not implemented yet)",
+                                 param="grad_loss")
+
+
+@dataclass(frozen=True)
+class GradientResult:
+    """What a run learned.
+
+    Attributes:
+        schedule: the projected integer schedule (name "gradient"; continuous steps in ``meta``).
+        losses: the mean loss before each Adam step, one per iteration, and the final loss last ([iters + 1]).
+        timesteps: the continuous steps after each iteration ([iters + 1] lists; entry 0 is the start).
+        theta: the final logits [n + 1].
+    """
+
+    schedule: Schedule
+    losses: tuple[float, ...]
+    timesteps: tuple[tuple[float, ...], ...]
+    theta: torch.Tensor = field(repr=False)
+
+
+def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> GradFn:
+    """A `GradFn` over all `seeds` in this process (the teacher is computed once, here).
+
+    The teacher is the sweep's (`make_teacher`); the student runs in `dtype` (float64 on the analytic
+    models makes gradients comparable to float tolerance). The loss is on the [0, 1] scale of
+    `model.data_range`.
+    """
+    from pipeline.evaluation.inprocess import make_teacher
+
+    teacher = make_teacher(model, list(seeds), nfe=teacher_nfe)
+    lo, hi = model.data_range
+    x0 = teacher.x0.to(dtype)
+    x_T = teacher.x_T.to(x0.device, dtype)
+
+    def fn(theta: torch.Tensor, delta: torch.Tensor | None):
+        return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
+                                   delta=delta, scale=1.0 / (hi - lo))
+
+    return fn
+
+
+def project_schedule(theta: torch.Tensor, alphas_cumprod: torch.Tensor, **meta) -> Schedule:
+    """The integer schedule nearest (in log sigma, collisions pushed apart) to the steps theta places.
+
+    ``meta`` gets ``continuous_timesteps`` (fractional t, n values) and ``continuous_sigmas`` (n values then
+    0) for consumers that take sigmas exactly (k-diffusion, ComfyUI), plus whatever is passed.
+    """
+    with torch.no_grad():
+        t_frac, abar = times_from_params(theta, alphas_cumprod)
+    T = int(alphas_cumprod.numel())
+    ts = project_to_distinct(t_frac.tolist(), T)
+    sigmas = [float(v) for v in ((1 - abar) / abar).sqrt()] + [0.0]
+    return Schedule(ts, T, "gradient", {"space": "gradient"},
+                    {"continuous_timesteps": [float(v) for v in t_frac], "continuous_sigmas": sigmas, **meta})
+
+
+def gradient_placement(
+    grad_fn: GradFn,
+    n: int,
+    alphas_cumprod: torch.Tensor,
+    config: GradientConfig = GradientConfig(),
+    *,
+    num_seeds: int,
+    sample_shape: Sequence[int] | None = None,
+    init: Sequence[int] | None = None,
+    callback: Callable[[int, float, Sequence[float]], None] | None = None,
+) -> GradientResult:
+    """Learn n continuous step times by Adam on the mean per-seed loss that `grad_fn` reports.
+
+    Args:
+        grad_fn: sums over `num_seeds` seeds (see `GradFn`).
+        n: steps (NFE of DDIM).
+        alphas_cumprod: the model's abar table [T].
+        config: iterations, learning rate, slack radius.
+        num_seeds: what the sums are divided by.
+        sample_shape: per-seed shape of x (needed when ``config.slack_radius > 0``, for delta).
+        init: starting integer schedule (default uniform with n steps).
+        callback: ``callback(iteration, mean_loss, continuous_timesteps)`` after each evaluation (0..iters).
+    Returns:
+        a `GradientResult`; deterministic for a deterministic `grad_fn` (no randomness is drawn here).
+    """
+    if num_seeds < 1:
+        raise StridelabError(f"must be >= 1, got {num_seeds}", param="num_seeds")
+    start = list(init) if init is not None else list(uniform(n, alphas_cumprod).timesteps)
+    if len(start) != n:
+        raise StridelabError(f"the starting schedule has {len(start)} steps, expected {n}")
+    theta = params_from_timesteps(start, alphas_cumprod).clone().requires_grad_(True)
+    leaves = [theta]
+    delta = None
+    if config.slack_radius > 0:
+        if sample_shape is None:
+            raise StridelabError("slack_radius > 0 needs the sample shape (for the student's input offsets)")
+        delta = torch.zeros(num_seeds, *sample_shape, dtype=torch.float64, requires_grad=True)
+        leaves.append(delta)
+    opt = torch.optim.Adam(leaves, lr=config.lr)
+    losses: list[float] = []
+    path: list[tuple[float, ...]] = []
+    for it in range(config.iters + 1):
+        total, g_theta, g_delta = grad_fn(theta.detach(), None if delta is None else delta.detach())
+        loss = total / num_seeds
+        if not math.isfinite(loss):
+            raise StridelabError(f"the loss became {loss} at iteration {it}; try a smaller learning rate",
+                                 param="grad_lr")
+        with torch.no_grad():
+            t_now = tuple(float(v) for v in times_from_params(theta, alphas_cumprod)[0])
+        losses.append(loss)
+        path.append(t_now)
+        if callback is not None:
+            callback(it, loss, t_now)
+        if it == config.iters:
+            break  # the last evaluation only reports the final loss
+        opt.zero_grad()
+        theta.grad = g_theta.to(theta.dtype) / num_seeds
+        if delta is not None:
+            delta.grad = g_delta.to(delta.dtype) / num_seeds
+        opt.step()
+        if delta is not None:
+            with torch.no_grad():
+                delta.copy_(project_to_ball(delta, config.slack_radius))
+    sched = project_schedule(theta.detach(), alphas_cumprod, final_loss=losses[-1], iters=config.iters,
+                             slack_radius=config.slack_radius)
+    return GradientResult(sched, tuple(losses), tuple(path), theta.detach().clone())

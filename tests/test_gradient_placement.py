@@ -1,0 +1,159 @@
+"""Gradient step placement (LD3-style): the continuous DDIM student, its gradient, the Adam loop, the projection
+to integer timesteps and the data-parallel gradient on Ray actors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.core.schedules import uniform, validate_timesteps
+from pipeline.errors import StridelabError
+from pipeline.evaluation.gradient import (ddim_continuous, params_from_timesteps, project_to_ball, shard_loss_and_grad,
+                                          times_from_params)
+from pipeline.models.load import load_model
+from pipeline.solvers.ddim import ddim_sample
+from search.placement.gradient import GradientConfig, gradient_placement, local_grad_fn, project_schedule
+
+GMM = "gmm:ring8"
+SEEDS = list(range(8))
+TEACHER_NFE = 50
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return load_model(GMM)
+
+
+@pytest.fixture(scope="module")
+def grad_fn(gmm):
+    return local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64)
+
+
+def test_integer_steps_reproduce_ddim(gmm):
+    # At integer timesteps the continuous student is exactly the solver the sweep runs.
+    ts = [700, 420, 200, 90, 30]
+    theta = params_from_timesteps(ts, gmm.alphas_cumprod)
+    t_frac, abar = times_from_params(theta, gmm.alphas_cumprod)
+    assert torch.allclose(t_frac, torch.tensor(ts, dtype=torch.float64), atol=1e-9)
+    x_T = torch.randn(6, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = ddim_sample(gmm.denoiser, x_T, ts, gmm.alphas_cumprod)
+    assert torch.allclose(ddim_continuous(gmm.denoiser, x_T, t_frac, abar), ref, atol=1e-10)
+
+
+def test_any_logits_give_decreasing_steps_in_range(gmm):
+    theta = torch.randn(11, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 4
+    t_frac, _ = times_from_params(theta, gmm.alphas_cumprod)
+    assert (t_frac[1:] < t_frac[:-1]).all() and t_frac.min() >= 0 and t_frac.max() <= 999
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_gradient_matches_finite_differences(gmm, with_delta):
+    x_T = torch.randn(4, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x0 = ddim_sample(gmm.denoiser, x_T, uniform(100, gmm.alphas_cumprod).timesteps, gmm.alphas_cumprod)
+    theta = params_from_timesteps([800, 500, 250, 100, 20], gmm.alphas_cumprod)
+    delta = 0.05 * torch.randn_like(x_T) if with_delta else None
+    loss, g, g_delta = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta)
+    h = 1e-6
+    for k in range(theta.numel()):
+        e = torch.zeros_like(theta)
+        e[k] = h
+        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta + e, gmm.alphas_cumprod, delta=delta)[0]
+        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta - e, gmm.alphas_cumprod, delta=delta)[0]
+        assert g[k].item() == pytest.approx((lp - lm) / (2 * h), rel=1e-5, abs=1e-9)
+    if with_delta:
+        e = torch.zeros_like(delta)
+        e[2, 1] = h
+        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta + e)[0]
+        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta - e)[0]
+        assert g_delta[2, 1].item() == pytest.approx((lp - lm) / (2 * h), rel=1e-5, abs=1e-9)
+    else:
+        assert g_delta is None
+    assert loss > 0
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.1])
+def test_loss_decreases(gmm, grad_fn, radius):
+    res = gradient_placement(grad_fn, 5, gmm.alphas_cumprod, GradientConfig(iters=15, lr=0.05, slack_radius=radius),
+                             num_seeds=len(SEEDS), sample_shape=gmm.sample_shape)
+    assert len(res.losses) == 16 and len(res.timesteps) == 16
+    assert res.losses[-1] < 0.5 * res.losses[0]
+    assert res.schedule.name == "gradient" and res.schedule.nfe == 5
+
+
+def test_slack_keeps_offsets_in_ball():
+    d = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    p = project_to_ball(d, 0.1)
+    assert (p.flatten(1).norm(dim=1) <= 0.1 * 4 + 1e-6).all()
+    small = 1e-3 * d
+    assert torch.equal(project_to_ball(small, 0.1), small)  # inside: untouched
+    with pytest.raises(StridelabError, match="radius"):
+        project_to_ball(d, -1.0)
+
+
+def test_projection_gives_distinct_integers(gmm):
+    # Logits that crowd every step against t = 0 still project to n distinct, strictly decreasing integers.
+    theta = torch.tensor([5.0] + [-30.0] * 9 + [-30.0], dtype=torch.float64)
+    s = project_schedule(theta, gmm.alphas_cumprod)
+    assert validate_timesteps(s.timesteps, 1000) == s.timesteps and len(set(s.timesteps)) == 10
+    sig = s.meta["continuous_sigmas"]
+    # (the exact sigmas are that crowded: equal to float precision, hence >=)
+    assert len(sig) == 11 and sig[-1] == 0.0 and all(a >= b for a, b in zip(sig, sig[1:]))
+    # A placement already on the grid is kept as is.
+    ts = (900, 600, 300, 100, 10)
+    assert project_schedule(params_from_timesteps(ts, gmm.alphas_cumprod), gmm.alphas_cumprod).timesteps == ts
+
+
+@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="lpips")])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(StridelabError):
+        GradientConfig(**bad)
+
+
+def test_pool_gradient_equals_in_process(ray_local, gmm, grad_fn):
+    from pipeline.distributed.pool import SamplerPool
+
+    theta = params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod)
+    delta = 0.03 * torch.randn(len(SEEDS), *gmm.sample_shape, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(2))
+    loss, g, gd = grad_fn(theta, delta)
+    with SamplerPool(GMM, SEEDS, TEACHER_NFE, actors=2, num_cpus=0.5) as pool:
+        assert pool.actors == 2
+        ploss, pg, pgd = pool.gradient(theta, delta, dtype="float64")
+    assert ploss == pytest.approx(loss, rel=1e-12)
+    assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+
+
+def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
+    import optuna
+
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", GMM, "--nfe", "4", "--method", "gradient", "--grad-iters", "5",
+                 "--slack-radius", "0.05", "--trials", "11", "--num-seeds", "8", "--holdout-seeds", "8",
+                 "--validation-seeds", "4", "--teacher-nfe", "40", "--actors", "0", "--no-mlflow",
+                 "--no-holdout-fid", "--no-prune", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient placement (5 iterations" in printed
+    (study_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    assert (study_dir / "best_schedule.json").is_file()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    grad = [t for t in trials if t.user_attrs.get("kind") == "gradient"]
+    assert len(grad) == 1 and grad[0].state.name == "COMPLETE" and len(trials) == 11
+
+
+@pytest.mark.parametrize("flags, message", [(["--grad-iters", "0"], "--grad-iters must be an integer >= 1"),
+                                            (["--slack-radius", "-0.5"], "--slack-radius must be a finite number >= 0"),
+                                            (["--solver", "unipc"], "--method gradient differentiates ddim only")])
+def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", GMM, "--method", "gradient", *flags, "--actors", "0", "--no-mlflow",
+                 "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
