@@ -94,7 +94,9 @@ class StopsServer:
                 time.sleep(self.down_s)
                 self.server.start()
                 self.events.append(("restarted", time.monotonic()))
-            threading.Thread(target=restart, daemon=True).start()
+            th = threading.Thread(target=restart, daemon=True)
+            self.events.append(("thread", th))
+            th.start()
         return out
 
 
@@ -118,7 +120,7 @@ def test_server_outage_mid_sweep_loses_no_trial(tmp_path, monkeypatch):
                         evaluators=lambda s: StopsServer(InProcessEvaluator(ring8, s, teacher_nfe=30), server, 2,
                                                          5.0, events),
                         figures=False, log=lines.append)
-        assert [e for e, _ in events if e != "batch"] == ["stopped", "restarted"]
+        assert [e for e, _ in events if e not in ("batch", "thread")] == ["stopped", "restarted"]
         assert any("unreachable" in ln and "queueing" in ln for ln in lines), lines
         assert any("replayed" in ln for ln in lines), lines
 
@@ -136,10 +138,7 @@ def test_server_outage_mid_sweep_loses_no_trial(tmp_path, monkeypatch):
         assert "finished" in parent.data.tags["mlflow.note.content"]
     finally:
         torch.set_num_threads(n)
-        server.stop()
-        for _ in range(50):  # the restart thread may still be starting it
-            if not any(e == "stopped" for e, _ in events) or any(e == "restarted" for e, _ in events):
-                break
-            time.sleep(0.5)
+        for th in [th for e, th in events if e == "thread"]:
+            th.join()  # it may still be starting the server again
         server.stop()
         server.log.close()
