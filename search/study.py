@@ -2,7 +2,7 @@
 
 Storage (`make_storage`):
     - a path (default ``<out-dir>/optuna.journal``): ``JournalStorage(JournalFileBackend(path))``, no server;
-    - any RDB URL (``sqlite:///study.db``, ``postgresql://user@host/db``): ``RDBStorage(url)``.
+    - any RDB URL (``sqlite:///study.db``, ``postgresql://user@host/db``): ``RDBStorage(url)`` with `rdb_engine_kwargs` (SQLite waits out another writer's lock).
 
 Resume semantics (`open_study`, `finished_count`):
     - ``--trials N`` counts every finished trial of the study: warm starts (baselines, dp) included, and
@@ -70,12 +70,27 @@ def make_sampler(name: str, seed: int, multi_objective: bool = False, source_tri
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+SQLITE_BUSY_TIMEOUT_S = 60.0
+"""How long a write to an SQLite study waits for another writer's lock before "database is locked" (sqlite3's
+default is 5 s)."""
+
+
+def rdb_engine_kwargs(url: str) -> dict[str, Any]:
+    """SQLAlchemy engine settings that ride out a storage blip: SQLite waits `SQLITE_BUSY_TIMEOUT_S` for a lock;
+    a server database checks each pooled connection before use (``pool_pre_ping``), so one dropped while the
+    server restarted is replaced instead of failing the next write."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    return {"pool_pre_ping": True}
+
+
 def make_storage(spec: str | os.PathLike) -> optuna.storages.BaseStorage:
-    """JournalStorage for a file path, RDBStorage for a URL (``sqlite:///``, ``postgresql://``, ...)."""
+    """JournalStorage for a file path, RDBStorage for a URL (``sqlite:///``, ``postgresql://``, ...), with
+    `rdb_engine_kwargs`."""
     spec = str(spec)
     if "://" in spec:
         try:
-            return optuna.storages.RDBStorage(spec)
+            return optuna.storages.RDBStorage(spec, engine_kwargs=rdb_engine_kwargs(spec))
         except (ImportError, ModuleNotFoundError) as e:
             raise StridelabError(f"storage {spec!r} needs a database driver: {e}") from None
     path = Path(spec)

@@ -14,6 +14,13 @@ Child run ``trial <n> · <what>`` (``tpe``, ``baseline uniform``, ``polish``; ``
 ``mlflow.parentRunId``), spanning the evaluation that carried the trial: params ``timesteps``, ``space``,
 ``sampler``, ``kind``, ``schedule`` and the space's parameters as ``p.<name>``; metrics ``recon``, ``fid``,
 ``seconds``, ``screen_recon``; tag ``state`` (COMPLETE / PRUNED / FAIL); status FINISHED, FAILED for FAIL.
+
+Tracking server outage (buffer and replay): once the parent run exists, every write that fails because the server
+is unreachable (or answers 5xx) is queued in order and replayed before the next write (at most every
+`RETRY_EVERY_S`), and at `Tracker.end`, which waits up to `FINAL_FLUSH_S` for the server and otherwise says how
+many records were not written. Replayed child runs are not duplicated (a replay first looks for the run a lost
+response may have created). MLflow's own HTTP retries (7 retries, backoff factor 2, timeout 120 s by default:
+minutes of stall per call) are bounded by `bound_http_retries` unless the user set them.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +77,32 @@ def storage_key(storage: str | os.PathLike) -> str:
     return str(Path(spec).resolve())
 
 
+RETRY_EVERY_S = 5.0
+"""While writes are queued, how often a new write first tries to replay them."""
+FINAL_FLUSH_S = 60.0
+"""How long `Tracker.end` waits for an unreachable tracking server before giving up on the queued writes."""
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+"""MLflow's HTTP retry settings for a sweep (~3 s of retries per call against a stopped server instead of minutes)."""
+
+
+def bound_http_retries(environ: dict | None = None) -> None:
+    """Set `HTTP_RETRY_DEFAULTS` in the environment where the user has not set them (the buffer replaces long retries)."""
+    env = os.environ if environ is None else environ
+    for k, v in HTTP_RETRY_DEFAULTS.items():
+        env.setdefault(k, v)
+
+
+def unreachable(e: Exception) -> bool:
+    """A tracking write failed because the server is down or failing (connection error, timeout, 5xx), not
+    because the request was wrong."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, MlflowException):
+        return e.get_http_status_code() >= 500
+    return isinstance(e, OSError)
+
+
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """MLflow 3 opens an experiment without this tag in its GenAI view; a sweep is model development."""
 
@@ -85,10 +118,16 @@ class Tracker:
         experiment: experiment name, created when missing (as a model-development experiment, `EXPERIMENT_KIND`).
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+    def __init__(self, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
+                 log: Callable[[str], None] = print):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        if self.tracking_uri.startswith(("http://", "https://")):
+            bound_http_retries()
+        self.log = log
+        self.pending: list[Callable[[], None]] = []
+        self._last_try = 0.0
         self.client = MlflowClient(self.tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -145,20 +184,74 @@ class Tracker:
 
     def story(self, line: str) -> None:
         """Append one timestamped line to the parent's description."""
-        note = self.client.get_run(self.run_id).data.tags.get("mlflow.note.content", "")
-        self.client.set_tag(self.run_id, "mlflow.note.content", f"{note}- {_clock()} {line}\n")
+        text, run_id = f"- {_clock()} {line}\n", self.run_id
 
-    def end(self, status: str = "FINISHED", story: str | None = None) -> None:
+        def write() -> None:
+            note = self.client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+            self.client.set_tag(run_id, "mlflow.note.content", note + text)
+        self._write(write)
+
+    def end(self, status: str = "FINISHED", story: str | None = None, flush_s: float = FINAL_FLUSH_S) -> None:
+        """End the parent run, after replaying the writes an outage queued (waiting up to `flush_s` for the server)."""
         if self.run_id is not None:
             if story:
                 self.story(story)
-            self.client.set_terminated(self.run_id, status)
+            run_id = self.run_id
+            self._write(lambda: self.client.set_terminated(run_id, status))
+            self.flush(flush_s)
+
+    # -- outages: buffer and replay -----------------------------------------------------------------
+    def _write(self, op: Callable[[], None]) -> None:
+        """Run `op` (one idempotent-on-replay write) now, or queue it behind earlier writes an outage left."""
+        if self.pending and time.monotonic() - self._last_try >= RETRY_EVERY_S:
+            self._replay()
+        if self.pending:
+            self.pending.append(op)
+            return
+        try:
+            op()
+        except Exception as e:  # noqa: BLE001 -- `unreachable` decides; anything else is re-raised
+            if not unreachable(e):
+                raise
+            self.pending.append(op)
+            self._last_try = time.monotonic()
+            self.log(f"MLflow at {self.tracking_uri} unreachable ({str(e).splitlines()[0][:160]}): "
+                     "queueing its records, replaying them when it answers")
+
+    def _replay(self) -> bool:
+        """Replay the queued writes in order, stopping at the first that still fails; True when none is left."""
+        self._last_try = time.monotonic()
+        n = len(self.pending)
+        while self.pending:
+            try:
+                self.pending[0]()
+            except Exception as e:  # noqa: BLE001
+                if not unreachable(e):
+                    raise
+                return False
+            self.pending.pop(0)
+        self.log(f"MLflow at {self.tracking_uri} answers again: replayed {n} queued records")
+        return True
+
+    def flush(self, wait_s: float = FINAL_FLUSH_S) -> bool:
+        """Replay the queued writes, retrying for up to `wait_s`; True when all were written. Says so when not."""
+        deadline = time.monotonic() + wait_s
+        while self.pending:
+            if self._replay():
+                return True
+            if time.monotonic() >= deadline:
+                self.log(f"MLflow at {self.tracking_uri} still unreachable after {wait_s:.0f} s: {len(self.pending)} "
+                         "records not written (every trial is still in the Optuna study)")
+                return False
+            time.sleep(min(RETRY_EVERY_S, max(0.0, deadline - time.monotonic())))
+        return True
 
     # -- child runs ---------------------------------------------------------------------------------
     def log_trial(self, number: int, state: str, params: Mapping[str, Any], metrics: Mapping[str, float],
                   tags: Mapping[str, str] | None = None, name: str | None = None,
-                  start_ms: int | None = None, end_ms: int | None = None) -> str:
-        """A finished child run for trial `number`, named `name` (default ``trial <number>``).
+                  start_ms: int | None = None, end_ms: int | None = None) -> str | None:
+        """A finished child run for trial `number`, named `name` (default ``trial <number>``); its id, or None
+        while an outage keeps it queued.
 
         Args:
             state: the Optuna state name (COMPLETE, PRUNED, FAIL); tag ``state`` and the run's status (`_status`).
@@ -171,28 +264,46 @@ class Tracker:
             raise StridelabError("Tracker.start must come before log_trial")
         end_ms = _now_ms() if end_ms is None else int(end_ms)
         start_ms = end_ms if start_ms is None else int(start_ms)
-        run = self.client.create_run(
-            self.experiment_id, run_name=name or f"trial {number}", start_time=start_ms,
-            tags={"mlflow.parentRunId": self.run_id, "trial": str(number), "state": state, **dict(tags or {})},
-        )
+        parent = self.run_id
+        tags = {"mlflow.parentRunId": parent, "trial": str(number), "state": state, **dict(tags or {})}
         ms = [Metric(k, float(v), end_ms, 0) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(run.info.run_id, metrics=ms, params=[Param(k, _param(v)) for k, v in params.items()])
-        self.client.set_terminated(run.info.run_id, _status(state), end_time=end_ms)
-        return run.info.run_id
+        ps = [Param(k, _param(v)) for k, v in params.items()]
+        done: dict[str, Any] = {}  # the steps already written, so that a replay continues where it failed
+
+        def write() -> None:
+            if "run" not in done:
+                found = self._child(parent, number) if done.get("tried") else None
+                done["tried"] = True
+                done["run"] = found or self.client.create_run(
+                    self.experiment_id, run_name=name or f"trial {number}", start_time=start_ms, tags=tags).info.run_id
+            if "data" not in done:
+                self.client.log_batch(done["run"], metrics=ms, params=ps)
+                done["data"] = True
+            self.client.set_terminated(done["run"], _status(state), end_time=end_ms)
+        self._write(write)
+        return done.get("run")
+
+    def _child(self, parent: str, number: int) -> str | None:
+        """The child run of trial `number` under `parent`, when a create whose answer was lost made one."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{parent}' and tags.trial = '{number}'", max_results=1)
+        return runs[0].info.run_id if runs else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
-        now = _now_ms()
+        now, run_id = _now_ms(), self.run_id
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(ms), 500):
-            self.client.log_batch(self.run_id, metrics=ms[i : i + 500])
+            self._write(lambda chunk=ms[i : i + 500]: self.client.log_batch(run_id, metrics=chunk))
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        run_id = self.run_id
+        self._write(lambda: self.client.set_tag(run_id, key, value))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        run_id = self.run_id
+        self._write(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def close_stale(self, parent_run_ids: list[str], status: str = "KILLED") -> list[str]:
         """Mark runs left RUNNING by a driver that died (the parents in `parent_run_ids` and their child

@@ -139,7 +139,7 @@ def _start_tracking(cfg: SweepConfig, study: optuna.Study, study_name: str, stor
     from search.tracking import DEFAULT_EXPERIMENT, Tracker, default_tracking_uri, storage_key
 
     tracking_uri = tracking_uri or default_tracking_uri()
-    tracker = Tracker(tracking_uri, experiment or DEFAULT_EXPERIMENT)
+    tracker = Tracker(tracking_uri, experiment or DEFAULT_EXPERIMENT, log=log)
     params = {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume, "actors": actors,
               "gpus_per_actor": gpus_per_actor, "stridelab_version": __version__}
     identity = {"stridelab.kind": "sweep", "study": study_name, "stridelab.storage": storage_key(storage_spec)}
