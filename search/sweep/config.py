@@ -107,7 +107,7 @@ class SweepConfig:
         need(len(self.baselines) <= self.trials,
              f"`trials` ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
         need(isinstance(self.polish, int) and self.polish >= 0, f"`polish` must be an integer >= 0, got {self.polish!r}")
-        if self.objective == "recon,fid":
+        if Objective(self.objective, self.fid_weight).multi:
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
 
@@ -138,7 +138,8 @@ class SweepConfig:
 
     @property
     def pruning(self) -> bool:
-        return self.prune and self.objective == "recon"
+        """The Wilcoxon screen runs for a single per-seed objective (recon, inversion), not for FID."""
+        return self.prune and self.objective in ("recon", "inversion")
 
     @property
     def polish_trials(self) -> int:
