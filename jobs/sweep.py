@@ -55,8 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", metavar="NAME", default=d.objective,
                    help="recon (match the many-step teacher from the same noise), fid (sample quality; may leave "
                         "the teacher's trajectory: on the bundled model it learns a different schedule), recon+fid "
-                        "(log recon + w log fid) or recon,fid (Pareto front; export other points with "
-                        "`stridelab export --trial`) (default %(default)s)")
+                        "(log recon + w log fid), recon,fid (Pareto front; export other points with "
+                        "`stridelab export --trial`), inversion (DDIM round trip of real images: the digits "
+                        "tuning/validation/test parts for the bundled models, exact draws for gmm:) or "
+                        "recon,inversion (default %(default)s)")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
     add_seeds_args(p, d.num_seeds, "tuning seeds")
     add_deprecated_alias(p, "--seeds", "--num-seeds", "num_seeds", type=int)

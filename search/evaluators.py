@@ -11,6 +11,9 @@ Objectives (`Objective`):
     ``fid``        ``ScheduleResult.extra["fid"]``
     ``recon+fid``  log(recon) + fid_weight * log(fid): a weighted sum that needs no unit conversion
     ``recon,fid``  two objectives (recon, fid); the study keeps a Pareto front
+    ``inversion``  mean per-image DDIM round-trip MSE (encode real data along the schedule, decode along it;
+                   `pipeline.metrics.recon.inversion_errors`): needs a model that draws data (``sample_data``)
+    ``recon,inversion``  two objectives (recon, inversion); a Pareto front
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from pipeline.distributed import check_gpus_per_actor
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
@@ -28,7 +33,10 @@ from pipeline.models.load import LoadedModel
 from pipeline.core.schedules import Schedule
 from pipeline.solvers.registry import DEFAULT_SOLVER, get_solver
 
-OBJECTIVES = ("recon", "fid", "recon+fid", "recon,fid")
+OBJECTIVES = ("recon", "fid", "recon+fid", "recon,fid", "inversion", "recon,inversion")
+
+
+_NO_INVERSION = "objective needs inversion errors but the evaluator returned none (made without inversion=True?)"
 
 
 class Evaluator(Protocol):
@@ -54,11 +62,29 @@ class Objective:
 
     @property
     def multi(self) -> bool:
-        return self.name == "recon,fid"
+        return "," in self.name
 
     @property
     def needs_fid(self) -> bool:
         return "fid" in self.name
+
+    @property
+    def needs_inversion(self) -> bool:
+        """Whether evaluators must run the round trip (``inversion=True``: it doubles the model calls)."""
+        return "inversion" in self.name
+
+    @property
+    def per_seed_metric(self) -> str:
+        """The per-seed metric the pruning screen compares and the held-out verdict reads: ``inversion`` for the
+        inversion objective, else ``recon``."""
+        return "inversion" if self.name == "inversion" else "recon"
+
+    def per_seed(self, result: ScheduleResult) -> torch.Tensor:
+        """`per_seed_metric` of one result, per seed [B]; raises `TrialFailed` when it is missing."""
+        errs = result.inversion if self.per_seed_metric == "inversion" else result.recon
+        if errs is None:
+            raise StridelabError(_NO_INVERSION)
+        return errs
 
     @property
     def directions(self) -> list[str]:
@@ -73,18 +99,18 @@ class Objective:
                 raise StridelabError("objective needs FID but the evaluator returned none (no feature extractor?)")
         if "fid" in extra:
             m["fid"] = float(extra["fid"])
+        if self.needs_inversion and result.inversion is None:
+            raise StridelabError(_NO_INVERSION)
+        if result.inversion is not None:
+            m["inversion"] = float(result.inversion.double().mean())
         bad = [k for k, v in m.items() if not math.isfinite(v)]
         if bad:
             raise TrialFailed(f"non-finite {', '.join(bad)}")
         return m
 
     def values(self, metrics: dict[str, float]) -> list[float]:
-        if self.name == "recon":
-            return [metrics["recon"]]
-        if self.name == "fid":
-            return [metrics["fid"]]
-        if self.name == "recon,fid":
-            return [metrics["recon"], metrics["fid"]]
+        if self.name != "recon+fid":  # one metric, or two for a Pareto front
+            return [metrics[k] for k in self.name.split(",")]
         if metrics["recon"] <= 0 or metrics["fid"] <= 0:
             raise TrialFailed("recon+fid needs positive recon and fid (log scale)")
         return [math.log(metrics["recon"]) + self.fid_weight * math.log(metrics["fid"])]
@@ -99,6 +125,8 @@ class EvaluatorFactory:
         ray_address: an existing cluster (default: ``$RAY_ADDRESS``, else a local Ray).
         teacher_nfe: teacher steps (default every training timestep).
         fid: also compute FID (``extra["fid"]``).
+        inversion: also compute the DDIM round trip on the model's data (``ScheduleResult.inversion``); only
+            when the objective needs it (it doubles the model calls).
         gpus_per_actor: GPUs each actor requests, as given (an autoscaling cluster starts GPU nodes for
             them); default: one GPU per actor when the cluster has GPUs now, else CPU actors.
         solver: what runs every schedule (`pipeline.solvers`); an evaluator's ``evaluate(schedules, solver)``
@@ -109,9 +137,11 @@ class EvaluatorFactory:
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
                  teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
-                 gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER, dtype: str = "float32"):
+                 gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER, dtype: str = "float32",
+                 inversion: bool = False):
         self.dtype = dtype
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
+        self.inversion = bool(inversion)
         self.solver = get_solver(solver).name
         self.gpus_per_actor = gpus_per_actor
         check_gpus_per_actor(gpus_per_actor, self.actors)
@@ -151,13 +181,13 @@ class EvaluatorFactory:
             elif self.actors > 0:
                 kw["num_cpus"] = self._cpus_per_actor()
             ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, solver=self.solver,
-                                 dtype=self.dtype, **kw)
+                                 dtype=self.dtype, inversion=self.inversion, **kw)
         else:
             if fid:
                 raise StridelabError("FID needs the evaluator of pipeline.distributed, which is not available")
             from pipeline.evaluation.inprocess import InProcessEvaluator
 
-            ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe, solver=self.solver)
+            ev = InProcessEvaluator(self.model, seeds, self.teacher_nfe, inversion=self.inversion, solver=self.solver)
         self._made.append(ev)
         return ev
 

@@ -206,6 +206,7 @@ def trials_table(study: Any) -> list[dict[str, Any]]:
             "value2": float(vals[1]) if len(vals) > 1 else None,
             "recon": ua.get("recon"),
             "fid": ua.get("fid"),
+            "inversion": ua.get("inversion"),
             "screen_recon": ua.get("screen_recon"),
             "seconds": ua.get("seconds"),
             "error": ua.get("error"),
@@ -225,7 +226,8 @@ def write_trials_parquet(study: Any, path: str | os.PathLike) -> Path:
     schema = pa.schema([
         ("trial", pa.int64()), ("state", pa.string()), ("kind", pa.string()), ("schedule", pa.string()),
         ("solver", pa.string()), ("params", pa.string()), ("timesteps", pa.list_(pa.int64())), ("value", pa.float64()),
-        ("value2", pa.float64()), ("recon", pa.float64()), ("fid", pa.float64()), ("screen_recon", pa.float64()),
+        ("value2", pa.float64()), ("recon", pa.float64()), ("fid", pa.float64()), ("inversion", pa.float64()),
+        ("screen_recon", pa.float64()),
         ("seconds", pa.float64()), ("error", pa.string()),
     ])
     buf = io.BytesIO()

@@ -24,6 +24,7 @@ TRIALS, POLISH = 16, 2  # 10 warm starts + 4 TPE + 2 polish
 pytestmark = pytest.mark.slow  # a 250-step teacher on 2 x 16 seeds, 16 trials, held-out FID: minutes on 2 cores
 
 
+@pytest.mark.timeout(1200)  # about 4 min idle; the hang guard, not a speed test (10 min was hit on a loaded machine)
 def test_default_sweep_small_budget(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(ROOT))

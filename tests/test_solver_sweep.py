@@ -82,7 +82,7 @@ def test_export_records_the_solver(swept):
 def test_resume_with_another_solver_is_refused(swept, ring8):
     cfg, res = swept
     other = SweepConfig(**{**cfg.__dict__, "solver": "ddim", "baselines": None})
-    with pytest.raises(StridelabError, match="solver: study has 'dpmsolver\\+\\+2m', asked 'ddim'"):
+    with pytest.raises(StridelabError, match="`solver`: study has 'dpmsolver\\+\\+2m', asked 'ddim'"):
         run_sweep(other, study_name=res.study_name, resume=True, out_dir=res.out_dir.parent, track=False,
                   actors=0, model=ring8, log=lambda s: None)
 

@@ -15,6 +15,7 @@ The train/test split is fixed: 80/20, stratified by label, ``random_state=0`` (3
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Literal
 
@@ -102,3 +103,40 @@ def digits_source(spec: str, shape: tuple[int, ...], data_range: tuple[float, fl
         raise StridelabError(f"{spec}: the {split} split has {len(x)} images, asked for {n}")
     lo, hi = data_range
     return (lo + (x[:n] + 1.0) / 2.0 * (hi - lo)).float(), [f"digits-{split}-{i}" for i in range(n)]
+
+
+DATA_SEED_BLOCK = 1_000_000
+"""Data seeds are read in blocks of this size by `data_index` (the sweep's seed offsets,
+`search.sweep.config.HOLDOUT_OFFSET` and ``VALIDATION_OFFSET``, are blocks 1 and 2; a test pins them)."""
+VALIDATION_IMAGES = 360
+"""The last this-many train images are the validation part (as many as the test split); the rest (1,077) tuning."""
+DATA_PARTS: tuple[str, ...] = ("tuning", "test", "validation")
+"""Block b of the data seeds names images of part ``DATA_PARTS[b]``."""
+
+
+def data_index(seed: int) -> tuple[str, int]:
+    """The digit image a data seed names, as (split, index in that split): a documented deterministic split.
+
+    ``seed = block * DATA_SEED_BLOCK + i`` names image i of a part: block 0 (a sweep's tuning seeds) the tuning
+    part ``train[:-VALIDATION_IMAGES]``, block 1 (held-out) ``test``, block 2 (validation) the validation part
+    ``train[-VALIDATION_IMAGES:]``. The three parts are disjoint, so are the images of the three seed ranges.
+    Raises `StridelabError` past a part's end (no wrapping: it would reuse an image) or for another block.
+    """
+    block, i = divmod(int(seed), DATA_SEED_BLOCK)
+    if seed < 0 or block >= len(DATA_PARTS):
+        raise StridelabError(f"data seed {seed}: the digits name images by seeds in [0, {len(DATA_PARTS) * DATA_SEED_BLOCK}) "
+                             f"(blocks of {DATA_SEED_BLOCK}: {', '.join(DATA_PARTS)})")
+    n_train = len(_indices("train"))
+    split, first, n = [("train", 0, n_train - VALIDATION_IMAGES), ("test", 0, len(_indices("test"))),
+                       ("train", n_train - VALIDATION_IMAGES, VALIDATION_IMAGES)][block]
+    if i >= n:
+        raise StridelabError(f"data seed {seed} asks for image {i} of the digits {DATA_PARTS[block]} images, which "
+                             f"number {n}: use fewer seeds (`num_seeds`, `validation_seeds`, `holdout_seeds`) or a smaller `seed`")
+    return split, first + i
+
+
+def data_for_seeds(seeds: Sequence[int]) -> torch.Tensor:
+    """The digit images named by `seeds` (`data_index`), float32 [B, 1, 8, 8] in [-1, 1], in order."""
+    where = [data_index(s) for s in seeds]
+    splits = {sp: load_digits_images(sp) for sp in {sp for sp, _ in where}}  # type: ignore[arg-type]
+    return torch.stack([splits[sp][i] for sp, i in where]) if where else torch.empty(0, 1, IMAGE_SIZE, IMAGE_SIZE)

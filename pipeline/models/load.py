@@ -137,7 +137,11 @@ def load_model(
         return LoadedModel(spec, d, d.alphas_cumprod.cpu(), d.sample_shape, data_range=(-1.0, 1.0))
     if scheme == "bundled":
         _no_options(spec, options)
-        return _load_dir(bundled_dir(rest), spec, device, dtype, {})
+        loaded = _load_dir(bundled_dir(rest), spec, device, dtype, {})
+        from pipeline.models.digits import data_for_seeds
+
+        loaded.denoiser.sample_data = data_for_seeds  # real data for the inversion round trip (digits.data_index)
+        return loaded
     if Path(base).expanduser().is_dir():
         return _load_dir(Path(base).expanduser(), spec, device, dtype, options)
     repo_id = base[3:] if scheme == "hf" else base

@@ -125,7 +125,7 @@ class SweepConfig:
                  f"`trials` ({self.trials}) must cover the {len(self.baselines) + 1} warm-start trials (baselines, dp "
                  "and the gradient placement)")
         need(isinstance(self.polish, int) and self.polish >= 0, f"`polish` must be an integer >= 0, got {self.polish!r}")
-        if self.objective == "recon,fid":
+        if Objective(self.objective, self.fid_weight).multi:
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
 
@@ -167,7 +167,8 @@ class SweepConfig:
 
     @property
     def pruning(self) -> bool:
-        return self.prune and self.objective == "recon"
+        """The Wilcoxon screen runs for a single per-seed objective (recon, inversion), not for FID."""
+        return self.prune and self.objective in ("recon", "inversion")
 
     @property
     def polish_trials(self) -> int:

@@ -9,6 +9,9 @@ Columns of a row (one schedule): ``schedule, solver, nfe`` (model evaluations), 
     ``x_best_baseline_lo, _hi``  its 95% interval: a paired bootstrap over the held-out seeds
                                  (`pipeline.metrics.recon.paired_ratio_interval`), the best baseline fixed
     ``x_best_default_pair_lo, _hi``  likewise
+    ``inv_x_best_baseline``, ``_lo``, ``_hi``  with inversion (``holdout_inversion``, the DDIM round trip on the
+                                 held-out images): holdout_inversion / min over the baseline rows, and its
+                                 paired 95% interval
     ``fid_x_best_baseline``      holdout_fid / min over the `SCHEDULES` rows
     ``fid_gap_x_best_baseline``  (holdout_fid - teacher's) / (best baseline's - teacher's): the share of the
                                  gap to the teacher's FID floor left open (only with a teacher row)
@@ -106,6 +109,8 @@ def evaluate_by_solver(ev: Any, entries: Sequence[tuple[str, Schedule, str]], ow
 def objective_metrics(r: ScheduleResult) -> dict[str, float]:
     """Mean recon and every extra metric (fid) of one result, as floats."""
     out = {"recon": float(r.recon.double().mean())}
+    if r.inversion is not None:
+        out["inversion"] = float(r.inversion.double().mean())
     for k, v in (r.extra or {}).items():
         out[k] = float(v)
     return out
@@ -118,6 +123,7 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
     rows = []
     solvers = solvers or {}
     per_seed: dict[str, np.ndarray] = {}  # held-out recon per seed by row: the bootstrap pairs them
+    per_seed_inv: dict[str, np.ndarray] = {}  # likewise the round-trip errors, when evaluated
     for (name, s), r in zip(named.items(), results):
         solver = solvers.get(name, "ddim")
         row: dict[str, Any] = {"schedule": name, "solver": solver, "nfe": SOLVERS[solver].evaluations(s.nfe),
@@ -128,10 +134,13 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
             row.update({f"holdout_{k}": v for k, v in objective_metrics(r).items()})
             row["holdout_recon_sem"] = recon_sem(r.recon)
             per_seed[name] = r.recon.double().cpu().numpy()
+            if r.inversion is not None:
+                per_seed_inv[name] = r.inversion.double().cpu().numpy()
         row["tuning_recon"] = tuning.get(name)
         row["timesteps"] = " ".join(map(str, s.timesteps))
         rows.append(row)
     best_fid = _add_ratios(rows, per_seed)
+    _add_recon_ratio(rows, per_seed_inv, "inv_x_best_baseline", lambda r: _is_baseline(r["schedule"]), "inversion")
     teacher_rows = [r for r in rows if r["schedule"].startswith(TEACHER_PREFIX)]
     if teacher_rows and "holdout_fid" in teacher_rows[0]:
         _add_fid_gap(rows, teacher_rows[0]["holdout_fid"], best_fid)
@@ -153,19 +162,21 @@ def _add_ratios(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray]) 
 
 
 def _add_recon_ratio(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray], col: str,
-                     in_pool: Any) -> None:
-    """Add ``col`` = holdout_recon / the least holdout_recon of the rows `in_pool` selects, and ``col_lo``,
-    ``col_hi``: its paired 95% bootstrap interval over the held-out seeds (that best row fixed)."""
-    pool = [r for r in rows if "holdout_recon" in r and in_pool(r)]
+                     in_pool: Any, metric: str = "recon") -> None:
+    """Add ``col`` = holdout_<metric> / the least holdout_<metric> of the rows `in_pool` selects, and ``col_lo``,
+    ``col_hi``: its paired 95% bootstrap interval over the held-out seeds (that best row fixed); `per_seed`:
+    the rows' per-seed <metric>."""
+    key = f"holdout_{metric}"
+    pool = [r for r in rows if key in r and in_pool(r)]
     if not pool:
         return
-    best = min(pool, key=lambda r: r["holdout_recon"])
-    if not best["holdout_recon"] > 0:
+    best = min(pool, key=lambda r: r[key])
+    if not best[key] > 0:
         return
     for r in rows:
-        if "holdout_recon" in r:
-            r[col] = r["holdout_recon"] / best["holdout_recon"]
-            if r["schedule"] in per_seed and np.all(per_seed[best["schedule"]] > 0):
+        if key in r:
+            r[col] = r[key] / best[key]
+            if r["schedule"] in per_seed and best["schedule"] in per_seed and np.all(per_seed[best["schedule"]] > 0):
                 r[f"{col}_lo"], r[f"{col}_hi"] = paired_ratio_interval(per_seed[r["schedule"]],
                                                                        per_seed[best["schedule"]])
 
@@ -203,14 +214,21 @@ class Verdict:
     text: str
 
 
-def verdict(rows: Sequence[Mapping[str, Any]]) -> Verdict:
-    """The verdict of the learned row (the first) against the best baseline (the table's rows, module docstring)."""
-    learned = rows[0]
-    if "x_best_baseline_lo" not in learned:
+RATIO_COLUMNS = {"recon": "x_best_baseline", "inversion": "inv_x_best_baseline"}
+"""The ratio-to-the-best-baseline column of each per-seed metric a verdict can be read from."""
+
+
+def verdict(rows: Sequence[Mapping[str, Any]], metric: str = "recon") -> Verdict:
+    """The verdict of the learned row (the first) against the best baseline on `metric` (``recon`` or
+    ``inversion``: the objective's per-seed metric; the table's rows, module docstring)."""
+    learned, col, key = rows[0], RATIO_COLUMNS[metric], f"holdout_{metric}"
+    if f"{col}_lo" not in learned:
         return Verdict("unknown", "no held-out ratio to the best baseline: cannot say whether the learned schedule wins")
-    base = min((r for r in rows if _is_baseline(r["schedule"]) and "holdout_recon" in r), key=lambda r: r["holdout_recon"])
-    lo, hi = learned["x_best_baseline_lo"], learned["x_best_baseline_hi"]
-    ratio = f"{learned['x_best_baseline']:.2f}x the best baseline {base['schedule']} (95% interval {lo:.2f} to {hi:.2f})"
+    base = min((r for r in rows if _is_baseline(r["schedule"]) and key in r), key=lambda r: r[key])
+    lo, hi = learned[f"{col}_lo"], learned[f"{col}_hi"]
+    what = "" if metric == "recon" else f" {metric} round-trip error"
+    ratio = (f"{learned[col]:.2f}x the best baseline {base['schedule']}{what} "
+             f"(95% interval {lo:.2f} to {hi:.2f})")
     more = "run with more tuning and validation seeds (`num_seeds`, `validation_seeds`)"
     if learned["timesteps"] == base["timesteps"]:
         return Verdict("baseline", f"the learned schedule is the best baseline {base['schedule']}: no trial beat it on "

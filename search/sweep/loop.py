@@ -12,7 +12,8 @@ objective only; `polish` capped so the sampler keeps a share of the budget) refi
 (`search.placement.polish`): each batch enqueues untried single-step moves of the incumbent (params of the
 ``steps`` space, user attr ``kind = "polish"``).
 
-Pruning (objective ``recon`` only): see `search.sweep.pruning`; survivors are told the mean over all
+Pruning (objectives ``recon`` and ``inversion``: the screen compares the objective's per-seed errors, user attr
+``screen_recon`` is their mean on the screen seeds): see `search.sweep.pruning`; survivors are told the mean over all
 tuning seeds.
 """
 
@@ -67,9 +68,10 @@ class Sweep:
         for ev in (self.screen, self.rest):  # the teachers, before the first trial (a pool computes them async)
             getattr(ev, "wait_for_teachers", lambda: None)()
         self._span: dict[int, tuple[int, int]] = {}  # trial number -> its evaluation's (start, end), ms since epoch
+        self._per_seed_key = f"{self.objective.per_seed_metric}_per_seed"  # what the pruning screen compares
         self.per_seed: dict[int, np.ndarray] = {
-            t.number: np.asarray(t.user_attrs["recon_per_seed"])
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "recon_per_seed" in t.user_attrs
+            t.number: np.asarray(t.user_attrs[self._per_seed_key])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if self._per_seed_key in t.user_attrs
         }
 
     # -- evaluation ---------------------------------------------------------------------------------
@@ -96,6 +98,8 @@ class Sweep:
         if res is not None:
             ua["seconds"] = float(res.seconds)
             ua["recon_per_seed"] = [float(v) for v in res.recon.double()]
+            if res.inversion is not None:
+                ua["inversion_per_seed"] = [float(v) for v in res.inversion.double()]
         return ua
 
     def _track(self, number: int, state: str, sched: Schedule | None, params: dict, ua: dict, kind: str) -> None:
@@ -108,7 +112,7 @@ class Sweep:
              **{f"p.{k}": round(float(v), 6) for k, v in params.items()}}
         if sched is not None:
             p.update(schedule=sched.name, timesteps=" ".join(map(str, sched.timesteps)))
-        metrics = {k: ua.get(k) for k in ("recon", "fid", "seconds", "screen_recon", "screen_p")}
+        metrics = {k: ua.get(k) for k in ("recon", "fid", "inversion", "seconds", "screen_recon", "screen_p")}
         what = {"baseline": f"baseline {sched.name if sched is not None else ''}".strip(), "polish": "polish",
                 "gradient": "gradient"}.get(kind, sampler)
         name = f"trial {number} · {what}" + {"PRUNED": " (pruned)", "FAIL": " (failed)"}.get(state, "")
@@ -196,7 +200,7 @@ class Sweep:
             number = self.study.get_trials(deepcopy=False)[-1].number
             self._span[number] = span
             if state == TrialState.COMPLETE:
-                self.per_seed[number] = np.asarray(ua["recon_per_seed"])
+                self.per_seed[number] = np.asarray(ua[self._per_seed_key])
             self._track(number, state.name, sched, params, ua, kind)
 
     def _baseline(self, name: str) -> Schedule:
@@ -266,10 +270,10 @@ class Sweep:
             if isinstance(res, Exception):
                 self._fail(trial, sched, f"{type(res).__name__}: {res}")
                 continue
-            errs = res.recon.double().numpy()
+            errs = self.objective.per_seed(res).double().cpu().numpy()
             mean = float(errs.mean())
             if not math.isfinite(mean):
-                self._fail(trial, sched, "non-finite recon")
+                self._fail(trial, sched, f"non-finite {self.objective.per_seed_metric}")
                 continue
             screen_res[trial.number] = res
             trial.report(mean, len(errs))
@@ -298,11 +302,11 @@ class Sweep:
         kind = trial.user_attrs.get("kind", "search")
         ua = {"kind": kind, **self._attrs(sched, m, res)}
         if screened is not None:
-            ua["screen_recon"] = float(screened.recon.double().mean())
+            ua["screen_recon"] = float(self.objective.per_seed(screened).double().mean())
         for key, v in ua.items():
             trial.set_user_attr(key, v)
         self.study.tell(trial, vals if self.objective.multi else vals[0])
-        self.per_seed[trial.number] = np.asarray(ua["recon_per_seed"])
+        self.per_seed[trial.number] = np.asarray(ua[self._per_seed_key])
         self._track(trial.number, "COMPLETE", sched, trial.params, ua, kind)
 
     def enqueue_polish(self, k: int) -> None:

@@ -20,7 +20,7 @@ from search.sweep.config import HOLDOUT_OFFSET, VALIDATION_OFFSET, SweepConfig
 from search.sweep.holdout import Verdict, verdict
 
 TABLE_COLUMNS = ["schedule", "solver", "nfe", "holdout_recon", "x_best_baseline", "x_best_baseline 95%", "x_best_default_pair",
-                 "x_best_default_pair 95%", "holdout_fid", "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon",
+                 "x_best_default_pair 95%", "holdout_inversion", "inv_x_best_baseline", "inv_x_best_baseline 95%", "holdout_fid", "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon",
                  "timesteps"]
 """The printed table; ``<ratio> 95%`` shows the CSV's ``<ratio>_lo`` and ``<ratio>_hi`` as one cell."""
 
@@ -35,10 +35,12 @@ class HeldOut:
     named: Mapping[str, Schedule]
     rows: list[dict[str, Any]]
     validation: Mapping[int, float] | None = None
+    metric: str = "recon"
+    """The per-seed metric the verdict reads (`search.evaluators.Objective.per_seed_metric`)."""
 
     @property
     def verdict(self) -> Verdict:
-        return verdict(self.rows)
+        return verdict(self.rows, self.metric)
 
     def summary_metrics(self) -> dict[str, Any]:
         """The learned row's held-out numbers, ratios and their intervals, the exported trial's tuning numbers
@@ -47,7 +49,8 @@ class HeldOut:
         metrics = {k: v for k, v in self.rows[0].items()
                    if k.startswith("holdout_") or k.endswith(ratios) or k.endswith(tuple(f"{r}_{e}" for r in ratios for e in ("lo", "hi")))}
         bt = self.best_trial
-        metrics.update({f"tuning_{k}": bt.user_attrs[k] for k in ("recon", "fid") if bt.user_attrs.get(k) is not None})
+        metrics.update({f"tuning_{k}": bt.user_attrs[k] for k in ("recon", "fid", "inversion")
+                        if bt.user_attrs.get(k) is not None})
         if self.validation and bt.number in self.validation:
             metrics["validation_objective"] = self.validation[bt.number]
         metrics["verdict"] = self.verdict.kind
@@ -107,11 +110,11 @@ def _draw(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldO
     return figs
 
 
-def _metric_key(schedule: str) -> str:
+def _metric_key(schedule: str, metric: str = "recon") -> str:
     """An MLflow metric name for a row: ``learned (= dp)`` -> ``holdout_recon/learned_eq_dp``,
     ``dpmsolver++2m default`` -> ``holdout_recon/dpmsolverpp2m_default`` (MLflow refuses '+', '(' and '=')."""
     name = schedule.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "eq").replace("+", "p")
-    return f"holdout_recon/{name}"
+    return f"holdout_{metric}/{name}"
 
 
 def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
@@ -119,7 +122,8 @@ def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
     for p in [written.export_path, written.table_path, written.parquet_path, *written.figures]:
         tracker.log_artifact(p)
     tracker.log_metrics({**{k: v for k, v in held.summary_metrics().items() if isinstance(v, (int, float))},
-                         **{_metric_key(r["schedule"]): r["holdout_recon"] for r in held.rows if "holdout_recon" in r}})
+                         **{_metric_key(r["schedule"], m): r[f"holdout_{m}"] for r in held.rows
+                            for m in ("recon", "inversion") if f"holdout_{m}" in r}})
     tracker.set_tag("best_trial", str(held.best_trial.number))
     tracker.set_tag("verdict", held.verdict.kind)
     tracker.set_tag("verdict_text", held.verdict.text)
@@ -128,7 +132,7 @@ def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
 def _interval_cells(row: Mapping[str, Any]) -> dict[str, str]:
     """``{"<ratio> 95%": "[lo, hi]"}`` for each ratio of `row` with an interval."""
     return {f"{c} 95%": f"[{row[c + '_lo']:.2f}, {row[c + '_hi']:.2f}]"
-            for c in ("x_best_baseline", "x_best_default_pair") if f"{c}_lo" in row}
+            for c in ("x_best_baseline", "x_best_default_pair", "inv_x_best_baseline") if f"{c}_lo" in row}
 
 
 def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, counts: dict[str, int],

@@ -66,6 +66,7 @@ def run_sweep(
     model = model or load_model(cfg.model, dtype=cfg.dtype)
     check_nfe(cfg.steps, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)
+    _check_data(cfg, model, objective)
     study_name = study_name or default_study_name(cfg)
     study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log)
     run_dir = Path(out_dir) / study_name
@@ -108,6 +109,21 @@ def run_sweep(
             tracker.end(status, story=_end_story(status, study, cfg.trials))
         if factory is not None:
             factory.close()
+
+
+def _check_data(cfg: SweepConfig, model: LoadedModel, objective: Objective) -> None:
+    """An inversion objective needs a model that draws real data (``denoiser.sample_data(seeds)``: the digits
+    images of `pipeline.models.digits.data_index` for the bundled models, exact draws for ``gmm:``), and every
+    seed range must name data: checked before the first trial."""
+    if not objective.needs_inversion:
+        return
+    draw = getattr(model.denoiser, "sample_data", None)
+    if not callable(draw):
+        raise StridelabError(f"`objective` {cfg.objective} round-trips real data, but model {cfg.model} has none to "
+                             "draw from: use `model` bundled:digits, bundled:digits-v or gmm:<name>, or `objective` recon")
+    for seeds in (cfg.tuning_seeds, cfg.validation_seed_list, cfg.holdout_seed_list):
+        if seeds:
+            draw(seeds)
 
 
 def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_name: str, resume: bool,
@@ -182,7 +198,8 @@ def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_ad
                        log: Callable[[str], None]) -> EvaluatorFactory:
     """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
     factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
-                               gpus_per_actor=gpus_per_actor, solver=cfg.solver, dtype=cfg.dtype)
+                               gpus_per_actor=gpus_per_actor, solver=cfg.solver, dtype=cfg.dtype,
+                               inversion=objective.needs_inversion)
     log(f"evaluator: {factory.kind}; solver {cfg.solver}, {cfg.steps} steps ({cfg.nfe} model evaluations budget); "
         f"teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
     return factory
@@ -252,7 +269,8 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selecti
     named = {k: sched for k, sched, _ in entries}
     rows = holdout.holdout_rows(named, results, holdout.tuning_recon(study, bt, learned_name),
                                 {k: solver for k, _, solver in entries})
-    return HeldOut(bt, learned_name, learned, named, rows, selection.validation)
+    return HeldOut(bt, learned_name, learned, named, rows, selection.validation,
+                   Objective(cfg.objective, cfg.fid_weight).per_seed_metric)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

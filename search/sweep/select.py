@@ -89,8 +89,9 @@ def select_trial(cfg: SweepConfig, study: optuna.Study, evaluator: Any | None, n
             continue  # a candidate that cannot be scored is not a candidate
         if math.isfinite(value):
             scores[t.number] = value
-            if objective.name == "recon":
-                per_seed[t.number] = res.recon.double().cpu().numpy()
+            if objective.name in ("recon", "inversion"):  # one per-seed error: the paired test applies
+                errs = res.recon if objective.name == "recon" else res.inversion
+                per_seed[t.number] = errs.double().cpu().numpy()
     chosen = guarded_choice(best, cands, scores, per_seed)
     log(f"validation on {cfg.validation_seeds} seeds: "
         + ", ".join(f"trial {t.number}{_label(t)} {scores[t.number]:.4g}" for t in cands if t.number in scores)
