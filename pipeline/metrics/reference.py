@@ -33,8 +33,12 @@ DIGITS_SHAPE = (1, 8, 8)
 
 
 def can_draw_data(model: Any) -> bool:
-    """Whether the model's denoiser can draw exact data (``sample_data(seeds)``), as analytic mixtures can."""
-    return callable(getattr(model.denoiser, "sample_data", None))
+    """Whether the model's denoiser can draw exact data of its own distribution (``sample_data(seeds)``), as
+    analytic mixtures can. The bundled digits models also have ``sample_data`` (real images, for the inversion
+    round trip; ``sample_data_is_a_dataset``): a finite dataset, not the model's distribution, so their FID
+    keeps the digits features and reference."""
+    d = model.denoiser
+    return callable(getattr(d, "sample_data", None)) and not getattr(d, "sample_data_is_a_dataset", False)
 
 
 def auto_features(model: Any) -> str:

@@ -141,6 +141,7 @@ def load_model(
         from pipeline.models.digits import data_for_seeds
 
         loaded.denoiser.sample_data = data_for_seeds  # real data for the inversion round trip (digits.data_index)
+        loaded.denoiser.sample_data_is_a_dataset = True  # not draws of the model: FID keeps the digits reference
         return loaded
     if Path(base).expanduser().is_dir():
         return _load_dir(Path(base).expanduser(), spec, device, dtype, options)
