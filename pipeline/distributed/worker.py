@@ -203,7 +203,9 @@ class SamplerWorker:
         self._calls += 1
         self._trace("gradient", "start")
         teach = self.teacher(seeds, teacher_nfe)
-        dt = _dtype(dtype)
+        if dtype not in ("float32", "float64"):  # the student's arithmetic, not the network's (`model_dtype`)
+            raise StridelabError(f"`dtype` of the gradient must be float32 or float64, got {dtype!r}")
+        dt = getattr(torch, dtype)
         lo, hi = self.model.data_range
         out = shard_loss_and_grad(self.model.denoiser, teach.x_T.to(dt), teach.x0.to(dt), theta,
                                   self.model.alphas_cumprod, delta=delta, scale=1.0 / (hi - lo))
