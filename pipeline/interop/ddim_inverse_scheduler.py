@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from pipeline.core.schedules import Schedule, validate_timesteps
 from pipeline.errors import StridelabError
-from pipeline.interop.ddim_scheduler import StrideDDIMScheduler, timestep_index
+from pipeline.interop.ddim_scheduler import StrideDDIMScheduler, choose_timesteps, timestep_index
 from pipeline.models.denoisers import eps_from_prediction
 from pipeline.solvers.ddim import ddim_step
 
@@ -146,24 +146,12 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         Raises:
             StridelabError: both or neither given, a bad list, or a step count that is not the stored one.
         """
-        T = self.config.num_train_timesteps
-        stored = self.config.inverse_timesteps
-        if timesteps is not None and num_inference_steps is not None:
-            raise StridelabError("pass either num_inference_steps or timesteps to set_timesteps, not both")
-        if timesteps is not None:
-            ts = validate_timesteps(timesteps, T, increasing=True)
-        elif stored is not None:
-            if num_inference_steps is not None and int(num_inference_steps) != len(stored):
-                raise StridelabError(
-                    f"this {type(self).__name__} holds a {len(stored)}-step list (config inverse_timesteps); "
-                    f"call with num_inference_steps={len(stored)}, or pass timesteps=[...]"
-                )
-            ts = validate_timesteps(stored, T, increasing=True)
-        elif num_inference_steps is None:
-            raise StridelabError("set_timesteps needs num_inference_steps or timesteps (or a stored inverse_timesteps)")
-        else:
-            self._forward.set_timesteps(int(num_inference_steps))  # the forward spacing, walked backwards
-            ts = tuple(self._forward.timesteps.flip(0).tolist())
+        def spaced(n: int) -> tuple[int, ...]:
+            self._forward.set_timesteps(n)  # the forward spacing, walked backwards
+            return tuple(self._forward.timesteps.flip(0).tolist())
+
+        ts = choose_timesteps(type(self).__name__, "inverse_timesteps", "list", self.config.inverse_timesteps,
+                              num_inference_steps, timesteps, self.config.num_train_timesteps, spaced, increasing=True)
         self.num_inference_steps = len(ts)
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 

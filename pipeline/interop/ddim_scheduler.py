@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,31 @@ TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 """``set_timesteps(num_inference_steps)`` without a stored schedule: diffusers' spacings (bit-equal)."""
 
 _SPACING_FNS = {"leading": uniform, "linspace": linspace, "trailing": trailing}
+
+
+def choose_timesteps(owner: str, key: str, what: str, stored: Sequence[int] | None, num_inference_steps: int | None,
+                     timesteps: Sequence[int] | None, num_train_timesteps: int,
+                     spaced: Callable[[int], Sequence[int]], increasing: bool = False) -> tuple[int, ...]:
+    """The list a drop-in scheduler's `set_timesteps` walks: `timesteps` when given, else the config's
+    stored list (`key`; `num_inference_steps` must then be its length or None), else `spaced(n)`.
+
+    Raises:
+        StridelabError: both or neither given, a bad list, or a step count that is not the stored one.
+    """
+    if timesteps is not None and num_inference_steps is not None:
+        raise StridelabError("pass either num_inference_steps or timesteps to set_timesteps, not both")
+    if timesteps is not None:
+        return validate_timesteps(timesteps, num_train_timesteps, increasing=increasing)
+    if stored is not None:
+        if num_inference_steps is not None and int(num_inference_steps) != len(stored):
+            raise StridelabError(
+                f"this {owner} holds a {len(stored)}-step {what} (config {key}); "
+                f"call with num_inference_steps={len(stored)}, or pass timesteps=[...]"
+            )
+        return validate_timesteps(stored, num_train_timesteps, increasing=increasing)
+    if num_inference_steps is None:
+        raise StridelabError(f"set_timesteps needs num_inference_steps or timesteps (or a stored {key})")
+    return tuple(spaced(int(num_inference_steps)))
 
 
 def timestep_index(timesteps: torch.Tensor | None, timestep: int | torch.Tensor, owner: str) -> int:
@@ -205,25 +230,13 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         Raises:
             StridelabError: both or neither given, a bad list, or a step count that is not the stored one.
         """
-        T = self.config.num_train_timesteps
-        stored = self.config.schedule_timesteps
-        if timesteps is not None and num_inference_steps is not None:
-            raise StridelabError("pass either num_inference_steps or timesteps to set_timesteps, not both")
-        if timesteps is not None:
-            ts = validate_timesteps(timesteps, T)
-        elif stored is not None:
-            if num_inference_steps is not None and int(num_inference_steps) != len(stored):
-                raise StridelabError(
-                    f"this StrideDDIMScheduler holds a {len(stored)}-step schedule (config schedule_timesteps); "
-                    f"call with num_inference_steps={len(stored)}, or pass timesteps=[...]"
-                )
-            ts = validate_timesteps(stored, T)
-        elif num_inference_steps is None:
-            raise StridelabError("set_timesteps needs num_inference_steps or timesteps (or a stored schedule_timesteps)")
-        else:
+        def spaced(n: int) -> tuple[int, ...]:
             fn = _SPACING_FNS[self.config.timestep_spacing]
             extra = {"steps_offset": self.config.steps_offset} if self.config.timestep_spacing == "leading" else {}
-            ts = fn(int(num_inference_steps), self._abar, **extra).timesteps
+            return fn(n, self._abar, **extra).timesteps
+
+        ts = choose_timesteps(type(self).__name__, "schedule_timesteps", "schedule", self.config.schedule_timesteps,
+                              num_inference_steps, timesteps, self.config.num_train_timesteps, spaced)
         self.num_inference_steps = len(ts)
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 
