@@ -46,8 +46,32 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         print(shlex.join(cmd))
         return 0
-    print(f"MLflow UI at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    print(f"MLflow UI at {landing_url(uri, args.host, args.port)} (Ctrl-C to stop)", flush=True)
     return serve(cmd)
+
+
+def landing_url(tracking_uri: str, host: str, port: int) -> str:
+    """Where a browser should open: the sweeps' runs in MLflow's model-training view.
+
+    MLflow 3.x opens experiments in its GenAI view (traces) unless the page carries
+    ``workflowType=machine_learning``; sweeps log runs, metrics and plots, so the runs table is what to show.
+    Falls back to the experiment list when the store has no sweep experiment yet.
+    """
+    from search.tracking import DEFAULT_EXPERIMENT
+
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    exp_id = None
+    if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[len("sqlite:///"):]):
+        return f"{base}/#/experiments?workflowType=machine_learning"  # a new store: nothing to look up (or create)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        exp = MlflowClient(tracking_uri).get_experiment_by_name(DEFAULT_EXPERIMENT)
+        exp_id = exp.experiment_id if exp is not None else None
+    except Exception:  # a store the client cannot read yet: the server reports it itself
+        exp_id = None
+    page = f"experiments/{exp_id}/runs" if exp_id is not None else "experiments"
+    return f"{base}/#/{page}?workflowType=machine_learning"
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
