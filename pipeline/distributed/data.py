@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.core.schedules import Schedule
-from pipeline.distributed.cluster import actor_resources, init_ray, threads_per_actor
+from pipeline.distributed.cluster import actor_resources, init_ray, parse_actor_resources, threads_per_actor
 from pipeline.distributed.worker import DEFAULT_FORWARD_BATCH, Loader, SamplerWorker
 from pipeline.errors import StridelabError
 from pipeline.io.files import atomic_directory
@@ -73,10 +73,12 @@ def generate_samples(
     num_gpus: float | None = None,
     solver: str = "ddim",
     dtype: str = "float32",
+    resources: dict[str, float] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of samples of `solver` in seed order: Ray Data with an actor pool of `actors`, or in-process
     for 0. `num_gpus`: GPUs per actor, requested as given (see `actor_resources`); `dtype`: the network's
-    (`pipeline.models.load.DTYPES`)."""
+    (`pipeline.models.load.DTYPES`); `resources`: custom Ray resources per actor (`parse_actor_resources`)."""
+    resources = parse_actor_resources(resources)
     kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir, dtype=dtype)
     if actors == 0:
         fn = SampleBatch(model, timesteps, eta, seed, solver, **kwargs)
@@ -91,7 +93,7 @@ def generate_samples(
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
     # The seeds go in as in-memory blocks (no read tasks, which would each need a whole CPU and can starve
     # beside the actors on a small machine); the actors share the free CPUs.
-    opts = actor_resources(actors, cpu_share=0.9, gpus_per_actor=num_gpus)
+    opts = actor_resources(actors, cpu_share=0.9, gpus_per_actor=num_gpus, resources=resources)
     if "num_gpus" not in opts:
         kwargs["threads"] = threads_per_actor(actors)
     try:
