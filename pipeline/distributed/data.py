@@ -4,6 +4,10 @@
 in this process); ``write_sample_dir`` streams its batches into ``DIR/samples.parquet`` atomically. Ray
 Data's actor pool restarts and retries by default; the UDF is a pure function of its batch, so a
 retried batch gives the same samples.
+
+The driver holds at most one row group (`row_group_rows`, sized from the sample's dimension only) plus one
+batch: its memory does not grow with the number of samples. Row groups have that fixed size whatever
+the batches, so the file is byte-identical for any number of actors, batch size or retried batch.
 """
 
 from __future__ import annotations
@@ -147,9 +151,45 @@ def _sample_schema(schedule: Schedule, eta: float, model: str, sample_shape: Seq
     return pa.schema(fields, metadata={"stridelab": json.dumps(meta)})
 
 
+ROW_GROUP_BYTES = 4 * 2**20
+"""Float data per Parquet row group of ``samples.parquet`` (the images' PNG bytes come on top)."""
+
+
+def row_group_rows(D: int) -> int:
+    """Rows per row group for samples of dimension `D`: ``ROW_GROUP_BYTES`` of float32, in [64, 16384]."""
+    return int(min(16384, max(64, ROW_GROUP_BYTES // (4 * max(int(D), 1)))))
+
+
+class _RowGroups:
+    """Buffers tables and writes them as row groups of exactly `rows` rows (the last one shorter)."""
+
+    def __init__(self, writer: Any, rows: int):
+        self.writer, self.rows, self.parts, self.buffered = writer, int(rows), [], 0
+
+    def add(self, table: Any) -> None:
+        self.parts.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rows:
+            self._write(self.buffered - self.buffered % self.rows)
+
+    def flush(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.parts).combine_chunks()
+        self.writer.write_table(table.slice(0, n), row_group_size=self.rows)
+        rest = table.slice(n)
+        self.parts, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+
 def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarray]], *, num_samples: int,
-                   first_seed: int, schedule: Schedule, eta: float, D: int, keep: int, progress: bool) -> np.ndarray:
-    """Stream `batches` into `path`, checking they come in seed order; returns the first `keep` samples [k, D]."""
+                   first_seed: int, schedule: Schedule, eta: float, D: int, keep: int, progress: bool,
+                   row_group: int | None = None) -> np.ndarray:
+    """Stream `batches` into `path` in row groups of `row_group` rows (default `row_group_rows`), checking they
+    come in seed order; returns the first `keep` samples [k, D]."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pipeline.io.console import progress as progress_bar
@@ -158,6 +198,7 @@ def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarr
     expected = int(first_seed)
     with pq.ParquetWriter(path, schema) as w, \
             progress_bar(num_samples, "sampling", unit="sample", enabled=progress) as bar:
+        groups = _RowGroups(w, row_group or row_group_rows(D))
         for b in batches:
             seeds = np.asarray(b["seed"], dtype=np.int64)
             if len(seeds) == 0:
@@ -172,10 +213,11 @@ def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarr
                     pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), D)]
             if "image" in schema.names:
                 cols.append(pa.array(list(b["image"]), type=pa.binary()))
-            w.write_table(pa.Table.from_arrays(cols, schema=schema))
+            groups.add(pa.Table.from_arrays(cols, schema=schema))
             if sum(len(g) for g in grid) < keep:
-                grid.append(x[: keep - sum(len(g) for g in grid)])
+                grid.append(x[: keep - sum(len(g) for g in grid)].copy())
             bar.update(len(seeds))
+        groups.flush()
     got = expected - int(first_seed)
     if got != num_samples:
         raise StridelabError(f"expected {num_samples} samples, wrote {got}")
@@ -205,6 +247,7 @@ def write_sample_dir(
     grid_size: int = 64,
     progress: bool = True,
     model_dtype: str = "float32",
+    row_group: int | None = None,
 ) -> Path:
     """Stream batches into ``DIR/samples.parquet`` (+ ``grid.png``, ``schedule.json``), atomically.
 
@@ -212,8 +255,9 @@ def write_sample_dir(
     (`pipeline.io.files.atomic_directory`); on any failure the temporary directory is removed and DIR is
     untouched. Columns: seed int64, schedule string, nfe int32, eta float64, sample
     fixed_size_list<float32>[D] (model range; shape and dtype in the schema metadata), and image (PNG,
-    uint8 from [0, 1]) for images; `model_dtype` (the network's) goes in the metadata. Raises `StridelabError` when the batches are not `num_samples`
-    consecutive seeds from `first_seed`.
+    uint8 from [0, 1]) for images; `model_dtype` (the network's) goes in the metadata. Row groups of `row_group`
+    rows (default `row_group_rows`: fixed by the sample's size, so the bytes do not depend on the batches).
+    Raises `StridelabError` when the batches are not `num_samples` consecutive seeds from `first_seed`.
     """
     from PIL import Image
 
@@ -223,7 +267,8 @@ def write_sample_dir(
     keep = grid_size if _is_image(sample_shape) else 4096  # points for the scatter plot
     with atomic_directory(target) as tmp:
         first = _write_parquet(tmp / "samples.parquet", schema, batches, num_samples=num_samples,
-                               first_seed=first_seed, schedule=schedule, eta=eta, D=D, keep=keep, progress=progress)
+                               first_seed=first_seed, schedule=schedule, eta=eta, D=D, keep=keep, progress=progress,
+                               row_group=row_group)
         Image.fromarray(_grid_image(first, sample_shape, data_range)).save(tmp / "grid.png")
         schedule.save(tmp / "schedule.json")
     return target
