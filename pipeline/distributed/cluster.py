@@ -101,12 +101,17 @@ def check_placement_timeout(seconds: float | None) -> float:
     return float(seconds)
 
 
-def node_cpus(resources: Mapping[str, float] | None = None) -> float:
-    """CPUs of the live nodes that hold every resource in `resources` (all live nodes when None)."""
+def _nodes_with(need: Mapping[str, float]) -> list[dict[str, float]]:
+    """The total resources of each live node that has (in total) at least `need`."""
     import ray
 
-    return float(sum(n["Resources"].get("CPU", 0.0) for n in ray.nodes()
-                     if n.get("Alive") and all(n["Resources"].get(k, 0.0) >= v for k, v in (resources or {}).items())))
+    return [n["Resources"] for n in ray.nodes()
+            if n.get("Alive") and all(n["Resources"].get(k, 0.0) >= v for k, v in need.items())]
+
+
+def node_cpus(resources: Mapping[str, float] | None = None) -> float:
+    """CPUs of the live nodes that hold every resource in `resources` (all live nodes when None)."""
+    return float(sum(r.get("CPU", 0.0) for r in _nodes_with(resources or {})))
 
 
 class PlacementWatch:
@@ -131,10 +136,7 @@ class PlacementWatch:
 
     def fits(self) -> bool:
         """Whether some live node of the cluster has (in total) what one actor asks for."""
-        import ray
-
-        return any(n.get("Alive") and all(n["Resources"].get(k, 0.0) >= v for k, v in self.need.items())
-                   for n in ray.nodes())
+        return bool(_nodes_with(self.need))
 
     def backoff(self, seconds: float) -> None:
         """Sleep `seconds`, checking placement meanwhile (`PlacementTimeout` when no node has fitted for
