@@ -5,8 +5,9 @@ in this process); ``write_sample_dir`` streams its batches into ``DIR/samples.pa
 Data's actor pool restarts and retries by default; the UDF is a pure function of its batch, so a
 retried batch gives the same samples.
 
-The driver holds at most one row group (`row_group_rows`, sized from the sample's dimension only) plus one
-batch: its memory does not grow with the number of samples. Row groups have that fixed size whatever
+The driver holds at most one row group (`row_group_rows`, sized from the sample's dimension only) plus the
+blocks Ray Data hands it (at most `BATCHES_PER_BLOCK` batches each, one prefetched): its memory does not
+grow with the number of samples. Row groups have that fixed size whatever
 the batches, so the file is byte-identical for any number of actors, batch size or retried batch.
 """
 
@@ -61,6 +62,17 @@ class SampleBatch:
         return out
 
 
+BATCHES_PER_BLOCK = 8
+"""At most this many batches per Ray Data block: a block is what the driver receives at once."""
+
+
+def sample_blocks(num_samples: int, batch_size: int, actors: int) -> int:
+    """Input blocks of the seed range: 4 per actor (fewer for few batches), and more when needed to keep each
+    block at most `BATCHES_PER_BLOCK` batches, so that what the driver holds does not grow with the samples."""
+    batches = math.ceil(num_samples / batch_size)
+    return max(1, min(4 * actors, batches), math.ceil(batches / BATCHES_PER_BLOCK))
+
+
 def generate_samples(
     model: str,
     timesteps: Sequence[int],
@@ -104,7 +116,7 @@ def generate_samples(
         ctx.execution_options.preserve_order = True  # batches come back in seed order
         ctx.enable_progress_bars = False  # ours is enough
         ctx.print_on_execution_start = False
-        blocks = max(1, min(4 * actors, math.ceil(num_samples / batch_size)))
+        blocks = sample_blocks(num_samples, batch_size, actors)
         ds = ray.data.from_numpy(np.array_split(np.arange(num_samples, dtype=np.int64), blocks))
         ds = ds.map_batches(
             SampleBatch,
