@@ -129,6 +129,19 @@ def machine() -> str:
     return f"{platform.machine()}, {cpu}, {os.cpu_count()} CPUs"
 
 
+def shown_argv(argv: list[str]) -> str:
+    """The command line as the report shows it: without ``--note`` (its text is printed under the table)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            kept.append(a)
+    return " ".join(kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000,10000,100000", help="comma-separated sample counts")
@@ -148,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [200, 2000] if args.quick else [int(s) for s in args.sizes.split(",")]
     meta = {"date": dt.date.today().isoformat(), "machine": machine(), "model": args.model, "nfe": args.nfe,
             "actors": args.actors, "batch_size": args.batch_size, "load": f"{os.getloadavg()[0]:.1f}",
-            "argv": " ".join(argv if argv is not None else sys.argv[1:]), "notes": args.note}
+            "argv": shown_argv(argv if argv is not None else sys.argv[1:]), "notes": args.note}
     runs = []
     with tempfile.TemporaryDirectory(prefix="stridelab-sample-scale-") as tmp:
         for n in sizes:
