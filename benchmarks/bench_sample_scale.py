@@ -88,8 +88,7 @@ def section(meta: dict[str, Any], runs: list[dict[str, Any]], summary: dict[str,
     ok = "met" if summary["rss_ratio"] <= TARGET else "**not met**"
     lines = [BEGIN, "## Sampling at scale: `stridelab sample` to Parquet (issue 15)", "",
              f"Measured {meta['date']} on {meta['machine']}, load average {meta['load']} at the start (the cores "
-             f"were shared with other work: wall times are upper bounds); `python benchmarks/bench_sample_scale.py "
-             f"{meta['argv']}`. Model {meta['model']}, NFE {meta['nfe']} (uniform DDIM), {meta['actors']} Ray Data "
+             f"were shared with other work: wall times are upper bounds); `{' '.join(['python benchmarks/bench_sample_scale.py', meta['argv']]).strip()}`. Model {meta['model']}, NFE {meta['nfe']} (uniform DDIM), {meta['actors']} Ray Data "
              f"actors, batches of {meta['batch_size']}. Peak RSS is the driver process's own (`ru_maxrss` at exit), "
              "not Ray's processes.", "",
              "| samples | wall (s) | samples/s | driver peak RSS (MiB) | Parquet row groups | Parquet (MiB) |",
