@@ -86,9 +86,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def section(meta: dict[str, Any], runs: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     ok = "met" if summary["rss_ratio"] <= TARGET else "**not met**"
+    cmd = " ".join(["python benchmarks/bench_sample_scale.py", meta["argv"]]).strip()
     lines = [BEGIN, "## Sampling at scale: `stridelab sample` to Parquet (issue 15)", "",
              f"Measured {meta['date']} on {meta['machine']}, load average {meta['load']} at the start (the cores "
-             f"were shared with other work: wall times are upper bounds); `{' '.join(['python benchmarks/bench_sample_scale.py', meta['argv']]).strip()}`. Model {meta['model']}, NFE {meta['nfe']} (uniform DDIM), {meta['actors']} Ray Data "
+             f"were shared with other work: wall times are upper bounds); `{cmd}`. Model {meta['model']}, "
+             f"NFE {meta['nfe']} (uniform DDIM), {meta['actors']} Ray Data "
              f"actors, batches of {meta['batch_size']}. Peak RSS is the driver process's own (`ru_maxrss` at exit), "
              "not Ray's processes.", "",
              "| samples | wall (s) | samples/s | driver peak RSS (MiB) | Parquet row groups | Parquet (MiB) |",
