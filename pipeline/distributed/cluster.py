@@ -97,7 +97,8 @@ def check_placement_timeout(seconds: float | None) -> float:
     if seconds is None:
         return DEFAULT_PLACEMENT_TIMEOUT
     if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)) or not 0 <= float(seconds) < math.inf:
-        raise StridelabError(f"must be a number of seconds >= 0 (0: no limit), got {seconds!r}", param="placement_timeout")
+        raise StridelabError(f"must be a number of seconds >= 0 (0: no limit), got {seconds!r}",
+                             param="placement_timeout")
     return float(seconds)
 
 
