@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 	$(PY) benchmarks/bench_solver_schedules.py
+	$(PY) benchmarks/bench_sample_scale.py
 
 # GPU readiness (at most ~5 minutes): writes docs/GPU.md on a CUDA machine; elsewhere one line, exit 0.
 gpu-check: $(STAMP)

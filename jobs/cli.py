@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except StridelabError as e:
         command = parser._subparsers._group_actions[0].choices[args.command]
-        print(f"stridelab {args.command}: error: {error_line(e, command, args)}", file=sys.stderr)
+        from pipeline.errors import PlacementTimeout
+
+        hint = getattr(args, "resume_hint", None) if isinstance(e, PlacementTimeout) else None
+        print(f"stridelab {args.command}: error: {error_line(e, command, args)}"
+              + (f"; continue with: {hint}" if hint else ""), file=sys.stderr)
         return 2
     except BrokenPipeError:
         # Output piped into `head` and closed early: not an error. Silence the flush at exit.

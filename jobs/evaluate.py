@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     with SamplerPool(args.model, seeds, args.teacher_nfe, want_inv, actors=args.actors, recon=recon,
                      extra_metrics=extra, features=features, reference=reference, ray_address=args.ray_address,
-                     cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor, dtype=args.dtype) as pool:
+                     cache_dir=args.teacher_cache, num_gpus=args.gpus_per_actor, dtype=args.dtype,
+                     resources=args.actor_resources, placement_timeout=args.placement_timeout) as pool:
         for solver in solvers:  # one call per solver: its cells run in parallel on the actors
             mine = [c for c in cells if c.solver == solver]
             results.update(zip(map(id, mine), pool.evaluate([c.schedule for c in mine], solver=solver)))

@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted
     run_sweep(cfg, study_name=study_name, storage=args.storage, resume=args.resume, out_dir=args.out_dir,
               tracking_uri=args.tracking_uri, experiment=args.experiment, track=args.track, actors=args.actors,
-              ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, log=flag_printer(args))
+              ray_address=args.ray_address, gpus_per_actor=args.gpus_per_actor, actor_resources=args.actor_resources,
+              placement_timeout=args.placement_timeout, log=flag_printer(args))
     return 0
 
 

@@ -35,6 +35,12 @@ class StridelabError(ValueError):
         return _PARAM.sub(lambda m: name_of(m.group(1)) or m.group(0), self.message)
 
 
+class PlacementTimeout(StridelabError):
+    """No live Ray node could host the actors for the allowed time (a node lost, or none with the resources
+    asked): an infrastructure stop, not a trial's failure, so a sweep ends (its study intact) instead of
+    failing trial after trial."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when empty): for one-line errors that wrap
     a library's multi-line one."""

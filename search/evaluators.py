@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.distributed import check_gpus_per_actor
+from pipeline.distributed import check_gpus_per_actor, check_placement_timeout, parse_actor_resources
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
 from pipeline.metrics.reference import fid_inputs
@@ -133,13 +133,20 @@ class EvaluatorFactory:
             may name another for one call (the held-out table's reference rows).
         dtype: the network's dtype in the pool's actors (`pipeline.models.load.DTYPES`); in-process evaluators
             run `model` as loaded.
+        actor_resources: custom Ray resources each actor requests (``{"sweep_node": 1}``): the actors go only
+            to nodes started with them; their CPU share is sized from those nodes.
+        placement_timeout: seconds a pool waits while no live node can host its actors (a node lost) before
+            `PlacementTimeout` stops the sweep; 0: no limit.
     """
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
                  teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
                  gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER, dtype: str = "float32",
-                 inversion: bool = False):
+                 inversion: bool = False, actor_resources: dict[str, float] | None = None,
+                 placement_timeout: float | None = None):
         self.dtype = dtype
+        self.actor_resources = parse_actor_resources(actor_resources)
+        self.placement_timeout = check_placement_timeout(placement_timeout)
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
         self.inversion = bool(inversion)
         self.solver = get_solver(solver).name
@@ -180,6 +187,8 @@ class EvaluatorFactory:
                 kw["num_gpus"] = self.gpus_per_actor
             elif self.actors > 0:
                 kw["num_cpus"] = self._cpus_per_actor()
+            if self.actors > 0:
+                kw.update(resources=self.actor_resources, placement_timeout=self.placement_timeout)
             ev = self._pool_cls(self.model.spec, seeds, self.teacher_nfe, actors=self.actors, solver=self.solver,
                                  dtype=self.dtype, inversion=self.inversion, **kw)
         else:
@@ -199,12 +208,14 @@ class EvaluatorFactory:
         the CPUs free at creation time can leave a later pool waiting forever); None on GPU clusters."""
         import ray
 
-        from pipeline.distributed import cpus_per_actor
+        from pipeline.distributed import cpus_per_actor, node_cpus
 
         res = ray.cluster_resources()
         if res.get("GPU", 0) >= 1:
             return None
-        return cpus_per_actor(float(res.get("CPU", 1.0)), self.LIVE_POOLS * self.actors, 0.9)
+        # With custom resources the actors fit only on the nodes that have them: share those nodes' CPUs.
+        cpus = node_cpus(self.actor_resources) if self.actor_resources else float(res.get("CPU", 1.0))
+        return cpus_per_actor(cpus or 1.0, self.LIVE_POOLS * self.actors, 0.9)
 
     def release(self, ev: Any) -> None:
         """Close one evaluator (its actors and their CPUs go back to Ray)."""

@@ -77,3 +77,27 @@ def test_solver_schedules_section_from_rows(tmp_path, monkeypatch):
     b.write_section(text)
     out = doc.read_text()
     assert out.startswith("# head") and out.rstrip().endswith("tail") and "old" not in out and out.count(b.BEGIN) == 1
+
+
+def test_sample_scale_section_from_runs(tmp_path, monkeypatch):
+    """bench_sample_scale: the RSS ratio largest / smallest and its verdict, rendered between markers."""
+    import bench_sample_scale as b
+
+    runs = [{"samples": n, "wall_s": w, "samples_per_s": n / w, "driver_peak_rss_mib": rss, "row_groups": g,
+             "parquet_mib": n / 2000, "cmd": "stridelab sample"}
+            for n, w, rss, g in ((1000, 20.0, 500.0, 1), (10000, 65.0, 520.0, 1), (100000, 515.0, 540.0, 7))]
+    summary = b.summarize(runs)
+    assert summary["rss_ratio"] == 540.0 / 500.0 and summary["marginal_samples_per_s"] == 90000 / 450.0
+    meta = {"date": "2026-12-02", "machine": "x", "model": "bundled:digits", "nfe": 10, "actors": 2,
+            "batch_size": 256, "load": "3.0", "argv": "", "notes": ["10^5 not run"]}
+    text = b.section(meta, runs, summary)
+    assert "| 100,000 | 515.0 | 194 | 540 | 7 | 50.0 |" in text and "**1.080** (target <= 1.2: met)" in text
+    assert "10^5 not run" in text
+    summary["rss_ratio"] = 2.0
+    assert "not met" in b.section(meta, runs, summary)
+    doc = tmp_path / "B.md"
+    doc.write_text(f"# head\n\n{b.BEGIN}\nold\n{b.END}\ntail\n")
+    monkeypatch.setattr(b, "OUT", doc)
+    b.write_section(text)
+    out = doc.read_text()
+    assert out.startswith("# head") and out.rstrip().endswith("tail") and "old" not in out and out.count(b.BEGIN) == 1

@@ -28,6 +28,8 @@ def test_sample_identical_for_any_actors_and_batch_size(ray_local, tmp_path):
     assert main(_args(tmp_path / "local", "--actors", "0", "--batch-size", "40")) == 0
     a, b = pq.read_table(tmp_path / "ray" / "samples.parquet"), pq.read_table(tmp_path / "local" / "samples.parquet")
     assert a.equals(b)
+    # byte for byte too: row groups have a fixed size, not the batches' (7 here, 40 there)
+    assert (tmp_path / "ray" / "samples.parquet").read_bytes() == (tmp_path / "local" / "samples.parquet").read_bytes()
     assert a.column("seed").to_pylist() == list(range(3, 43))
     assert set(a.column("schedule").to_pylist()) == {"karras"} and set(a.column("nfe").to_pylist()) == {5}
     assert set(a.column("eta").to_pylist()) == {0.5}
@@ -41,6 +43,38 @@ def test_sample_identical_for_any_actors_and_batch_size(ray_local, tmp_path):
     assert Image.open(tmp_path / "ray" / "grid.png").size[0] > 8
     assert Schedule.load(tmp_path / "ray" / "schedule.json").nfe == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "ray"]  # no temp dirs left
+
+
+@pytest.mark.parametrize("sizes", [[100], [1] * 100, [7] * 14 + [2], [30, 1, 9, 60], [10] * 10])
+def test_row_groups_are_fixed_whatever_the_batches(tmp_path, sizes):
+    """The driver writes row groups of exactly `row_group` rows (the last shorter) from any batch sizes; the
+    file is the same bytes for every split of the same samples."""
+    from pipeline.core.schedules import make_schedule
+    from pipeline.models.load import load_model
+
+    model = load_model(MODEL)
+    s = make_schedule("uniform", 3, model.alphas_cumprod)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(100, 64, generator=gen).numpy()
+    png = [distributed.png_bytes(distributed.hwc(u)) for u in distributed.to_uint8(torch.from_numpy(x).view(-1, 1, 8, 8))]
+
+    def batches(cuts):
+        a = 0
+        for n in cuts:
+            yield {"seed": np.arange(a, a + n) + 5, "sample": x[a:a + n], "image": np.array(png[a:a + n], dtype=object)}
+            a += n
+
+    def write(name, cuts):
+        d = distributed.write_sample_dir(tmp_path / name, batches(cuts), num_samples=100, first_seed=5, schedule=s,
+                                         eta=0.0, model=MODEL, sample_shape=(1, 8, 8), data_range=(-1.0, 1.0),
+                                         progress=False, row_group=30)
+        return (d / "samples.parquet").read_bytes()
+
+    ref = write("one", [100])
+    assert write("split", sizes) == ref
+    meta = pq.ParquetFile(tmp_path / "split" / "samples.parquet").metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [30, 30, 30, 10]
+    assert distributed.row_group_rows(64) == 16384 and distributed.row_group_rows(3 * 64 * 64) == 85
 
 
 def test_schedule_file_and_non_image_model(tmp_path):

@@ -4,6 +4,11 @@
 in this process); ``write_sample_dir`` streams its batches into ``DIR/samples.parquet`` atomically. Ray
 Data's actor pool restarts and retries by default; the UDF is a pure function of its batch, so a
 retried batch gives the same samples.
+
+The driver holds at most one row group (`row_group_rows`, sized from the sample's dimension only) plus the
+blocks Ray Data hands it (at most `BATCHES_PER_BLOCK` batches each, one prefetched): its memory does not
+grow with the number of samples. Row groups have that fixed size whatever
+the batches, so the file is byte-identical for any number of actors, batch size or retried batch.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.core.schedules import Schedule
-from pipeline.distributed.cluster import actor_resources, init_ray, threads_per_actor
+from pipeline.distributed.cluster import actor_resources, init_ray, parse_actor_resources, threads_per_actor
 from pipeline.distributed.worker import DEFAULT_FORWARD_BATCH, Loader, SamplerWorker
 from pipeline.errors import StridelabError
 from pipeline.io.files import atomic_directory
@@ -57,6 +62,17 @@ class SampleBatch:
         return out
 
 
+BATCHES_PER_BLOCK = 8
+"""At most this many batches per Ray Data block: a block is what the driver receives at once."""
+
+
+def sample_blocks(num_samples: int, batch_size: int, actors: int) -> int:
+    """Input blocks of the seed range: 4 per actor (fewer for few batches), and more when needed to keep each
+    block at most `BATCHES_PER_BLOCK` batches, so that what the driver holds does not grow with the samples."""
+    batches = math.ceil(num_samples / batch_size)
+    return max(1, min(4 * actors, batches), math.ceil(batches / BATCHES_PER_BLOCK))
+
+
 def generate_samples(
     model: str,
     timesteps: Sequence[int],
@@ -73,10 +89,12 @@ def generate_samples(
     num_gpus: float | None = None,
     solver: str = "ddim",
     dtype: str = "float32",
+    resources: dict[str, float] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of samples of `solver` in seed order: Ray Data with an actor pool of `actors`, or in-process
     for 0. `num_gpus`: GPUs per actor, requested as given (see `actor_resources`); `dtype`: the network's
-    (`pipeline.models.load.DTYPES`)."""
+    (`pipeline.models.load.DTYPES`); `resources`: custom Ray resources per actor (`parse_actor_resources`)."""
+    resources = parse_actor_resources(resources)
     kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir, dtype=dtype)
     if actors == 0:
         fn = SampleBatch(model, timesteps, eta, seed, solver, **kwargs)
@@ -91,14 +109,14 @@ def generate_samples(
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.print_on_execution_start)
     # The seeds go in as in-memory blocks (no read tasks, which would each need a whole CPU and can starve
     # beside the actors on a small machine); the actors share the free CPUs.
-    opts = actor_resources(actors, cpu_share=0.9, gpus_per_actor=num_gpus)
+    opts = actor_resources(actors, cpu_share=0.9, gpus_per_actor=num_gpus, resources=resources)
     if "num_gpus" not in opts:
         kwargs["threads"] = threads_per_actor(actors)
     try:
         ctx.execution_options.preserve_order = True  # batches come back in seed order
         ctx.enable_progress_bars = False  # ours is enough
         ctx.print_on_execution_start = False
-        blocks = max(1, min(4 * actors, math.ceil(num_samples / batch_size)))
+        blocks = sample_blocks(num_samples, batch_size, actors)
         ds = ray.data.from_numpy(np.array_split(np.arange(num_samples, dtype=np.int64), blocks))
         ds = ds.map_batches(
             SampleBatch,
@@ -145,9 +163,45 @@ def _sample_schema(schedule: Schedule, eta: float, model: str, sample_shape: Seq
     return pa.schema(fields, metadata={"stridelab": json.dumps(meta)})
 
 
+ROW_GROUP_BYTES = 4 * 2**20
+"""Float data per Parquet row group of ``samples.parquet`` (the images' PNG bytes come on top)."""
+
+
+def row_group_rows(D: int) -> int:
+    """Rows per row group for samples of dimension `D`: ``ROW_GROUP_BYTES`` of float32, in [64, 16384]."""
+    return int(min(16384, max(64, ROW_GROUP_BYTES // (4 * max(int(D), 1)))))
+
+
+class _RowGroups:
+    """Buffers tables and writes them as row groups of exactly `rows` rows (the last one shorter)."""
+
+    def __init__(self, writer: Any, rows: int):
+        self.writer, self.rows, self.parts, self.buffered = writer, int(rows), [], 0
+
+    def add(self, table: Any) -> None:
+        self.parts.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.rows:
+            self._write(self.buffered - self.buffered % self.rows)
+
+    def flush(self) -> None:
+        if self.buffered:
+            self._write(self.buffered)
+
+    def _write(self, n: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.parts).combine_chunks()
+        self.writer.write_table(table.slice(0, n), row_group_size=self.rows)
+        rest = table.slice(n)
+        self.parts, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+
 def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarray]], *, num_samples: int,
-                   first_seed: int, schedule: Schedule, eta: float, D: int, keep: int, progress: bool) -> np.ndarray:
-    """Stream `batches` into `path`, checking they come in seed order; returns the first `keep` samples [k, D]."""
+                   first_seed: int, schedule: Schedule, eta: float, D: int, keep: int, progress: bool,
+                   row_group: int | None = None) -> np.ndarray:
+    """Stream `batches` into `path` in row groups of `row_group` rows (default `row_group_rows`), checking they
+    come in seed order; returns the first `keep` samples [k, D]."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pipeline.io.console import progress as progress_bar
@@ -156,6 +210,7 @@ def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarr
     expected = int(first_seed)
     with pq.ParquetWriter(path, schema) as w, \
             progress_bar(num_samples, "sampling", unit="sample", enabled=progress) as bar:
+        groups = _RowGroups(w, row_group or row_group_rows(D))
         for b in batches:
             seeds = np.asarray(b["seed"], dtype=np.int64)
             if len(seeds) == 0:
@@ -170,10 +225,11 @@ def _write_parquet(path: Path, schema: Any, batches: Iterator[dict[str, np.ndarr
                     pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), D)]
             if "image" in schema.names:
                 cols.append(pa.array(list(b["image"]), type=pa.binary()))
-            w.write_table(pa.Table.from_arrays(cols, schema=schema))
+            groups.add(pa.Table.from_arrays(cols, schema=schema))
             if sum(len(g) for g in grid) < keep:
-                grid.append(x[: keep - sum(len(g) for g in grid)])
+                grid.append(x[: keep - sum(len(g) for g in grid)].copy())
             bar.update(len(seeds))
+        groups.flush()
     got = expected - int(first_seed)
     if got != num_samples:
         raise StridelabError(f"expected {num_samples} samples, wrote {got}")
@@ -203,6 +259,7 @@ def write_sample_dir(
     grid_size: int = 64,
     progress: bool = True,
     model_dtype: str = "float32",
+    row_group: int | None = None,
 ) -> Path:
     """Stream batches into ``DIR/samples.parquet`` (+ ``grid.png``, ``schedule.json``), atomically.
 
@@ -210,8 +267,9 @@ def write_sample_dir(
     (`pipeline.io.files.atomic_directory`); on any failure the temporary directory is removed and DIR is
     untouched. Columns: seed int64, schedule string, nfe int32, eta float64, sample
     fixed_size_list<float32>[D] (model range; shape and dtype in the schema metadata), and image (PNG,
-    uint8 from [0, 1]) for images; `model_dtype` (the network's) goes in the metadata. Raises `StridelabError` when the batches are not `num_samples`
-    consecutive seeds from `first_seed`.
+    uint8 from [0, 1]) for images; `model_dtype` (the network's) goes in the metadata. Row groups of `row_group`
+    rows (default `row_group_rows`: fixed by the sample's size, so the bytes do not depend on the batches).
+    Raises `StridelabError` when the batches are not `num_samples` consecutive seeds from `first_seed`.
     """
     from PIL import Image
 
@@ -221,7 +279,8 @@ def write_sample_dir(
     keep = grid_size if _is_image(sample_shape) else 4096  # points for the scatter plot
     with atomic_directory(target) as tmp:
         first = _write_parquet(tmp / "samples.parquet", schema, batches, num_samples=num_samples,
-                               first_seed=first_seed, schedule=schedule, eta=eta, D=D, keep=keep, progress=progress)
+                               first_seed=first_seed, schedule=schedule, eta=eta, D=D, keep=keep, progress=progress,
+                               row_group=row_group)
         Image.fromarray(_grid_image(first, sample_shape, data_range)).save(tmp / "grid.png")
         schedule.save(tmp / "schedule.json")
     return target

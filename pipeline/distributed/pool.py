@@ -8,19 +8,22 @@ all rows at once, so results do not depend on the number of actors (bit for bit)
 
 Fault tolerance: actors run with ``max_restarts`` / ``max_task_retries``; every worker method is a pure
 function of its arguments (the teacher cache is rebuilt on demand), so a retried task gives the same answer.
+When no live node can host the actors any more (their node lost and no other fits), every wait gives up
+after ``placement_timeout`` seconds with `PlacementTimeout` instead of waiting for ever (`PlacementWatch`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.core.schedules import Schedule
-from pipeline.distributed.cluster import actor_resources, init_ray, threads_per_actor
+from pipeline.distributed.cluster import (PlacementWatch, actor_resources, init_ray, parse_actor_resources,
+                                          threads_per_actor)
 from pipeline.distributed.worker import DEFAULT_FORWARD_BATCH, Loader, SamplerWorker
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
@@ -43,20 +46,59 @@ class _Done:
         self.value = value
 
 
-def _ray_get(refs: list[Any]) -> list[Any]:
-    import ray
-    from ray.exceptions import RayTaskError
+class _Remote:
+    """A call on an actor, submitted again when Ray gives it up for the actor's sake (its node unreachable or
+    its restarts spent): every worker method is a pure function of its arguments, so a resubmitted call gives
+    the same answer."""
 
-    remote = [r for r in refs if not isinstance(r, _Done)]
-    try:
-        got = iter(ray.get(remote)) if remote else iter(())
-    except RayTaskError as e:
-        # Bad input raised inside an actor: re-raise the one-line error, not Ray's traceback wrapper.
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, StridelabError):
-            raise StridelabError(str(cause)) from None
-        raise
-    return [r.value if isinstance(r, _Done) else next(got) for r in refs]
+    def __init__(self, submit: Callable[[], Any]):
+        self.submit, self.ref = submit, submit()
+
+
+RESUBMITS = 6
+"""Resubmissions of one call after actor errors (backoff 2, 4, 8, 16, 30, 30 s: past the ~10-30 s in which
+Ray's GCS marks an unreachable node dead and restarts its actors elsewhere)."""
+
+
+def _ray_get(calls: list[Any], watch: PlacementWatch | None = None) -> list[Any]:
+    """The values of `calls` (`_Done` or `_Remote`) in order.
+
+    With a `watch`: a wait that no live node can end raises `PlacementTimeout` (`PlacementWatch`), and a call
+    Ray fails with an actor error (the node lost: retries spent before the node was declared dead) is
+    submitted again, after a backoff, up to `RESUBMITS` times; Ray restarts the actor on a node that fits."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    remote = [c for c in calls if isinstance(c, _Remote)]
+    values: dict[int, Any] = {}
+    for attempt in range(RESUBMITS + 1):
+        pending = [c.ref for c in remote if id(c) not in values] if watch is not None else []
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=watch.poll)
+            if pending:
+                watch.check()
+        failed: list[_Remote] = []
+        for c in remote:
+            if id(c) in values:
+                continue
+            try:
+                values[id(c)] = ray.get(c.ref)
+            except RayTaskError as e:
+                # Bad input raised inside an actor: re-raise the one-line error, not Ray's traceback wrapper.
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, StridelabError):
+                    raise StridelabError(str(cause)) from None
+                raise
+            except RayActorError:
+                if watch is None or attempt == RESUBMITS:
+                    raise
+                failed.append(c)
+        if not failed:
+            break
+        watch.backoff(min(30.0, 2.0 ** (attempt + 1)))  # PlacementTimeout here once no node can host the actors
+        for c in failed:
+            c.ref = c.submit()
+    return [c.value if isinstance(c, _Done) else values[id(c)] for c in calls]
 
 
 class PendingEvaluation:
@@ -68,7 +110,8 @@ class PendingEvaluation:
 
     def result(self) -> list[ScheduleResult]:
         if self._result is None:
-            self._result = [self._pool._assemble(s, _ray_get(row), self._extra) for s, row in zip(self.schedules, self._refs)]
+            self._result = [self._pool._assemble(s, self._pool._get(row), self._extra)
+                            for s, row in zip(self.schedules, self._refs)]
         return self._result
 
 
@@ -101,6 +144,10 @@ class SamplerPool:
         num_cpus: per-actor CPUs (default: a fraction that leaves room for other Ray work).
         num_gpus: per-actor GPUs, requested as given (see `actor_resources`; default: sized from the GPUs
             the cluster has now).
+        resources: per-actor custom Ray resources, e.g. ``{"sweep_node": 1}``: the actors go only to nodes
+            started with them (`parse_actor_resources`).
+        placement_timeout: seconds a wait goes on while no live node can host the actors (after a node is
+            lost, or when none has `resources`) before `PlacementTimeout`; 0: no limit; default 600.
         solver: the solver every schedule is run by unless a call names another (`pipeline.solvers`).
     """
 
@@ -127,6 +174,8 @@ class SamplerPool:
         num_cpus: float | None = None,
         num_gpus: float | None = None,
         solver: str = DEFAULT_SOLVER,
+        resources: dict[str, float] | None = None,
+        placement_timeout: float | None = None,
     ):
         self.model_spec = model
         self.solver = get_solver(solver).name
@@ -147,6 +196,8 @@ class SamplerPool:
         self.extra_metrics = tuple(extra_metrics)
         self.reference = reference
         self._owns_ray = False
+        self._watch: PlacementWatch | None = None
+        resources = parse_actor_resources(resources)
         worker_kwargs = dict(loader=loader, device=device, dtype=dtype, forward_batch=forward_batch, features=features,
                              cache_dir=str(cache_dir) if cache_dir else None,
                              trace_dir=str(trace_dir) if trace_dir else None)
@@ -164,11 +215,12 @@ class SamplerPool:
             if actors is None:
                 actors = int(res.get("GPU", 0)) or int(res.get("CPU", 1))
             if num_gpus is not None:
-                opts = actor_resources(actors, gpus_per_actor=num_gpus)
+                opts = actor_resources(actors, gpus_per_actor=num_gpus, resources=resources)
             elif num_cpus is None:
-                opts = actor_resources(actors, cpu_share=0.5)
+                opts = actor_resources(actors, cpu_share=0.5, resources=resources)
             else:
-                opts = {"num_cpus": float(num_cpus)}
+                opts = {"num_cpus": float(num_cpus), **({"resources": resources} if resources else {})}
+            self._watch = PlacementWatch(opts, placement_timeout)
             if "num_gpus" not in opts:
                 worker_kwargs["threads"] = threads_per_actor(actors)
             cls = ray.remote(SamplerWorker).options(max_restarts=max_restarts, max_task_retries=max_restarts, **opts)
@@ -192,21 +244,28 @@ class SamplerPool:
             return
         import ray
 
+        by_ref = {c.ref: c for c in remote}
         with progress(len(remote), f"teacher ({len(self.seeds)} seeds)", unit="shard") as bar:
-            while remote:
-                done, remote = ray.wait(remote, num_returns=1)
-                _ray_get(done)  # a failure raises here, as in evaluate()
-                bar.update(len(done))
+            while by_ref:
+                done, _ = ray.wait(list(by_ref), num_returns=1, timeout=self._watch.poll if self._watch else None)
+                if not done and self._watch is not None:
+                    self._watch.check()
+                for ref in done:
+                    self._get([by_ref.pop(ref)])  # a failure raises here (after resubmissions), as in evaluate()
+                    bar.update(1)
 
     def _shard_seeds(self, i: int) -> list[int]:
         a, b = self.shards[i]
         return list(self.seeds[a:b])
 
+    def _get(self, refs: list[Any]) -> list[Any]:
+        return _ray_get(refs, self._watch)
+
     def _call(self, i: int, method: str, *args: Any, **kwargs: Any) -> Any:
         h = self._handles[i]
         if self.local:
             return _Done(getattr(h, method)(*args, **kwargs))
-        return getattr(h, method).remote(*args, **kwargs)
+        return _Remote(lambda: getattr(h, method).remote(*args, **kwargs))
 
     # -- public API --------------------------------------------------------------------------------
     def submit(self, schedules: Sequence[Schedule], solver: str | None = None) -> PendingEvaluation:
@@ -236,7 +295,7 @@ class SamplerPool:
         bounds = shard_bounds(len(seeds), len(self._handles))
         refs = [self._call(i, "sample", seeds[a:b], list(timesteps), float(eta), solver)
                 for i, (a, b) in enumerate(bounds)]
-        parts = _ray_get(refs)
+        parts = self._get(refs)
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None,
@@ -248,7 +307,7 @@ class SamplerPool:
         refs = [self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
                            None if delta is None else delta[a:b].detach().cpu(), dtype)
                 for i, (a, b) in enumerate(self.shards)]
-        parts = _ray_get(refs)
+        parts = self._get(refs)
         total = sum(p[0] for p in parts)
         g_theta = torch.stack([p[1] for p in parts]).sum(0)
         g_delta = None if delta is None else torch.cat([p[2] for p in parts])
@@ -256,10 +315,10 @@ class SamplerPool:
 
     def pids(self) -> list[int]:
         """The process id of each actor (this process for an in-process pool)."""
-        return _ray_get([self._call(i, "pid") for i in range(len(self._handles))])
+        return self._get([self._call(i, "pid") for i in range(len(self._handles))])
 
     def worker_stats(self) -> list[dict[str, int]]:
-        return _ray_get([self._call(i, "stats") for i in range(len(self._handles))])
+        return self._get([self._call(i, "stats") for i in range(len(self._handles))])
 
     def close(self) -> None:
         """Kill the actors (and shut Ray down if this pool started it)."""

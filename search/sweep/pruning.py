@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.core.schedules import Schedule
+from pipeline.errors import PlacementTimeout
 from pipeline.evaluation.inprocess import ScheduleResult
 
 
@@ -44,7 +45,7 @@ def safe_evaluate(ev: Any, schedules: list[Schedule], solver: str | None = None)
         return []
     try:
         return list(ev.evaluate(schedules) if solver is None else ev.evaluate(schedules, solver=solver))
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, PlacementTimeout):  # the cluster, not a trial: stop the sweep
         raise
     except Exception as e:  # trial isolation in the driver: a failing trial must not end the sweep
         if len(schedules) == 1:

@@ -11,6 +11,7 @@ from typing import Any
 import optuna
 
 from pipeline.core.schedules import check_nfe
+from pipeline.distributed.cluster import check_placement_timeout, parse_actor_resources
 from pipeline.errors import StridelabError
 from pipeline.models.load import LoadedModel
 from search.evaluators import EvaluatorFactory, Objective
@@ -36,6 +37,8 @@ def run_sweep(
     actors: int = 0,
     ray_address: str | None = None,
     gpus_per_actor: float | None = None,
+    actor_resources: dict[str, float] | None = None,
+    placement_timeout: float | None = None,
     model: LoadedModel | None = None,
     evaluators: Callable[[Sequence[int]], Any] | None = None,
     figures: bool = True,
@@ -52,6 +55,9 @@ def run_sweep(
         tracking_uri, experiment: MLflow (default sqlite in the working directory); `track` False: none.
         actors, ray_address: the evaluator (0 = in this process).
         gpus_per_actor: GPUs each actor requests as given (autoscaling clusters; see `EvaluatorFactory`).
+        actor_resources: custom Ray resources each actor requests (actors only on nodes that have them).
+        placement_timeout: seconds to wait while no live node can host the actors before stopping with
+            `PlacementTimeout` (the study stays as it was; resume it once a node is back); default 600, 0: no limit.
         model: an already loaded model (default: ``load_model(cfg.model)``).
         evaluators: ``seeds -> evaluator`` (default `EvaluatorFactory`); tests inject stand-ins here.
         figures: draw the plots and sample grids (the JSON, CSV and Parquet outputs are always written).
@@ -71,11 +77,14 @@ def run_sweep(
     study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log)
     run_dir = Path(out_dir) / study_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    placement = {"actor_resources": parse_actor_resources(actor_resources),
+                 "placement_timeout": check_placement_timeout(placement_timeout)}
     tracker = _start_tracking(cfg, study, study_name, storage_spec, resume, actors, gpus_per_actor,
-                              tracking_uri, experiment, log) if track else None
+                              tracking_uri, experiment, log, placement) if track else None
     factory = None
     if evaluators is None:
-        factory = evaluators = _evaluator_factory(cfg, model, actors, ray_address, gpus_per_actor, objective, log)
+        factory = evaluators = _evaluator_factory(cfg, model, actors, ray_address, gpus_per_actor, objective, log,
+                                                  placement)
     status = "FAILED"
     try:
         t0 = time.perf_counter()
@@ -146,7 +155,7 @@ def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_n
 
 def _start_tracking(cfg: SweepConfig, study: optuna.Study, study_name: str, storage_spec: str, resume: bool,
                     actors: int, gpus_per_actor: float | None, tracking_uri: str | None, experiment: str | None,
-                    log: Callable[[str], None]) -> Any:
+                    log: Callable[[str], None], placement: dict[str, Any] | None = None) -> Any:
     """Start the MLflow parent run, or on resume continue the study's own (found by its study and storage
     tags; runs a killed driver left RUNNING are closed first), and record it on the study. A resumed study
     whose parent is not in this tracking store (another URI) gets a new parent linked by tag
@@ -158,6 +167,10 @@ def _start_tracking(cfg: SweepConfig, study: optuna.Study, study_name: str, stor
     tracker = Tracker(tracking_uri, experiment or DEFAULT_EXPERIMENT, log=log)
     params = {**asdict(cfg), "study_name": study_name, "storage": storage_spec, "resume": resume, "actors": actors,
               "gpus_per_actor": gpus_per_actor, "stridelab_version": __version__}
+    if placement and placement.get("actor_resources"):
+        import json
+
+        params["actor_resources"] = json.dumps(placement["actor_resources"], sort_keys=True)
     identity = {"stridelab.kind": "sweep", "study": study_name, "stridelab.storage": storage_key(storage_spec)}
     previous = study.user_attrs.get("mlflow_parent_runs", [])
     parent, closed = None, []
@@ -195,11 +208,11 @@ def _end_story(status: str, study: optuna.Study, trials: int) -> str:
 
 def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_address: str | None,
                        gpus_per_actor: float | None, objective: Objective,
-                       log: Callable[[str], None]) -> EvaluatorFactory:
+                       log: Callable[[str], None], placement: dict[str, Any] | None = None) -> EvaluatorFactory:
     """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
     factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
                                gpus_per_actor=gpus_per_actor, solver=cfg.solver, dtype=cfg.dtype,
-                               inversion=objective.needs_inversion)
+                               inversion=objective.needs_inversion, **(placement or {}))
     log(f"evaluator: {factory.kind}; solver {cfg.solver}, {cfg.steps} steps ({cfg.nfe} model evaluations budget); "
         f"teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
     return factory
