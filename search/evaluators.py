@@ -133,13 +133,16 @@ class EvaluatorFactory:
             may name another for one call (the held-out table's reference rows).
         dtype: the network's dtype in the pool's actors (`pipeline.models.load.DTYPES`); in-process evaluators
             run `model` as loaded.
+        loader: how the pool's workers load ``model.spec`` (default `pipeline.models.load.load_model`); a sweep on
+            the user's images passes `search.sweep.data.LoaderWithData` so the workers draw them too.
     """
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
                  teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
                  gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER, dtype: str = "float32",
-                 inversion: bool = False):
+                 inversion: bool = False, loader: Callable[[str, Any, Any], LoadedModel] | None = None):
         self.dtype = dtype
+        self.loader = loader
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
         self.inversion = bool(inversion)
         self.solver = get_solver(solver).name
@@ -176,6 +179,8 @@ class EvaluatorFactory:
             kw: dict[str, Any] = {}
             if fid:
                 kw = dict(extra_metrics=("fid",), features=self._fid_inputs[0], reference=self._fid_inputs[1])
+            if self.loader is not None:
+                kw["loader"] = self.loader
             if self.actors > 0 and self.gpus_per_actor is not None:
                 kw["num_gpus"] = self.gpus_per_actor
             elif self.actors > 0:
