@@ -118,6 +118,70 @@ def asymmetric(model_spec: str, decoder: list[int], holdout_seeds: int, factors=
     return out
 
 
+def compass_pair(loss, decoder: list[int], encoder: list[int], evals: int, step: int = 32,
+                 T: int = 1000) -> tuple[list[int], list[int], float, int]:
+    """Compass search over a decoder (decreasing) and an encoder (increasing) list together, one timestep moved
+    by +-step at a time, the encoder's last kept equal to the decoder's first (a move of one moves both); the
+    step halves when no move helps, down to 1. `loss(decoder, encoder)` -> float. Returns the best pair, its
+    loss and the evaluations spent (at most `evals`)."""
+    best_d, best_e = list(decoder), list(encoder)
+    best, used = loss(best_d, best_e), 1
+
+    def valid(d: list[int], e: list[int]) -> bool:
+        return (all(a > b for a, b in zip(d, d[1:])) and all(a < b for a, b in zip(e, e[1:]))
+                and 0 <= min(d[-1], e[0]) and max(d[0], e[-1]) < T and d[0] == e[-1])
+
+    while step >= 1 and used < evals:
+        improved = False
+        for which in ("d", "e"):
+            for i in range(len(best_d) if which == "d" else len(best_e) - 1):
+                for sgn in (1, -1):
+                    if used >= evals:
+                        break
+                    d, e = list(best_d), list(best_e)
+                    if which == "d":
+                        d[i] += sgn * step
+                        if i == 0:
+                            e[-1] = d[0]
+                    else:
+                        e[i] += sgn * step
+                    if not valid(d, e):
+                        continue
+                    v, used = loss(d, e), used + 1
+                    if v < best:
+                        best, best_d, best_e, improved = v, d, e, True
+        if not improved:
+            step //= 2
+    return best_d, best_e, best, used
+
+
+def searched_pair(model_spec: str, decoder: list[int], tuning_seeds: int, holdout_seeds: int,
+                  evals: int) -> dict[str, Any]:
+    """The encoder and decoder searched together (`compass_pair`, from the learned symmetric pair) on the tuning
+    images, then measured on the held-out images against the symmetric learned round trip (same NFE each way)."""
+    import torch
+
+    from pipeline.metrics.recon import paired_ratio_interval, round_trip
+    from pipeline.models.load import load_model
+    from search.sweep.config import HOLDOUT_OFFSET
+
+    torch.set_num_threads(1)
+    model = load_model(model_spec)
+    args = (model.alphas_cumprod, model.to_unit)
+    x_tune = model.denoiser.sample_data(list(range(tuning_seeds)))
+    x_hold = model.denoiser.sample_data(list(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + holdout_seeds)))
+    t0 = time.perf_counter()
+    d, e, tuned, used = compass_pair(lambda d, e: round_trip(model.denoiser, x_tune, e, d, *args).errors.mean().item(),
+                                     decoder, decoder[::-1], evals, T=model.num_train_timesteps)
+    seconds = time.perf_counter() - t0
+    sym = round_trip(model.denoiser, x_hold, decoder[::-1], decoder, *args).errors
+    errs = round_trip(model.denoiser, x_hold, e, d, *args).errors
+    lo, hi = paired_ratio_interval(errs, sym)
+    return {"decoder": d, "encoder": e, "tuning_error": tuned, "evals": used, "search_s": seconds,
+            "symmetric": sym.mean().item(), "error": errs.mean().item(),
+            "x_symmetric": errs.mean().item() / sym.mean().item(), "lo": lo, "hi": hi}
+
+
 def _f(v: Any) -> float | None:
     try:
         return float(v)
@@ -140,7 +204,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "hi": _f(learned.get("inv_x_best_baseline_hi")), "best_baseline": best["schedule"],
                     "best_baseline_error": _f(best["holdout_inversion"]),
                     "baselines": {x["schedule"]: _f(x["holdout_inversion"]) for x in base},
-                    "asymmetric": r.get("asymmetric")})
+                    "asymmetric": r.get("asymmetric"), "pair": r.get("pair")})
     return out
 
 
@@ -185,6 +249,17 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             for r in a["rows"]:
                 lines.append(f"| {s['model']} | {s['nfe']} | {g(a['symmetric'])} | {r['factor']} | {r['encoder_steps']} | "
                              f"{g(r['error'])} | {g(r['x_symmetric'], '.3f')} ({g(r['lo'], '.3f')}-{g(r['hi'], '.3f')}) |")
+    pairs = [s for s in summary if s.get("pair")]
+    if pairs:
+        lines += ["", "Encoder and decoder searched together (compass search on the tuning images from the learned "
+                  "symmetric pair, same NFE each way, `--pair-evals` round trips), measured on the held-out images:", "",
+                  "| model | NFE | symmetric | searched pair | x symmetric (95% CI) | evaluations | encoder | decoder |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in pairs:
+            a = s["pair"]
+            lines.append(f"| {s['model']} | {s['nfe']} | {g(a['symmetric'])} | {g(a['error'])} | "
+                         f"{g(a['x_symmetric'], '.3f')} ({g(a['lo'], '.3f')}-{g(a['hi'], '.3f')}) | {a['evals']} | "
+                         f"{' '.join(map(str, a['encoder']))} | {' '.join(map(str, a['decoder']))} |")
     lines += ["", END]
     return "\n".join(lines)
 
@@ -209,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("trials", "polish", "num_seeds", "validation_seeds", "holdout_seeds", "teacher_nfe"):
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"the sweeps' --{k.replace('_', '-')}")
     p.add_argument("--no-asymmetric", dest="asymmetric", action="store_false", help="skip the asymmetric round trips")
+    p.add_argument("--pair-evals", type=int, default=None,
+                   help="round trips the joint encoder/decoder search may spend per cell (0: skip; default 60, quick 8)")
     p.add_argument("--out", default=None, help="write the section here instead of docs/BENCHMARKS.md (and no JSON)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else OUT
@@ -225,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, k) is not None:
             plan[k] = getattr(args, k)
     flags = sweep_flags(plan)
+    if args.pair_evals is None:
+        args.pair_evals = 8 if args.quick else 60
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     runs = []
     with tempfile.TemporaryDirectory(prefix="stridelab-bench-inv-") as tmp:
@@ -235,7 +314,14 @@ def main(argv: list[str] | None = None) -> int:
                 if args.asymmetric:
                     decoder = [int(t) for t in run["rows"][0]["timesteps"].split()]
                     run["asymmetric"] = asymmetric(model, decoder, plan["holdout_seeds"])
+                    if args.pair_evals > 0:
+                        run["pair"] = searched_pair(model, decoder, plan["num_seeds"], plan["holdout_seeds"],
+                                                    args.pair_evals)
                 runs.append(run)
+                if not args.quick and not args.out:  # keep what is done: a later failure must not lose it
+                    from pipeline.io.files import atomic_write_json
+
+                    atomic_write_json(RAW.with_suffix(".partial.json"), {"runs": runs, "flags": flags})
                 print(f"  {run['wall_s']:.0f} s; learned {run['rows'][0]['holdout_inversion']} "
                       f"x best {run['rows'][0].get('inv_x_best_baseline')}", flush=True)
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
