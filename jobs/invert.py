@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.io.files import atomic_directory, atomic_write_bytes
-    from pipeline.io.image_files import read_source
+    from pipeline.models.sources import read_source
     from pipeline.io.noise_files import write_noise
     from pipeline.io.reports import write_table
     from pipeline.metrics.recon import round_trip

@@ -142,13 +142,3 @@ def read_images(path: str | os.PathLike, sample_shape: Sequence[int],
         x, names = _read_parquet(p, shape, data_range)
         return torch.from_numpy(x), names
     raise StridelabError(f"{p}: expected a folder of PNGs, a .npy or a .parquet file")
-
-
-def read_source(source: str | os.PathLike, sample_shape: Sequence[int],
-                data_range: tuple[float, float]) -> tuple[torch.Tensor, list[str]]:
-    """`read_images`, or the bundled digits for ``digits:SPLIT[:N]`` (`pipeline.models.digits.digits_source`)."""
-    if str(source).startswith("digits:"):
-        from pipeline.models.digits import digits_source
-
-        return digits_source(str(source), tuple(int(s) for s in sample_shape), data_range)
-    return read_images(source, sample_shape, data_range)

@@ -1,6 +1,6 @@
 """A user's own images as the data of an inversion sweep: split once into tuning, validation and held-out parts.
 
-The images (a PNG folder, ``.npy`` or ``.parquet``, read by `pipeline.io.image_files.read_source`) are split by a
+The images (a PNG folder, ``.npy`` or ``.parquet``, read by `pipeline.models.sources.read_source`) are split by a
 fixed permutation (`split_parts`), so the same files always give the same parts whatever their order on disk
 is sorted by (a folder sorted by class still spreads every class over the three parts). The sweep names images
 by seed as for the bundled digits (`pipeline.models.digits.data_index`): tuning seeds ``s + i`` name image i of
@@ -94,7 +94,7 @@ class SweepData:
 def load_sweep_data(source: str, sample_shape: Sequence[int], data_range: tuple[float, float], base_seed: int,
                     block_size: int) -> SweepData:
     """Read `source` for a model (`read_source`: one line naming the first bad image) and split it (`split_parts`)."""
-    from pipeline.io.image_files import read_source
+    from pipeline.models.sources import read_source
 
     x, _ = read_source(source, sample_shape, data_range)
     idx = split_parts(len(x))
