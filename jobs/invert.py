@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.io.files import atomic_directory, atomic_write_bytes
-    from pipeline.io.image_files import read_images
+    from pipeline.models.sources import read_source
     from pipeline.io.noise_files import write_noise
     from pipeline.io.reports import write_table
     from pipeline.metrics.recon import round_trip
@@ -78,12 +78,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(args.out_dir)
     model = load_model(args.model)
     encode, decoder = _schedules(args, model)
-    if args.images.startswith("digits:"):
-        from pipeline.models.digits import digits_source
-
-        x0, names = digits_source(args.images, tuple(model.sample_shape), model.data_range)
-    else:
-        x0, names = read_images(args.images, model.sample_shape, model.data_range)
+    x0, names = read_source(args.images, model.sample_shape, model.data_range)
 
     rt = round_trip(model.denoiser, x0, encode, decoder.timesteps, model.alphas_cumprod, model.to_unit)
     mse = rt.errors.tolist()

@@ -59,6 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "`stridelab export --trial`), inversion (DDIM round trip of real images: the digits "
                         "tuning/validation/test parts for the bundled models, exact draws for gmm:) or "
                         "recon,inversion (default %(default)s)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="--objective inversion / recon,inversion: round-trip your own images instead of the model's "
+                        "data: a PNG folder, a .npy or a .parquet file as `stridelab invert` reads them (model size, "
+                        "data range) or digits:SPLIT[:N]; split by a fixed permutation into tuning (60%%), validation "
+                        "(20%%) and held-out (20%%) images, at least 10 in all; the parts set --num-seeds, "
+                        "--validation-seeds and --holdout-seeds")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
     add_seeds_args(p, d.num_seeds, "tuning seeds")
     add_deprecated_alias(p, "--seeds", "--num-seeds", "num_seeds", type=int)
@@ -123,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
         polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype, method=args.method,
         grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_loss=args.grad_loss, slack_radius=args.slack_radius,
+        data=args.data,
     )
     study_name = args.study_name or default_study_name(cfg)
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted

@@ -137,16 +137,20 @@ class EvaluatorFactory:
             to nodes started with them; their CPU share is sized from those nodes.
         placement_timeout: seconds a pool waits while no live node can host its actors (a node lost) before
             `PlacementTimeout` stops the sweep; 0: no limit.
+        loader: how the pool's workers load ``model.spec`` (default `pipeline.models.load.load_model`); a sweep on
+            the user's images passes `search.sweep.data.LoaderWithData` so the workers draw them too.
     """
 
     def __init__(self, model: LoadedModel, actors: int = 0, ray_address: str | None = None,
                  teacher_nfe: int | None = None, fid: bool = False, log: Callable[[str], None] = print,
                  gpus_per_actor: float | None = None, solver: str = DEFAULT_SOLVER, dtype: str = "float32",
                  inversion: bool = False, actor_resources: dict[str, float] | None = None,
-                 placement_timeout: float | None = None):
+                 placement_timeout: float | None = None,
+                 loader: Callable[[str, Any, Any], LoadedModel] | None = None):
         self.dtype = dtype
         self.actor_resources = parse_actor_resources(actor_resources)
         self.placement_timeout = check_placement_timeout(placement_timeout)
+        self.loader = loader
         self.model, self.actors, self.teacher_nfe, self.fid = model, int(actors), teacher_nfe, fid
         self.inversion = bool(inversion)
         self.solver = get_solver(solver).name
@@ -183,6 +187,8 @@ class EvaluatorFactory:
             kw: dict[str, Any] = {}
             if fid:
                 kw = dict(extra_metrics=("fid",), features=self._fid_inputs[0], reference=self._fid_inputs[1])
+            if self.loader is not None:
+                kw["loader"] = self.loader
             if self.actors > 0 and self.gpus_per_actor is not None:
                 kw["num_gpus"] = self.gpus_per_actor
             elif self.actors > 0:

@@ -127,7 +127,8 @@ def no_study_message(name: str | None, names: list[str]) -> str:
 
 IDENTITY_PARAMS = {"model": "`model`", "nfe": "`nfe`", "solver": "`solver`", "space": "`space`",
                    "objective": "`objective`", "tuning_seeds": "`seed` / `num_seeds`", "teacher_nfe": "`teacher_nfe`",
-                   "num_train_timesteps": "`model` (its checkpoint)", "alphas_cumprod_sha256": "`model` (its checkpoint)"}
+                   "num_train_timesteps": "`model` (its checkpoint)", "alphas_cumprod_sha256": "`model` (its checkpoint)",
+                   "data_sha256": "`data` (its images)"}
 """The parameters behind each identity key a resumed study checks, so a mismatch names what to change."""
 
 

@@ -91,6 +91,7 @@ class SweepConfig:
     grad_lr: float = 0.05
     grad_loss: str = "mse"
     slack_radius: float = 0.0
+    data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -128,6 +129,8 @@ class SweepConfig:
         if Objective(self.objective, self.fid_weight).multi:
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
+        need(self.data is None or Objective(self.objective, self.fid_weight).needs_inversion,
+             f"`data` holds images to round-trip: it needs `objective` inversion or recon,inversion, got {self.objective!r}")
 
     def gradient_config(self):
         """The `search.placement.gradient.GradientConfig` of ``method = "gradient"``."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from pipeline.models.load import LoadedModel
 from search.evaluators import EvaluatorFactory, Objective
 from search.study import fail_stale_running, finished_count, make_sampler, make_storage, missing_store, open_study
 from search.sweep import holdout, select
-from search.sweep.config import SweepConfig, SweepResult
+from search.sweep.config import HOLDOUT_OFFSET, SweepConfig, SweepResult
+from search.sweep.data import LoaderWithData, SweepData, attach, load_sweep_data
 from search.sweep.loop import Sweep
 from search.sweep.outputs import HeldOut, log_to_tracker, print_summary, sweep_provenance, write_files
 
@@ -72,9 +73,13 @@ def run_sweep(
     model = model or load_model(cfg.model, dtype=cfg.dtype)
     check_nfe(cfg.steps, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)
+    data = None
+    if cfg.data is not None:
+        cfg, data = _user_data(cfg, model, log)
     _check_data(cfg, model, objective)
     study_name = study_name or default_study_name(cfg)
-    study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log)
+    study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log,
+                        data_digest=data.digest if data is not None else None)
     run_dir = Path(out_dir) / study_name
     run_dir.mkdir(parents=True, exist_ok=True)
     placement = {"actor_resources": parse_actor_resources(actor_resources),
@@ -84,7 +89,7 @@ def run_sweep(
     factory = None
     if evaluators is None:
         factory = evaluators = _evaluator_factory(cfg, model, actors, ray_address, gpus_per_actor, objective, log,
-                                                  placement)
+                                                  placement, loader=LoaderWithData(data) if data is not None else None)
     status = "FAILED"
     try:
         t0 = time.perf_counter()
@@ -120,6 +125,17 @@ def run_sweep(
             factory.close()
 
 
+def _user_data(cfg: SweepConfig, model: LoadedModel, log: Callable[[str], None]) -> tuple[SweepConfig, SweepData]:
+    """Read and split the user's images (`search.sweep.data`), make `model` draw them, and size the three seed
+    ranges to the three parts (each part is used whole)."""
+    data = load_sweep_data(cfg.data, model.sample_shape, model.data_range, cfg.seed, HOLDOUT_OFFSET)
+    attach(model, data)
+    n = data.counts()
+    log(f"data: {sum(n.values())} images from {cfg.data}: {n['tuning']} tuning, {n['validation']} validation, "
+        f"{n['holdout']} held-out (these set the three seed counts)")
+    return replace(cfg, num_seeds=n["tuning"], validation_seeds=n["validation"], holdout_seeds=n["holdout"]), data
+
+
 def _check_data(cfg: SweepConfig, model: LoadedModel, objective: Objective) -> None:
     """An inversion objective needs a model that draws real data (``denoiser.sample_data(seeds)``: the digits
     images of `pipeline.models.digits.data_index` for the bundled models, exact draws for ``gmm:``), and every
@@ -136,7 +152,7 @@ def _check_data(cfg: SweepConfig, model: LoadedModel, objective: Objective) -> N
 
 
 def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_name: str, resume: bool,
-                objective: Objective, log: Callable[[str], None]) -> optuna.Study:
+                objective: Objective, log: Callable[[str], None], data_digest: str | None = None) -> optuna.Study:
     """Create (or resume, checking the identity it records and failing stale RUNNING trials) the study."""
     from search import export
 
@@ -145,6 +161,8 @@ def _open_study(cfg: SweepConfig, model: LoadedModel, storage_spec: str, study_n
                 "num_train_timesteps": model.num_train_timesteps,
                 "alphas_cumprod_sha256": export.alphas_cumprod_sha256(model.alphas_cumprod),
                 "tuning_seeds": [cfg.seed, cfg.num_seeds], "teacher_nfe": cfg.teacher_nfe}
+    if data_digest is not None:  # the user's images: a resume on other images is refused
+        identity["data_sha256"] = data_digest
     study = open_study(make_storage(storage_spec), study_name, objective.directions, sampler, identity, resume,
                        metric_names=cfg.objective.split(","))  # "recon", "recon,fid" -> recon, fid
     stale = fail_stale_running(study) if resume else []
@@ -208,11 +226,12 @@ def _end_story(status: str, study: optuna.Study, trials: int) -> str:
 
 def _evaluator_factory(cfg: SweepConfig, model: LoadedModel, actors: int, ray_address: str | None,
                        gpus_per_actor: float | None, objective: Objective,
-                       log: Callable[[str], None], placement: dict[str, Any] | None = None) -> EvaluatorFactory:
+                       log: Callable[[str], None], placement: dict[str, Any] | None = None,
+                       loader: Any = None) -> EvaluatorFactory:
     """The default evaluators: Ray actor pools (or this process) on `model`, with FID when the objective needs it."""
     factory = EvaluatorFactory(model, actors, ray_address, cfg.teacher_nfe, fid=objective.needs_fid, log=log,
                                gpus_per_actor=gpus_per_actor, solver=cfg.solver, dtype=cfg.dtype,
-                               inversion=objective.needs_inversion, **(placement or {}))
+                               inversion=objective.needs_inversion, loader=loader, **(placement or {}))
     log(f"evaluator: {factory.kind}; solver {cfg.solver}, {cfg.steps} steps ({cfg.nfe} model evaluations budget); "
         f"teacher {cfg.teacher_nfe or model.num_train_timesteps}-step DDIM")
     return factory
