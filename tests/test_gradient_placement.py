@@ -8,10 +8,12 @@ import torch
 
 from pipeline.core.schedules import uniform, validate_timesteps
 from pipeline.errors import StridelabError
-from pipeline.evaluation.gradient import (ddim_continuous, params_from_timesteps, project_to_ball, shard_loss_and_grad,
-                                          times_from_params)
+from pipeline.evaluation.gradient import (DIFFERENTIABLE, differentiable, dpmpp_2m_continuous, params_from_timesteps,
+                                          project_to_ball, shard_loss_and_grad, times_from_params)
 from pipeline.models.load import load_model
 from pipeline.solvers.ddim import ddim_sample
+from pipeline.solvers.dpmsolver import dpmpp_2m_sample
+from pipeline.solvers.registry import get_solver
 from search.placement.gradient import GradientConfig, gradient_placement, local_grad_fn, project_schedule
 
 GMM = "gmm:ring8"
@@ -29,15 +31,36 @@ def grad_fn(gmm):
     return local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64)
 
 
-def test_integer_steps_reproduce_ddim(gmm):
-    # At integer timesteps the continuous student is exactly the solver the sweep runs.
-    ts = [700, 420, 200, 90, 30]
+@pytest.mark.parametrize("solver", list(DIFFERENTIABLE))
+def test_integer_steps_reproduce_solver(gmm, solver):
+    # At integer timesteps each continuous student is exactly the solver the sweep runs (the 3M's orders
+    # 1, 2, 3, 3, 2, 1 all occur with six steps).
+    ts = [700, 420, 200, 90, 30, 8]
     theta = params_from_timesteps(ts, gmm.alphas_cumprod)
     t_frac, abar = times_from_params(theta, gmm.alphas_cumprod)
     assert torch.allclose(t_frac, torch.tensor(ts, dtype=torch.float64), atol=1e-9)
     x_T = torch.randn(6, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    ref = ddim_sample(gmm.denoiser, x_T, ts, gmm.alphas_cumprod)
-    assert torch.allclose(ddim_continuous(gmm.denoiser, x_T, t_frac, abar), ref, atol=1e-10)
+    ref = get_solver(solver).sample(gmm.denoiser, x_T, ts, gmm.alphas_cumprod)
+    out = differentiable(solver)(gmm.denoiser, x_T, t_frac, abar)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10)
+
+
+def test_continuous_2m_reproduces_2m_on_bundled_network():
+    # The same on a real diffusers UNet (the bundled digits model, float64): the network sees the
+    # fractional timestep as a float, which at integer values must embed exactly as the integer one.
+    m = load_model("bundled:digits")
+    m.denoiser.double()
+    ts = [900, 600, 350, 150, 40]
+    t_frac, abar = times_from_params(params_from_timesteps(ts, m.alphas_cumprod), m.alphas_cumprod)
+    x_T = torch.randn(2, *m.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = dpmpp_2m_sample(m.denoiser, x_T, ts, m.alphas_cumprod)
+    assert ref.abs().max() > 0.1  # a real image, not a degenerate zero
+    assert torch.allclose(dpmpp_2m_continuous(m.denoiser, x_T, t_frac, abar), ref, rtol=0, atol=1e-9)
+
+
+def test_unknown_student_lists_the_differentiable_solvers(gmm):
+    with pytest.raises(StridelabError, match="differentiates ddim, dpmsolver\\+\\+2m, dpmsolver\\+\\+3m only, got 'unipc'"):
+        local_grad_fn(gmm, SEEDS, TEACHER_NFE, solver="unipc")
 
 
 def test_any_logits_give_decreasing_steps_in_range(gmm):
@@ -46,34 +69,36 @@ def test_any_logits_give_decreasing_steps_in_range(gmm):
     assert (t_frac[1:] < t_frac[:-1]).all() and t_frac.min() >= 0 and t_frac.max() <= 999
 
 
+@pytest.mark.parametrize("solver", list(DIFFERENTIABLE))
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_gradient_matches_finite_differences(gmm, with_delta):
+def test_gradient_matches_finite_differences(gmm, with_delta, solver):
     x_T = torch.randn(4, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x0 = ddim_sample(gmm.denoiser, x_T, uniform(100, gmm.alphas_cumprod).timesteps, gmm.alphas_cumprod)
     theta = params_from_timesteps([800, 500, 250, 100, 20], gmm.alphas_cumprod)
     delta = 0.05 * torch.randn_like(x_T) if with_delta else None
-    loss, g, g_delta = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta)
+    loss, g, g_delta = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta, solver=solver)
     h = 1e-6
     for k in range(theta.numel()):
         e = torch.zeros_like(theta)
         e[k] = h
-        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta + e, gmm.alphas_cumprod, delta=delta)[0]
-        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta - e, gmm.alphas_cumprod, delta=delta)[0]
+        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta + e, gmm.alphas_cumprod, delta=delta, solver=solver)[0]
+        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta - e, gmm.alphas_cumprod, delta=delta, solver=solver)[0]
         assert g[k].item() == pytest.approx((lp - lm) / (2 * h), rel=1e-5, abs=1e-9)
     if with_delta:
         e = torch.zeros_like(delta)
         e[2, 1] = h
-        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta + e)[0]
-        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta - e)[0]
+        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta + e, solver=solver)[0]
+        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta - e, solver=solver)[0]
         assert g_delta[2, 1].item() == pytest.approx((lp - lm) / (2 * h), rel=1e-5, abs=1e-9)
     else:
         assert g_delta is None
     assert loss > 0
 
 
-@pytest.mark.parametrize("radius", [0.0, 0.1])
-def test_loss_decreases(gmm, grad_fn, radius):
-    res = gradient_placement(grad_fn, 5, gmm.alphas_cumprod, GradientConfig(iters=15, lr=0.05, slack_radius=radius),
+@pytest.mark.parametrize("solver, radius", [("ddim", 0.0), ("ddim", 0.1), ("dpmsolver++2m", 0.0)])
+def test_loss_decreases(gmm, grad_fn, solver, radius):
+    fn = grad_fn if solver == "ddim" else local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64, solver=solver)
+    res = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=15, lr=0.05, slack_radius=radius),
                              num_seeds=len(SEEDS), sample_shape=gmm.sample_shape)
     assert len(res.losses) == 16 and len(res.timesteps) == 16
     assert res.losses[-1] < 0.5 * res.losses[0]
@@ -115,13 +140,17 @@ def test_pool_gradient_equals_in_process(ray_local, gmm, grad_fn):
     theta = params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod)
     delta = 0.03 * torch.randn(len(SEEDS), *gmm.sample_shape, dtype=torch.float64,
                                generator=torch.Generator().manual_seed(2))
-    loss, g, gd = grad_fn(theta, delta)
+    fns = {"ddim": grad_fn, "dpmsolver++2m": local_grad_fn(gmm, SEEDS, TEACHER_NFE, torch.float64, "dpmsolver++2m")}
     with SamplerPool(GMM, SEEDS, TEACHER_NFE, actors=2, num_cpus=0.5) as pool:
         assert pool.actors == 2
-        ploss, pg, pgd = pool.gradient(theta, delta, dtype="float64")
-    assert ploss == pytest.approx(loss, rel=1e-12)
-    assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+        for solver, fn in fns.items():  # one pool for both students: its actors' teachers are the same
+            loss, g, gd = fn(theta, delta)
+            ploss, pg, pgd = pool.gradient(theta, delta, dtype="float64", solver=solver)
+            assert ploss == pytest.approx(loss, rel=1e-12)
+            assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
+            assert torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+    # the two students differ (the solver reached the actors)
+    assert not torch.allclose(fns["ddim"](theta, delta)[1], fns["dpmsolver++2m"](theta, delta)[1])
 
 
 def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
@@ -147,7 +176,8 @@ def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--grad-iters", "0"], "--grad-iters must be an integer >= 1"),
                                             (["--slack-radius", "-0.5"], "--slack-radius must be a finite number >= 0"),
-                                            (["--solver", "unipc"], "--method gradient differentiates ddim only")])
+                                            (["--solver", "unipc"],
+                                             "--method gradient differentiates ddim, dpmsolver++2m, dpmsolver++3m only")])
 def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
     from jobs.cli import main
 

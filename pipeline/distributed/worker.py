@@ -196,10 +196,11 @@ class SamplerWorker:
         return x0
 
     def gradient(self, seeds: Sequence[int], theta: torch.Tensor, teacher_nfe: int | None = None,
-                 delta: torch.Tensor | None = None, dtype: str = "float32") -> tuple[float, torch.Tensor, torch.Tensor | None]:
-        """(sum over the shard's seeds of the continuous-DDIM loss, its gradient in theta, in delta) against the
-        shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student runs in
-        `dtype`). The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
+                 delta: torch.Tensor | None = None, dtype: str = "float32",
+                 solver: str = "ddim") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+        """(sum over the shard's seeds of the continuous student's loss, its gradient in theta, in delta) against
+        the shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student is
+        `solver`'s differentiable twin, run in `dtype`). The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
         self._calls += 1
         self._trace("gradient", "start")
         teach = self.teacher(seeds, teacher_nfe)
@@ -208,7 +209,7 @@ class SamplerWorker:
         dt = getattr(torch, dtype)
         lo, hi = self.model.data_range
         out = shard_loss_and_grad(self.model.denoiser, teach.x_T.to(dt), teach.x0.to(dt), theta,
-                                  self.model.alphas_cumprod, delta=delta, scale=1.0 / (hi - lo))
+                                  self.model.alphas_cumprod, delta=delta, scale=1.0 / (hi - lo), solver=solver)
         self._trace("gradient", "done")
         return out
 

@@ -89,15 +89,18 @@ class GradientResult:
 
 
 def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> GradFn:
-    """A `GradFn` over all `seeds` in this process (the teacher is computed once, here).
+                  dtype: torch.dtype = torch.float32, solver: str = "ddim") -> GradFn:
+    """A `GradFn` over all `seeds` in this process (the teacher is computed once, here); the student is
+    `solver`'s differentiable twin (`pipeline.evaluation.gradient.DIFFERENTIABLE`).
 
     The teacher is the sweep's (`make_teacher`); the student runs in `dtype` (float64 on the analytic
     models makes gradients comparable to float tolerance). The loss is on the [0, 1] scale of
     `model.data_range`.
     """
+    from pipeline.evaluation.gradient import differentiable
     from pipeline.evaluation.inprocess import make_teacher
 
+    differentiable(solver)  # an unknown solver fails here, before the teacher is computed
     teacher = make_teacher(model, list(seeds), nfe=teacher_nfe)
     lo, hi = model.data_range
     x0 = teacher.x0.to(dtype)
@@ -105,7 +108,7 @@ def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
         return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
-                                   delta=delta, scale=1.0 / (hi - lo))
+                                   delta=delta, scale=1.0 / (hi - lo), solver=solver)
 
     return fn
 

@@ -164,7 +164,7 @@ class Sweep:
 
         t0 = time.perf_counter()
         gc = self.cfg.gradient_config()
-        fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe)
+        fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe, solver=self.cfg.solver)
 
         def on_iter(it: int, loss: float, t_now) -> None:
             if self.tracker is not None:
