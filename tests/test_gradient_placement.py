@@ -187,3 +187,32 @@ def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_sweep_gradient_on_actor_pools_equals_in_process(ray_local, tmp_path):
+    # With actors the sweep's gradient runs data-parallel on its two live pools (the pruning screen's seeds
+    # and the rest, 2 actors each at a fractional CPU share); the placement must be the one computed in this
+    # process, up to float32 summation order.
+    import optuna
+
+    from search.study import make_storage
+    from search.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(model=GMM, nfe=5, solver="dpmsolver++2m", trials=3, num_seeds=12, screen_seeds=4,
+                      holdout_seeds=4, validation_seeds=0, baselines=("uniform", "quadratic"), teacher_nfe=40,
+                      holdout_fid=False, method="gradient", grad_iters=6, grad_lr=0.1, slack_radius=0.05)
+    lines: dict[int, list[str]] = {0: [], 2: []}
+    for a in (0, 2):
+        run_sweep(cfg, study_name=f"a{a}", out_dir=tmp_path, actors=a, track=False, figures=False,
+                  log=lines[a].append)
+    assert any("gradient placement (6 iterations, on the actor pools" in s for s in lines[2])
+    assert any("gradient placement (6 iterations, in process" in s for s in lines[0])
+    storage = make_storage(tmp_path / "optuna.journal")
+    grad = {a: [t for t in optuna.load_study(study_name=f"a{a}", storage=storage).trials
+                if t.user_attrs.get("kind") == "gradient"] for a in (0, 2)}
+    (g0,), (g2,) = grad[0], grad[2]
+    assert len(g0.user_attrs["gradient_losses"]) == 7
+    assert g0.user_attrs["gradient_losses"][-1] < g0.user_attrs["gradient_losses"][0]
+    assert g2.user_attrs["gradient_losses"] == pytest.approx(g0.user_attrs["gradient_losses"], rel=1e-4)
+    assert g2.user_attrs["continuous_timesteps"] == pytest.approx(g0.user_attrs["continuous_timesteps"], rel=1e-4)
+    assert g2.user_attrs["timesteps"] == g0.user_attrs["timesteps"]

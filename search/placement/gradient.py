@@ -4,8 +4,9 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
 1. The n steps are n + 1 softmax logits over the log-sigma range (`pipeline.evaluation.gradient`), started
    from an integer schedule (default uniform); any logits give a valid, strictly decreasing placement.
 2. Each iteration: the loss (per-seed MSE on the [0, 1] scale vs the teacher, averaged over the seeds) and
-   its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `SamplerPool.gradient`, each
-   actor on its seed shard, summed and divided once by the seed count here). One Adam step.
+   its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `pool_grad_fn` over
+   `SamplerPool.gradient`, each actor on its seed shard, summed and divided once by the seed count here).
+   One Adam step. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
 3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
@@ -109,6 +110,31 @@ def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
         return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
                                    delta=delta, scale=1.0 / (hi - lo), solver=solver)
+
+    return fn
+
+
+def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32") -> GradFn:
+    """A `GradFn` over the seeds of `pools` together, in their order (each a `SamplerPool`; each of its actors
+    differentiates its shard against its resident teacher, `SamplerPool.gradient`).
+
+    delta's rows follow the concatenated seeds: each pool gets its slice. The sums add up exactly, so the
+    Adam loop divides once by the seed count, as with `local_grad_fn`.
+    """
+    from pipeline.evaluation.gradient import differentiable
+
+    differentiable(solver)
+    pools = list(pools)
+    bounds, a = [], 0
+    for p in pools:
+        bounds.append((a, a + len(p.seeds)))
+        a += len(p.seeds)
+
+    def fn(theta: torch.Tensor, delta: torch.Tensor | None):
+        parts = [p.gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver)
+                 for p, (lo, hi) in zip(pools, bounds)]
+        g_delta = None if delta is None else torch.cat([q[2] for q in parts])
+        return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
     return fn
 
