@@ -216,3 +216,35 @@ def test_sweep_gradient_on_actor_pools_equals_in_process(ray_local, tmp_path):
     assert g2.user_attrs["gradient_losses"] == pytest.approx(g0.user_attrs["gradient_losses"], rel=1e-4)
     assert g2.user_attrs["continuous_timesteps"] == pytest.approx(g0.user_attrs["continuous_timesteps"], rel=1e-4)
     assert g2.user_attrs["timesteps"] == g0.user_attrs["timesteps"]
+
+
+def test_sweep_logs_gradient_path_to_mlflow(tmp_path):
+    # Real sqlite MLflow: the parent run carries the loss per iteration (metric) and the step positions per
+    # iteration (JSON and plot artifacts), and the JSON is the course the trial recorded.
+    import json
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from search.study import make_storage
+    from search.sweep import SweepConfig, run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = SweepConfig(model=GMM, nfe=4, trials=2, num_seeds=8, holdout_seeds=4, validation_seeds=0,
+                      baselines=("uniform",), teacher_nfe=40, holdout_fid=False, prune=False, method="gradient",
+                      grad_iters=4, grad_lr=0.1, grid_seeds=4)
+    res = run_sweep(cfg, study_name="g", out_dir=tmp_path / "out", actors=0, tracking_uri=uri, figures=True,
+                    log=lambda *_: None)
+    c = MlflowClient(uri)
+    arts = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"gradient_path.json", "gradient_path.png"} <= arts
+    got = json.loads(open(c.download_artifacts(res.parent_run_id, "gradient_path.json", str(tmp_path))).read())
+    (trial,) = [t for t in optuna.load_study(study_name="g", storage=make_storage(tmp_path / "out" / "optuna.journal")
+                                             ).trials if t.user_attrs.get("kind") == "gradient"]
+    assert got["iteration"] == [0, 1, 2, 3, 4] and got["solver"] == "ddim"
+    assert got["continuous_timesteps"] == trial.user_attrs["gradient_path"]
+    assert len(got["continuous_timesteps"][0]) == 4 and got["continuous_timesteps"][0] != got["continuous_timesteps"][-1]
+    assert got["timesteps"] == trial.user_attrs["timesteps"]
+    hist = sorted(c.get_metric_history(res.parent_run_id, "gradient_loss"), key=lambda m: m.step)
+    assert [m.step for m in hist] == [0, 1, 2, 3, 4]
+    assert [m.value for m in hist] == pytest.approx(got["loss"], rel=1e-12)

@@ -162,7 +162,8 @@ class Sweep:
         """The LD3-style placement on the tuning seeds, its loss per iteration logged on the parent run
         (``gradient_loss``, step = iteration). On the sweep's actor pools (each actor differentiates its shard
         against its resident teacher) when the evaluators are pools, else in this process. Returns the schedule
-        and the trial's extra user attrs (continuous steps and loss per iteration)."""
+        and the trial's extra user attrs: the final continuous steps, the loss and the continuous steps per
+        iteration (`search.sweep.outputs` writes the latter two as ``gradient_path.json`` and a plot)."""
         from search.placement.gradient import gradient_placement, local_grad_fn, pool_grad_fn
 
         t0 = time.perf_counter()
@@ -185,7 +186,7 @@ class Sweep:
         self.log(f"gradient placement ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): loss "
                  f"{res.losses[0]:.3g} -> {res.losses[-1]:.3g}; {list(res.schedule.timesteps)}")
         return res.schedule, {"continuous_timesteps": list(res.schedule.meta["continuous_timesteps"]),
-                              "gradient_losses": list(res.losses)}
+                              "gradient_losses": list(res.losses), "gradient_path": [list(t) for t in res.timesteps]}
 
     def _add_fixed(self, scheds: list[Schedule], kind: str, extra: dict[str, Any] | None = None) -> None:
         """Evaluate fixed schedules (warm starts) on all tuning seeds and add each to the study as a trial of `kind`
