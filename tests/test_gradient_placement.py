@@ -248,3 +248,6 @@ def test_sweep_logs_gradient_path_to_mlflow(tmp_path):
     hist = sorted(c.get_metric_history(res.parent_run_id, "gradient_loss"), key=lambda m: m.step)
     assert [m.step for m in hist] == [0, 1, 2, 3, 4]
     assert [m.value for m in hist] == pytest.approx(got["loss"], rel=1e-12)
+    # the placement alone has its own held-out row, compared with the best baseline like every warm start
+    (row,) = [r for r in res.rows if r["schedule"] == "gradient"]
+    assert row["timesteps"] == " ".join(map(str, trial.user_attrs["timesteps"])) and "x_best_baseline_lo" in row
