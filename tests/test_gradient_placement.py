@@ -59,7 +59,8 @@ def test_continuous_2m_reproduces_2m_on_bundled_network():
 
 
 def test_unknown_student_lists_the_differentiable_solvers(gmm):
-    with pytest.raises(StridelabError, match="differentiates ddim, dpmsolver\\+\\+2m, dpmsolver\\+\\+3m only, got 'unipc'"):
+    with pytest.raises(StridelabError, match="`solver` must be one of ddim, dpmsolver\\+\\+2m, dpmsolver\\+\\+3m for "
+                                             "gradient placement .*, got 'unipc'"):
         local_grad_fn(gmm, SEEDS, TEACHER_NFE, solver="unipc")
 
 
@@ -128,7 +129,7 @@ def test_projection_gives_distinct_integers(gmm):
     assert project_schedule(params_from_timesteps(ts, gmm.alphas_cumprod), gmm.alphas_cumprod).timesteps == ts
 
 
-@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="lpips")])
+@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="l1")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(StridelabError):
         GradientConfig(**bad)
@@ -176,6 +177,9 @@ def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--grad-iters", "0"], "--grad-iters must be an integer >= 1"),
                                             (["--slack-radius", "-0.5"], "--slack-radius must be a finite number >= 0"),
+                                            (["--grad-loss", "features"],
+                                             "--grad-loss features compares 1x8x8 images (the bundled digits feature "
+                                             "network); this model's samples have shape (2,)"),
                                             (["--solver", "unipc"],
                                              "--method gradient differentiates ddim, dpmsolver++2m, dpmsolver++3m only")])
 def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
@@ -251,3 +255,50 @@ def test_sweep_logs_gradient_path_to_mlflow(tmp_path):
     # the placement alone has its own held-out row, compared with the best baseline like every warm start
     (row,) = [r for r in res.rows if r["schedule"] == "gradient"]
     assert row["timesteps"] == " ".join(map(str, trial.user_attrs["timesteps"])) and "x_best_baseline_lo" in row
+
+
+def test_feature_loss_gradient_matches_finite_differences():
+    # The feature-space loss on the bundled digits (UNet student, DPM-Solver++ 2M, feature network, float64):
+    # the gradient in delta (the student's input, so every step and the feature net are on the path) along a
+    # random direction equals the central difference. (Not checked in theta here: the UNet embeds its timestep
+    # in float32, as diffusers casts it, and the feature net's ReLUs and max-pools are kinked, so no step size
+    # makes a float64 difference in t both exact and smooth; theta's path is the mse one, checked on gmm.)
+    from pipeline.evaluation.distances import make_distance
+
+    m = load_model("bundled:digits")
+    m.denoiser.double()
+    dist = make_distance("features", m.data_range, m.sample_shape)
+    x_T = torch.randn(2, *m.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    teacher = ddim_sample(m.denoiser, x_T, uniform(50, m.alphas_cumprod).timesteps, m.alphas_cumprod)
+    assert dist(teacher, teacher).abs().max() == 0
+    theta = params_from_timesteps([850, 500, 200, 30], m.alphas_cumprod)
+    u = torch.randn(x_T.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    delta = torch.zeros_like(x_T)
+
+    def loss_at(d):
+        return shard_loss_and_grad(m.denoiser, x_T, teacher, theta, m.alphas_cumprod, delta=d, distance=dist,
+                                   solver="dpmsolver++2m")
+
+    loss, g, g_delta = loss_at(delta)
+    assert loss > 0 and g.abs().max() > 0
+    h = 1e-6
+    fd = (loss_at(delta + h * u)[0] - loss_at(delta - h * u)[0]) / (2 * h)
+    assert float((g_delta * u).sum()) == pytest.approx(fd, rel=1e-6)
+
+
+def test_lpips_missing_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    from jobs.cli import main
+
+    if importlib.util.find_spec("lpips") is not None:
+        pytest.skip("the lpips package is installed here: the missing-package message cannot occur")
+    with pytest.raises(StridelabError, match="lpips needs the lpips package .* but the Python package lpips is not "
+                                             "installed; use features or mse"):
+        GradientConfig(loss="lpips")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "bundled:digits", "--method", "gradient", "--grad-loss", "lpips", "--actors", "0",
+                 "--no-mlflow", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: --grad-loss lpips needs the lpips package" in err[0], err
+    assert not out.exists()

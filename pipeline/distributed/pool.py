@@ -240,13 +240,14 @@ class SamplerPool:
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None,
-                 dtype: str = "float32", solver: str = "ddim") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+                 dtype: str = "float32", solver: str = "ddim",
+                 loss: str = "mse") -> tuple[float, torch.Tensor, torch.Tensor | None]:
         """Data-parallel `SamplerWorker.gradient` over the pool's seeds: each actor differentiates its shard
-        (student: `solver`'s differentiable twin) against its resident teacher; returns the sums over all seeds (a `GradFn`, see
+        (student: `solver`'s differentiable twin, distance `loss`) against its resident teacher; returns the sums over all seeds (a `GradFn`, see
         `search.placement.gradient`), delta's gradient in seed order. `delta`: [len(seeds), ...] or None."""
         theta = theta.detach().cpu()
         refs = [self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
-                           None if delta is None else delta[a:b].detach().cpu(), dtype, solver)
+                           None if delta is None else delta[a:b].detach().cpu(), dtype, solver, loss)
                 for i, (a, b) in enumerate(self.shards)]
         parts = _ray_get(refs)
         total = sum(p[0] for p in parts)

@@ -16,8 +16,9 @@ name           meaning                                                          
 ``t_frac``     the steps as fractional timesteps [n], strictly decreasing, in (0, T-1)  t_i
 ``delta``      the student's input offset [B, ...]: the student starts from x_T + delta  x'_T - x_T
                (soft teacher forcing: delta stays in a ball, see `project_to_ball`)
-``loss``       per seed: mean over dimensions of (x0_student - x0_teacher)^2 on the     d(., .)
-               [0, 1] scale (``scale`` = 1 / (data_range width))
+``loss``       per seed: a distance between x0_student and x0_teacher, by default the   d(., .)
+               mean over dimensions of their squared difference on the [0, 1] scale
+               (``scale`` = 1 / (data_range width)); see `pipeline.evaluation.distances`
 =============  =====================================================================  ==================
 
 Any theta gives a valid placement (softmax gaps are positive and sum to 1, so the steps are strictly
@@ -33,6 +34,7 @@ import torch
 
 from pipeline.core.noise import abar_from_sigma, sigmas_of, t_from_sigma
 from pipeline.errors import StridelabError
+from pipeline.evaluation.distances import Distance, per_seed_mse
 
 # Smallest gap (fraction of the log-sigma range) an integer schedule is lifted to: the noisiest step of a
 # uniform schedule sits exactly at sigma_max (gap 0), whose logit would be -inf.
@@ -155,14 +157,9 @@ def differentiable(solver: str):
     """The differentiable twin of `solver` (`DIFFERENTIABLE`); raises StridelabError listing the ones there are."""
     fn = DIFFERENTIABLE.get(solver)
     if fn is None:
-        raise StridelabError(f"gradient placement differentiates {', '.join(DIFFERENTIABLE)} only, got {solver!r}",
-                             param="solver")
+        raise StridelabError(f"must be one of {', '.join(DIFFERENTIABLE)} for gradient placement (the solvers with a "
+                             f"differentiable twin), got {solver!r}", param="solver")
     return fn
-
-
-def per_seed_mse(x: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean over dimensions of ((x - target) * scale)^2, per row: [B] (the recon metric's definition)."""
-    return ((x - target) * scale).pow(2).flatten(1).mean(1)
 
 
 def shard_loss_and_grad(
@@ -175,6 +172,7 @@ def shard_loss_and_grad(
     delta: torch.Tensor | None = None,
     scale: float = 0.5,
     solver: str = "ddim",
+    distance: Distance | None = None,
 ) -> tuple[float, torch.Tensor, torch.Tensor | None]:
     """Sum over the shard's seeds of the student's loss, and its gradients.
 
@@ -185,6 +183,8 @@ def shard_loss_and_grad(
         delta: the student's input offsets [B, ...] (soft teacher forcing), or None (start at x_T).
         scale: 1 / width of the data range (0.5 for [-1, 1]): the loss is on the [0, 1] scale.
         solver: the student (a name in `DIFFERENTIABLE`).
+        distance: per-seed ``d(x0_student, x0_teacher) -> [B]`` (`pipeline.evaluation.distances`); default the
+            MSE on the [0, 1] scale given by `scale`.
     Returns:
         (sum of per-seed losses, d sum / d theta [n + 1] float64 CPU, d sum / d delta [B, ...] CPU or None).
         Sums, not means, so shards add up exactly and the driver divides once by the seed count.
@@ -200,7 +200,8 @@ def shard_loss_and_grad(
     with torch.enable_grad():
         t_frac, abar = times_from_params(theta, alphas_cumprod)
         x0 = student(denoiser, x_in, t_frac.to(x_T.device), abar.to(x_T.device))
-        loss = per_seed_mse(x0, x0_teacher.to(x0.dtype), scale).sum()
+        target = x0_teacher.to(x0.device, x0.dtype)
+        loss = (distance(x0, target) if distance is not None else per_seed_mse(x0, target, scale)).sum()
         grads = torch.autograd.grad(loss, leaves)
     g_delta = grads[1].detach().cpu() if delta is not None else None
     return float(loss.detach()), grads[0].detach().cpu(), g_delta

@@ -37,7 +37,7 @@ from pipeline.core.schedules import Schedule, project_to_distinct, uniform
 from pipeline.errors import StridelabError
 from pipeline.evaluation.gradient import params_from_timesteps, project_to_ball, shard_loss_and_grad, times_from_params
 
-GradLoss = Literal["mse"]
+GradLoss = Literal["mse", "features", "lpips"]
 
 GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[float, torch.Tensor, "torch.Tensor | None"]]
 """``grad_fn(theta [n + 1], delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
@@ -51,7 +51,9 @@ class GradientConfig:
         iters: Adam iterations (>= 1).
         lr: Adam learning rate on the logits (and on delta).
         slack_radius: LD3's soft-teacher-forcing radius r (units of the noise's per-dimension std); 0 = none.
-        loss: the distance to the teacher: "mse" (per-dimension MSE on the [0, 1] scale).
+        loss: the per-seed distance to the teacher (`pipeline.evaluation.distances`): "mse" (per-dimension MSE
+            on the [0, 1] scale), "features" (squared distance of the bundled digits feature network's
+            embeddings), "lpips" (where the lpips package and its weights are installed).
     """
 
     iters: int = 100
@@ -67,9 +69,9 @@ class GradientConfig:
         if not (isinstance(self.slack_radius, (int, float)) and math.isfinite(self.slack_radius)
                 and self.slack_radius >= 0):
             raise StridelabError(f"must be a finite number >= 0, got {self.slack_radius!r}", param="slack_radius")
-        if self.loss != "mse":
-            raise StridelabError(f"unknown loss {self.loss!r}; choose one of mse (features is not implemented yet)",
-                                 param="grad_loss")
+        from pipeline.evaluation.distances import check_available
+
+        check_available(self.loss)
 
 
 @dataclass(frozen=True)
@@ -90,31 +92,33 @@ class GradientResult:
 
 
 def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
-                  dtype: torch.dtype = torch.float32, solver: str = "ddim") -> GradFn:
+                  dtype: torch.dtype = torch.float32, solver: str = "ddim", loss: str = "mse") -> GradFn:
     """A `GradFn` over all `seeds` in this process (the teacher is computed once, here); the student is
-    `solver`'s differentiable twin (`pipeline.evaluation.gradient.DIFFERENTIABLE`).
+    `solver`'s differentiable twin (`pipeline.evaluation.gradient.DIFFERENTIABLE`), compared with the teacher
+    by the distance `loss` (`pipeline.evaluation.distances`).
 
     The teacher is the sweep's (`make_teacher`); the student runs in `dtype` (float64 on the analytic
     models makes gradients comparable to float tolerance). The loss is on the [0, 1] scale of
     `model.data_range`.
     """
+    from pipeline.evaluation.distances import make_distance
     from pipeline.evaluation.gradient import differentiable
     from pipeline.evaluation.inprocess import make_teacher
 
-    differentiable(solver)  # an unknown solver fails here, before the teacher is computed
+    differentiable(solver)  # an unknown solver or distance fails here, before the teacher is computed
+    distance = make_distance(loss, model.data_range, model.sample_shape)
     teacher = make_teacher(model, list(seeds), nfe=teacher_nfe)
-    lo, hi = model.data_range
     x0 = teacher.x0.to(dtype)
     x_T = teacher.x_T.to(x0.device, dtype)
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
         return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
-                                   delta=delta, scale=1.0 / (hi - lo), solver=solver)
+                                   delta=delta, solver=solver, distance=distance)
 
     return fn
 
 
-def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32") -> GradFn:
+def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", loss: str = "mse") -> GradFn:
     """A `GradFn` over the seeds of `pools` together, in their order (each a `SamplerPool`; each of its actors
     differentiates its shard against its resident teacher, `SamplerPool.gradient`).
 
@@ -131,7 +135,7 @@ def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32") 
         a += len(p.seeds)
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
-        parts = [p.gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver)
+        parts = [p.gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss)
                  for p, (lo, hi) in zip(pools, bounds)]
         g_delta = None if delta is None else torch.cat([q[2] for q in parts])
         return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta

@@ -171,10 +171,11 @@ class Sweep:
         pools = [ev for ev in (self.screen, self.rest) if ev is not None]
         if all(callable(getattr(ev, "gradient", None)) for ev in pools):
             # screen seeds then the rest: together the tuning seeds in order (delta's rows)
-            fn = pool_grad_fn(pools, solver=self.cfg.solver)
+            fn = pool_grad_fn(pools, solver=self.cfg.solver, loss=gc.loss)
             where = "in process" if all(getattr(ev, "local", False) for ev in pools) else "on the actor pools"
         else:
-            fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe, solver=self.cfg.solver)
+            fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe, solver=self.cfg.solver,
+                               loss=gc.loss)
             where = "in process"
 
         def on_iter(it: int, loss: float, t_now) -> None:

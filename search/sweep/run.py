@@ -67,6 +67,10 @@ def run_sweep(
     check_nfe(cfg.steps, model.num_train_timesteps)
     objective = Objective(cfg.objective, cfg.fid_weight)
     _check_data(cfg, model, objective)
+    if cfg.method == "gradient":  # the distance must fit the model's samples: checked before the first teacher
+        from pipeline.evaluation.distances import make_distance
+
+        make_distance(cfg.grad_loss, model.data_range, model.sample_shape)
     study_name = study_name or default_study_name(cfg)
     study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log)
     run_dir = Path(out_dir) / study_name
