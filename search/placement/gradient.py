@@ -120,7 +120,7 @@ def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
 
 def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", loss: str = "mse") -> GradFn:
     """A `GradFn` over the seeds of `pools` together, in their order (each a `SamplerPool`; each of its actors
-    differentiates its shard against its resident teacher, `SamplerPool.gradient`).
+    differentiates its shard against its resident teacher, `SamplerPool.submit_gradient`, all pools at once).
 
     delta's rows follow the concatenated seeds: each pool gets its slice. The sums add up exactly, so the
     Adam loop divides once by the seed count, as with `local_grad_fn`.
@@ -135,8 +135,10 @@ def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", 
         a += len(p.seeds)
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
-        parts = [p.gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss)
+        # every pool's actors start before any result is awaited: the pools differentiate concurrently
+        waits = [p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss)
                  for p, (lo, hi) in zip(pools, bounds)]
+        parts = [w() for w in waits]
         g_delta = None if delta is None else torch.cat([q[2] for q in parts])
         return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
@@ -173,7 +175,7 @@ def gradient_placement(
 
     Args:
         grad_fn: sums over `num_seeds` seeds (see `GradFn`).
-        n: steps (NFE of DDIM).
+        n: steps of the student's solver.
         alphas_cumprod: the model's abar table [T].
         config: iterations, learning rate, slack radius.
         num_seeds: what the sums are divided by.

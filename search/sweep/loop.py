@@ -169,7 +169,7 @@ class Sweep:
         t0 = time.perf_counter()
         gc = self.cfg.gradient_config()
         pools = [ev for ev in (self.screen, self.rest) if ev is not None]
-        if all(callable(getattr(ev, "gradient", None)) for ev in pools):
+        if all(callable(getattr(ev, "submit_gradient", None)) for ev in pools):
             # screen seeds then the rest: together the tuning seeds in order (delta's rows)
             fn = pool_grad_fn(pools, solver=self.cfg.solver, loss=gc.loss)
             where = "in process" if all(getattr(ev, "local", False) for ev in pools) else "on the actor pools"
