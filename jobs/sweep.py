@@ -44,8 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "integer timesteps and added to the study as a warm start (default %(default)s)")
     p.add_argument("--grad-iters", type=int, default=100, help="--method gradient: Adam iterations (default %(default)s)")
     p.add_argument("--grad-lr", type=float, default=0.05, help="--method gradient: Adam learning rate (default %(default)s)")
-    p.add_argument("--grad-loss", choices=("mse",), default="mse",
-                   help="--method gradient: distance to the teacher, mse on the [0, 1] scale (default %(default)s)")
+    p.add_argument("--grad-loss", choices=("mse", "features", "lpips"), default="mse",
+                   help="--method gradient: distance to the teacher: mse on the [0, 1] scale, features (the bundled "
+                        "digits feature network's embeddings), lpips (needs the lpips package and its weights "
+                        "installed) (default %(default)s)")
     p.add_argument("--slack-radius", type=float, default=0.0,
                    help="--method gradient: LD3 soft teacher forcing, the student may start within this radius "
                         "(per-dimension noise std units) of the teacher's noise; 0 = none (default %(default)s)")

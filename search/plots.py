@@ -58,6 +58,26 @@ def steps_plot(schedules: Mapping[str, Schedule], alphas_cumprod: torch.Tensor, 
     return Path(path)
 
 
+def gradient_path_plot(path: Sequence[Sequence[float]], losses: Sequence[float], out: str | os.PathLike) -> Path:
+    """The gradient placement's course: each step's continuous timestep per iteration (left; path [iters + 1][n])
+    and the mean loss per iteration (right, log scale)."""
+    plt = _plt()
+    steps = np.asarray(path, dtype=float)
+    its = np.arange(steps.shape[0])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i in range(steps.shape[1]):
+        axes[0].plot(its, steps[:, i], lw=1.2, label=f"step {i}")
+    axes[0].set(xlabel="iteration", ylabel="timestep t_i (continuous)", title="step positions")
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[1].plot(its, np.asarray(losses, dtype=float), lw=1.5, color="black")
+    axes[1].set_yscale("log")
+    axes[1].set(xlabel="iteration", ylabel="mean loss vs teacher", title="gradient loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
 def history_plot(trials: Sequence[Any], path: str | os.PathLike, multi: bool = False) -> Path:
     """Objective per trial (complete / pruned / warm start) and best-so-far; for two objectives the Pareto plot."""
     plt = _plt()

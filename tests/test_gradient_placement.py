@@ -8,10 +8,12 @@ import torch
 
 from pipeline.core.schedules import uniform, validate_timesteps
 from pipeline.errors import StridelabError
-from pipeline.evaluation.gradient import (ddim_continuous, params_from_timesteps, project_to_ball, shard_loss_and_grad,
-                                          times_from_params)
+from pipeline.evaluation.gradient import (DIFFERENTIABLE, differentiable, dpmpp_2m_continuous, params_from_timesteps,
+                                          project_to_ball, shard_loss_and_grad, times_from_params)
 from pipeline.models.load import load_model
 from pipeline.solvers.ddim import ddim_sample
+from pipeline.solvers.dpmsolver import dpmpp_2m_sample
+from pipeline.solvers.registry import get_solver
 from search.placement.gradient import GradientConfig, gradient_placement, local_grad_fn, project_schedule
 
 GMM = "gmm:ring8"
@@ -29,15 +31,37 @@ def grad_fn(gmm):
     return local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64)
 
 
-def test_integer_steps_reproduce_ddim(gmm):
-    # At integer timesteps the continuous student is exactly the solver the sweep runs.
-    ts = [700, 420, 200, 90, 30]
+@pytest.mark.parametrize("solver", list(DIFFERENTIABLE))
+def test_integer_steps_reproduce_solver(gmm, solver):
+    # At integer timesteps each continuous student is exactly the solver the sweep runs (the 3M's orders
+    # 1, 2, 3, 3, 2, 1 all occur with six steps).
+    ts = [700, 420, 200, 90, 30, 8]
     theta = params_from_timesteps(ts, gmm.alphas_cumprod)
     t_frac, abar = times_from_params(theta, gmm.alphas_cumprod)
     assert torch.allclose(t_frac, torch.tensor(ts, dtype=torch.float64), atol=1e-9)
     x_T = torch.randn(6, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    ref = ddim_sample(gmm.denoiser, x_T, ts, gmm.alphas_cumprod)
-    assert torch.allclose(ddim_continuous(gmm.denoiser, x_T, t_frac, abar), ref, atol=1e-10)
+    ref = get_solver(solver).sample(gmm.denoiser, x_T, ts, gmm.alphas_cumprod)
+    out = differentiable(solver)(gmm.denoiser, x_T, t_frac, abar)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-10)
+
+
+def test_continuous_2m_reproduces_2m_on_bundled_network():
+    # The same on a real diffusers UNet (the bundled digits model, float64): the network sees the
+    # fractional timestep as a float, which at integer values must embed exactly as the integer one.
+    m = load_model("bundled:digits")
+    m.denoiser.double()
+    ts = [900, 600, 350, 150, 40]
+    t_frac, abar = times_from_params(params_from_timesteps(ts, m.alphas_cumprod), m.alphas_cumprod)
+    x_T = torch.randn(2, *m.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    ref = dpmpp_2m_sample(m.denoiser, x_T, ts, m.alphas_cumprod)
+    assert ref.abs().max() > 0.1  # a real image, not a degenerate zero
+    assert torch.allclose(dpmpp_2m_continuous(m.denoiser, x_T, t_frac, abar), ref, rtol=0, atol=1e-9)
+
+
+def test_unknown_student_lists_the_differentiable_solvers(gmm):
+    with pytest.raises(StridelabError, match="`solver` must be one of ddim, dpmsolver\\+\\+2m, dpmsolver\\+\\+3m for "
+                                             "gradient placement .*, got 'unipc'"):
+        local_grad_fn(gmm, SEEDS, TEACHER_NFE, solver="unipc")
 
 
 def test_any_logits_give_decreasing_steps_in_range(gmm):
@@ -46,34 +70,36 @@ def test_any_logits_give_decreasing_steps_in_range(gmm):
     assert (t_frac[1:] < t_frac[:-1]).all() and t_frac.min() >= 0 and t_frac.max() <= 999
 
 
+@pytest.mark.parametrize("solver", list(DIFFERENTIABLE))
 @pytest.mark.parametrize("with_delta", [False, True])
-def test_gradient_matches_finite_differences(gmm, with_delta):
+def test_gradient_matches_finite_differences(gmm, with_delta, solver):
     x_T = torch.randn(4, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x0 = ddim_sample(gmm.denoiser, x_T, uniform(100, gmm.alphas_cumprod).timesteps, gmm.alphas_cumprod)
     theta = params_from_timesteps([800, 500, 250, 100, 20], gmm.alphas_cumprod)
     delta = 0.05 * torch.randn_like(x_T) if with_delta else None
-    loss, g, g_delta = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta)
+    loss, g, g_delta = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta, solver=solver)
     h = 1e-6
     for k in range(theta.numel()):
         e = torch.zeros_like(theta)
         e[k] = h
-        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta + e, gmm.alphas_cumprod, delta=delta)[0]
-        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta - e, gmm.alphas_cumprod, delta=delta)[0]
+        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta + e, gmm.alphas_cumprod, delta=delta, solver=solver)[0]
+        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta - e, gmm.alphas_cumprod, delta=delta, solver=solver)[0]
         assert g[k].item() == pytest.approx((lp - lm) / (2 * h), rel=1e-5, abs=1e-9)
     if with_delta:
         e = torch.zeros_like(delta)
         e[2, 1] = h
-        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta + e)[0]
-        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta - e)[0]
+        lp = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta + e, solver=solver)[0]
+        lm = shard_loss_and_grad(gmm.denoiser, x_T, x0, theta, gmm.alphas_cumprod, delta=delta - e, solver=solver)[0]
         assert g_delta[2, 1].item() == pytest.approx((lp - lm) / (2 * h), rel=1e-5, abs=1e-9)
     else:
         assert g_delta is None
     assert loss > 0
 
 
-@pytest.mark.parametrize("radius", [0.0, 0.1])
-def test_loss_decreases(gmm, grad_fn, radius):
-    res = gradient_placement(grad_fn, 5, gmm.alphas_cumprod, GradientConfig(iters=15, lr=0.05, slack_radius=radius),
+@pytest.mark.parametrize("solver, radius", [("ddim", 0.0), ("ddim", 0.1), ("dpmsolver++2m", 0.0)])
+def test_loss_decreases(gmm, grad_fn, solver, radius):
+    fn = grad_fn if solver == "ddim" else local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64, solver=solver)
+    res = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=15, lr=0.05, slack_radius=radius),
                              num_seeds=len(SEEDS), sample_shape=gmm.sample_shape)
     assert len(res.losses) == 16 and len(res.timesteps) == 16
     assert res.losses[-1] < 0.5 * res.losses[0]
@@ -103,7 +129,7 @@ def test_projection_gives_distinct_integers(gmm):
     assert project_schedule(params_from_timesteps(ts, gmm.alphas_cumprod), gmm.alphas_cumprod).timesteps == ts
 
 
-@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="lpips")])
+@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="l1")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(StridelabError):
         GradientConfig(**bad)
@@ -115,13 +141,17 @@ def test_pool_gradient_equals_in_process(ray_local, gmm, grad_fn):
     theta = params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod)
     delta = 0.03 * torch.randn(len(SEEDS), *gmm.sample_shape, dtype=torch.float64,
                                generator=torch.Generator().manual_seed(2))
-    loss, g, gd = grad_fn(theta, delta)
+    fns = {"ddim": grad_fn, "dpmsolver++2m": local_grad_fn(gmm, SEEDS, TEACHER_NFE, torch.float64, "dpmsolver++2m")}
     with SamplerPool(GMM, SEEDS, TEACHER_NFE, actors=2, num_cpus=0.5) as pool:
         assert pool.actors == 2
-        ploss, pg, pgd = pool.gradient(theta, delta, dtype="float64")
-    assert ploss == pytest.approx(loss, rel=1e-12)
-    assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
-    assert torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+        for solver, fn in fns.items():  # one pool for both students: its actors' teachers are the same
+            loss, g, gd = fn(theta, delta)
+            ploss, pg, pgd = pool.gradient(theta, delta, dtype="float64", solver=solver)
+            assert ploss == pytest.approx(loss, rel=1e-12)
+            assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
+            assert torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+    # the two students differ (the solver reached the actors)
+    assert not torch.allclose(fns["ddim"](theta, delta)[1], fns["dpmsolver++2m"](theta, delta)[1])
 
 
 def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
@@ -147,7 +177,11 @@ def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--grad-iters", "0"], "--grad-iters must be an integer >= 1"),
                                             (["--slack-radius", "-0.5"], "--slack-radius must be a finite number >= 0"),
-                                            (["--solver", "unipc"], "--method gradient differentiates ddim only")])
+                                            (["--grad-loss", "features"],
+                                             "--grad-loss features compares 1x8x8 images (the bundled digits feature "
+                                             "network); this model's samples have shape (2,)"),
+                                            (["--solver", "unipc"],
+                                             "--method gradient differentiates ddim, dpmsolver++2m, dpmsolver++3m only")])
 def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
     from jobs.cli import main
 
@@ -156,4 +190,115 @@ def test_sweep_cli_gradient_bad_input(tmp_path, capsys, flags, message):
                  "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_sweep_gradient_on_actor_pools_equals_in_process(ray_local, tmp_path):
+    # With actors the sweep's gradient runs data-parallel on its two live pools (the pruning screen's seeds
+    # and the rest, 2 actors each at a fractional CPU share); the placement must be the one computed in this
+    # process, up to float32 summation order.
+    import optuna
+
+    from search.study import make_storage
+    from search.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(model=GMM, nfe=5, solver="dpmsolver++2m", trials=3, num_seeds=12, screen_seeds=4,
+                      holdout_seeds=4, validation_seeds=0, baselines=("uniform", "quadratic"), teacher_nfe=40,
+                      holdout_fid=False, method="gradient", grad_iters=6, grad_lr=0.1, slack_radius=0.05)
+    lines: dict[int, list[str]] = {0: [], 2: []}
+    for a in (0, 2):
+        run_sweep(cfg, study_name=f"a{a}", out_dir=tmp_path, actors=a, track=False, figures=False,
+                  log=lines[a].append)
+    assert any("gradient placement (6 iterations, on the actor pools" in s for s in lines[2])
+    assert any("gradient placement (6 iterations, in process" in s for s in lines[0])
+    storage = make_storage(tmp_path / "optuna.journal")
+    grad = {a: [t for t in optuna.load_study(study_name=f"a{a}", storage=storage).trials
+                if t.user_attrs.get("kind") == "gradient"] for a in (0, 2)}
+    (g0,), (g2,) = grad[0], grad[2]
+    assert len(g0.user_attrs["gradient_losses"]) == 7
+    assert g0.user_attrs["gradient_losses"][-1] < g0.user_attrs["gradient_losses"][0]
+    assert g2.user_attrs["gradient_losses"] == pytest.approx(g0.user_attrs["gradient_losses"], rel=1e-4)
+    assert g2.user_attrs["continuous_timesteps"] == pytest.approx(g0.user_attrs["continuous_timesteps"], rel=1e-4)
+    assert g2.user_attrs["timesteps"] == g0.user_attrs["timesteps"]
+
+
+def test_sweep_logs_gradient_path_to_mlflow(tmp_path):
+    # Real sqlite MLflow: the parent run carries the loss per iteration (metric) and the step positions per
+    # iteration (JSON and plot artifacts), and the JSON is the course the trial recorded.
+    import json
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from search.study import make_storage
+    from search.sweep import SweepConfig, run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = SweepConfig(model=GMM, nfe=4, trials=2, num_seeds=8, holdout_seeds=4, validation_seeds=0,
+                      baselines=("uniform",), teacher_nfe=40, holdout_fid=False, prune=False, method="gradient",
+                      grad_iters=4, grad_lr=0.1, grid_seeds=4)
+    res = run_sweep(cfg, study_name="g", out_dir=tmp_path / "out", actors=0, tracking_uri=uri, figures=True,
+                    log=lambda *_: None)
+    c = MlflowClient(uri)
+    arts = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"gradient_path.json", "gradient_path.png"} <= arts
+    got = json.loads(open(c.download_artifacts(res.parent_run_id, "gradient_path.json", str(tmp_path))).read())
+    (trial,) = [t for t in optuna.load_study(study_name="g", storage=make_storage(tmp_path / "out" / "optuna.journal")
+                                             ).trials if t.user_attrs.get("kind") == "gradient"]
+    assert got["iteration"] == [0, 1, 2, 3, 4] and got["solver"] == "ddim"
+    assert got["continuous_timesteps"] == trial.user_attrs["gradient_path"]
+    assert len(got["continuous_timesteps"][0]) == 4 and got["continuous_timesteps"][0] != got["continuous_timesteps"][-1]
+    assert got["timesteps"] == trial.user_attrs["timesteps"]
+    hist = sorted(c.get_metric_history(res.parent_run_id, "gradient_loss"), key=lambda m: m.step)
+    assert [m.step for m in hist] == [0, 1, 2, 3, 4]
+    assert [m.value for m in hist] == pytest.approx(got["loss"], rel=1e-12)
+    # the placement alone has its own held-out row, compared with the best baseline like every warm start
+    (row,) = [r for r in res.rows if r["schedule"] == "gradient"]
+    assert row["timesteps"] == " ".join(map(str, trial.user_attrs["timesteps"])) and "x_best_baseline_lo" in row
+
+
+def test_feature_loss_gradient_matches_finite_differences():
+    # The feature-space loss on the bundled digits (UNet student, DPM-Solver++ 2M, feature network, float64):
+    # the gradient in delta (the student's input, so every step and the feature net are on the path) along a
+    # random direction equals the central difference. (Not checked in theta here: the UNet embeds its timestep
+    # in float32, as diffusers casts it, and the feature net's ReLUs and max-pools are kinked, so no step size
+    # makes a float64 difference in t both exact and smooth; theta's path is the mse one, checked on gmm.)
+    from pipeline.evaluation.distances import make_distance
+
+    m = load_model("bundled:digits")
+    m.denoiser.double()
+    dist = make_distance("features", m.data_range, m.sample_shape)
+    x_T = torch.randn(2, *m.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    teacher = ddim_sample(m.denoiser, x_T, uniform(50, m.alphas_cumprod).timesteps, m.alphas_cumprod)
+    assert dist(teacher, teacher).abs().max() == 0
+    theta = params_from_timesteps([850, 500, 200, 30], m.alphas_cumprod)
+    u = torch.randn(x_T.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    delta = torch.zeros_like(x_T)
+
+    def loss_at(d):
+        return shard_loss_and_grad(m.denoiser, x_T, teacher, theta, m.alphas_cumprod, delta=d, distance=dist,
+                                   solver="dpmsolver++2m")
+
+    loss, g, g_delta = loss_at(delta)
+    assert loss > 0 and g.abs().max() > 0
+    h = 1e-6
+    fd = (loss_at(delta + h * u)[0] - loss_at(delta - h * u)[0]) / (2 * h)
+    assert float((g_delta * u).sum()) == pytest.approx(fd, rel=1e-6)
+
+
+def test_lpips_missing_is_one_line(tmp_path, capsys):
+    import importlib.util
+
+    from jobs.cli import main
+
+    if importlib.util.find_spec("lpips") is not None:
+        pytest.skip("the lpips package is installed here: the missing-package message cannot occur")
+    with pytest.raises(StridelabError, match="lpips needs the lpips package .* but the Python package lpips is not "
+                                             "installed; use features or mse"):
+        GradientConfig(loss="lpips")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--model", "bundled:digits", "--method", "gradient", "--grad-loss", "lpips", "--actors", "0",
+                 "--no-mlflow", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: --grad-loss lpips needs the lpips package" in err[0], err
     assert not out.exists()

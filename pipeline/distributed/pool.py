@@ -299,19 +299,31 @@ class SamplerPool:
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None,
-                 dtype: str = "float32") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+                 dtype: str = "float32", solver: str = "ddim",
+                 loss: str = "mse") -> tuple[float, torch.Tensor, torch.Tensor | None]:
         """Data-parallel `SamplerWorker.gradient` over the pool's seeds: each actor differentiates its shard
-        against its resident teacher; returns the sums over all seeds (a `GradFn`, see
-        `search.placement.gradient`), delta's gradient in seed order. `delta`: [len(seeds), ...] or None."""
+        (student: `solver`'s differentiable twin, distance `loss`) against its resident teacher; returns the
+        sums over all seeds (a `GradFn`, see `search.placement.gradient`), delta's gradient in seed order.
+        `delta`: [len(seeds), ...] or None. ``submit_gradient(...)()`` is the same, started at once."""
+        return self.submit_gradient(theta, delta, dtype, solver, loss)()
+
+    def submit_gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None, dtype: str = "float32",
+                        solver: str = "ddim", loss: str = "mse"):
+        """Start `gradient` on every actor and return at once a ``wait()`` giving its result, so several pools'
+        actors (a sweep's screen and rest) differentiate at the same time."""
         theta = theta.detach().cpu()
         refs = [self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
-                           None if delta is None else delta[a:b].detach().cpu(), dtype)
+                           None if delta is None else delta[a:b].detach().cpu(), dtype, solver, loss)
                 for i, (a, b) in enumerate(self.shards)]
-        parts = self._get(refs)
-        total = sum(p[0] for p in parts)
-        g_theta = torch.stack([p[1] for p in parts]).sum(0)
-        g_delta = None if delta is None else torch.cat([p[2] for p in parts])
-        return total, g_theta, g_delta
+
+        def wait() -> tuple[float, torch.Tensor, torch.Tensor | None]:
+            parts = self._get(refs)
+            total = sum(p[0] for p in parts)
+            g_theta = torch.stack([p[1] for p in parts]).sum(0)
+            g_delta = None if delta is None else torch.cat([p[2] for p in parts])
+            return total, g_theta, g_delta
+
+        return wait
 
     def pids(self) -> list[int]:
         """The process id of each actor (this process for an in-process pool)."""

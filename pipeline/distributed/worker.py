@@ -28,6 +28,7 @@ from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant
 from pipeline.core.schedules import validate_timesteps
 from pipeline.core.seeds import initial_noise
 from pipeline.errors import StridelabError
+from pipeline.evaluation.distances import make_distance
 from pipeline.evaluation.gradient import shard_loss_and_grad
 from pipeline.evaluation.inprocess import evaluate_shard
 from pipeline.io.files import atomic_write_bytes
@@ -196,19 +197,21 @@ class SamplerWorker:
         return x0
 
     def gradient(self, seeds: Sequence[int], theta: torch.Tensor, teacher_nfe: int | None = None,
-                 delta: torch.Tensor | None = None, dtype: str = "float32") -> tuple[float, torch.Tensor, torch.Tensor | None]:
-        """(sum over the shard's seeds of the continuous-DDIM loss, its gradient in theta, in delta) against the
-        shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student runs in
-        `dtype`). The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
+                 delta: torch.Tensor | None = None, dtype: str = "float32",
+                 solver: str = "ddim", loss: str = "mse") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+        """(sum over the shard's seeds of the continuous student's loss, its gradient in theta, in delta) against
+        the shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student is
+        `solver`'s differentiable twin, run in `dtype`; `loss` names the distance,
+        `pipeline.evaluation.distances`). The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
         self._calls += 1
         self._trace("gradient", "start")
         teach = self.teacher(seeds, teacher_nfe)
         if dtype not in ("float32", "float64"):  # the student's arithmetic, not the network's (`model_dtype`)
             raise StridelabError(f"`dtype` of the gradient must be float32 or float64, got {dtype!r}")
         dt = getattr(torch, dtype)
-        lo, hi = self.model.data_range
         out = shard_loss_and_grad(self.model.denoiser, teach.x_T.to(dt), teach.x0.to(dt), theta,
-                                  self.model.alphas_cumprod, delta=delta, scale=1.0 / (hi - lo))
+                                  self.model.alphas_cumprod, delta=delta, solver=solver,
+                                  distance=make_distance(loss, self.model.data_range))
         self._trace("gradient", "done")
         return out
 

@@ -1,5 +1,6 @@
-"""The differentiable student: DDIM (eta = 0) over continuous step times, its loss against the teacher and the
-gradient of that loss with respect to where the steps sit (LD3, Tong et al., arXiv 2405.15506).
+"""The differentiable student: DDIM (eta = 0) or DPM-Solver++ 2M / 3M over continuous step times, its loss
+against the teacher and the gradient of that loss with respect to where the steps sit (LD3, Tong et al.,
+arXiv 2405.15506). `DIFFERENTIABLE` names the solvers that have a differentiable twin.
 
 One pure function per piece, shared by the in-process optimiser (`search.placement.gradient`) and the Ray
 actors (`pipeline.distributed.worker.SamplerWorker.gradient`), so both differentiate the same loss.
@@ -15,8 +16,9 @@ name           meaning                                                          
 ``t_frac``     the steps as fractional timesteps [n], strictly decreasing, in (0, T-1)  t_i
 ``delta``      the student's input offset [B, ...]: the student starts from x_T + delta  x'_T - x_T
                (soft teacher forcing: delta stays in a ball, see `project_to_ball`)
-``loss``       per seed: mean over dimensions of (x0_student - x0_teacher)^2 on the     d(., .)
-               [0, 1] scale (``scale`` = 1 / (data_range width))
+``loss``       per seed: a distance between x0_student and x0_teacher, by default the   d(., .)
+               mean over dimensions of their squared difference on the [0, 1] scale
+               (``scale`` = 1 / (data_range width)); see `pipeline.evaluation.distances`
 =============  =====================================================================  ==================
 
 Any theta gives a valid placement (softmax gaps are positive and sum to 1, so the steps are strictly
@@ -32,6 +34,7 @@ import torch
 
 from pipeline.core.noise import abar_from_sigma, sigmas_of, t_from_sigma
 from pipeline.errors import StridelabError
+from pipeline.evaluation.distances import Distance, per_seed_mse
 
 # Smallest gap (fraction of the log-sigma range) an integer schedule is lifted to: the noisiest step of a
 # uniform schedule sits exactly at sigma_max (gap 0), whose logit would be -inf.
@@ -103,9 +106,60 @@ def ddim_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: tor
     raise AssertionError("unreachable")
 
 
-def per_seed_mse(x: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
-    """Mean over dimensions of ((x - target) * scale)^2, per row: [B] (the recon metric's definition)."""
-    return ((x - target) * scale).pow(2).flatten(1).mean(1)
+def dpmpp_multistep_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor,
+                               solver_order: int = 2) -> torch.Tensor:
+    """DPM-Solver++ (2M or 3M, data prediction) from x_T [B, ...] through levels abar [n] to abar = 1.
+
+    The update of `pipeline.solvers.dpmsolver.dpmpp_multistep` on tensors, so autograd reaches abar and
+    lambda: the same per-step orders (`step_order`) and the same coefficients (`step_coefficients`, one
+    function for both). Levels (float64, [n]): alpha = sqrt(abar), sigma_vp = sqrt(1 - abar),
+    lambda = log(alpha / sigma_vp). Returns x0 [B, ...] in x_T's dtype (the last step lands on m_{n-1}).
+    """
+    from pipeline.solvers.dpmsolver import step_coefficients, step_order
+
+    abar = abar.to(torch.float64)
+    alpha, sigma_vp = abar.sqrt(), (1 - abar).sqrt()
+    lam = 0.5 * (abar.log() - torch.log1p(-abar))
+    x = x_T
+    n = abar.numel()
+    m: list[torch.Tensor] = []  # data predictions, newest last
+    for i in range(n):
+        eps = continuous_eps(denoiser, x, t_frac[i], abar[i])
+        m = (m + [(x - sigma_vp[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)])[-solver_order:]
+        if i == n - 1:
+            return m[-1]  # h = inf: sigma_vp ratio 0, phi 1, alpha 1
+        c_x, cs = step_coefficients(lam, alpha, sigma_vp, i, step_order(i, n, solver_order))
+        # coefficients are computed in float64 and applied in x's dtype (as the integer solver does)
+        x_next = c_x.to(x.dtype) * x
+        for c, m_k in zip(cs, reversed(m)):
+            x_next = x_next + c.to(x.dtype) * m_k
+        x = x_next
+    raise AssertionError("unreachable: the last step returns")
+
+
+def dpmpp_2m_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(2M) over continuous levels (`dpmpp_multistep_continuous`, order 2)."""
+    return dpmpp_multistep_continuous(denoiser, x_T, t_frac, abar, 2)
+
+
+def dpmpp_3m_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """DPM-Solver++(3M) over continuous levels (`dpmpp_multistep_continuous`, order 3)."""
+    return dpmpp_multistep_continuous(denoiser, x_T, t_frac, abar, 3)
+
+
+DIFFERENTIABLE = {"ddim": ddim_continuous, "dpmsolver++2m": dpmpp_2m_continuous,
+                  "dpmsolver++3m": dpmpp_3m_continuous}
+"""Solver name (`pipeline.solvers.registry`) -> its differentiable twin
+``fn(denoiser, x_T [B, ...], t_frac [n], abar [n]) -> x0 [B, ...]``; at integer timesteps each equals the solver."""
+
+
+def differentiable(solver: str):
+    """The differentiable twin of `solver` (`DIFFERENTIABLE`); raises StridelabError listing the ones there are."""
+    fn = DIFFERENTIABLE.get(solver)
+    if fn is None:
+        raise StridelabError(f"must be one of {', '.join(DIFFERENTIABLE)} for gradient placement (the solvers with a "
+                             f"differentiable twin), got {solver!r}", param="solver")
+    return fn
 
 
 def shard_loss_and_grad(
@@ -117,6 +171,8 @@ def shard_loss_and_grad(
     *,
     delta: torch.Tensor | None = None,
     scale: float = 0.5,
+    solver: str = "ddim",
+    distance: Distance | None = None,
 ) -> tuple[float, torch.Tensor, torch.Tensor | None]:
     """Sum over the shard's seeds of the student's loss, and its gradients.
 
@@ -126,10 +182,14 @@ def shard_loss_and_grad(
         theta: logits [n + 1] (`times_from_params`).
         delta: the student's input offsets [B, ...] (soft teacher forcing), or None (start at x_T).
         scale: 1 / width of the data range (0.5 for [-1, 1]): the loss is on the [0, 1] scale.
+        solver: the student (a name in `DIFFERENTIABLE`).
+        distance: per-seed ``d(x0_student, x0_teacher) -> [B]`` (`pipeline.evaluation.distances`); default the
+            MSE on the [0, 1] scale given by `scale`.
     Returns:
         (sum of per-seed losses, d sum / d theta [n + 1] float64 CPU, d sum / d delta [B, ...] CPU or None).
         Sums, not means, so shards add up exactly and the driver divides once by the seed count.
     """
+    student = differentiable(solver)
     theta = theta.detach().to(torch.float64).clone().requires_grad_(True)
     leaves = [theta]
     x_in = x_T
@@ -139,8 +199,9 @@ def shard_loss_and_grad(
         x_in = x_T + delta
     with torch.enable_grad():
         t_frac, abar = times_from_params(theta, alphas_cumprod)
-        x0 = ddim_continuous(denoiser, x_in, t_frac.to(x_T.device), abar.to(x_T.device))
-        loss = per_seed_mse(x0, x0_teacher.to(x0.dtype), scale).sum()
+        x0 = student(denoiser, x_in, t_frac.to(x_T.device), abar.to(x_T.device))
+        target = x0_teacher.to(x0.device, x0.dtype)
+        loss = (distance(x0, target) if distance is not None else per_seed_mse(x0, target, scale)).sum()
         grads = torch.autograd.grad(loss, leaves)
     g_delta = grads[1].detach().cpu() if delta is not None else None
     return float(loss.detach()), grads[0].detach().cpu(), g_delta

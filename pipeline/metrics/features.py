@@ -102,7 +102,7 @@ class DigitsFeatureNet(nn.Module):
     def _prepare(self, images255: torch.Tensor) -> torch.Tensor:
         if images255.ndim != 4 or images255.shape[1] not in (1, 3) or tuple(images255.shape[2:]) != (8, 8):
             raise StridelabError(f"expected NCHW images [B, 1 or 3, 8, 8], got shape {tuple(images255.shape)}")
-        x = images255.float()
+        x = images255.to(self.conv1.weight.dtype)  # float32, or float64 for a net in float64 (gradient checks)
         if x.shape[1] == 3:
             x = x.mean(dim=1, keepdim=True)
         return (x / PIXEL_SCALE - self.mean) / self.std

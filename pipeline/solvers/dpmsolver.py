@@ -44,22 +44,36 @@ def step_order(i: int, n: int, solver_order: int) -> int:
     return 3
 
 
-def _coefficients(lv: Levels, i: int, order: int) -> tuple[float, list[float]]:
-    """(c_x, [c_0, c_1, ...]) with x_{i+1} = c_x x_i + sum_k c_k m_{i-k} (module docstring), i + 1 < n."""
-    h = lv.lam[i + 1] - lv.lam[i]
-    phi = -math.expm1(-h)
-    a_next = lv.alpha[i + 1]
-    c_x = lv.sigma_vp[i + 1] / lv.sigma_vp[i]
+def _expm1(h):
+    """expm1 of a python float or a tensor (the coefficients below serve both)."""
+    return torch.expm1(h) if isinstance(h, torch.Tensor) else math.expm1(h)
+
+
+def step_coefficients(lam, alpha, sigma_vp, i: int, order: int) -> tuple:
+    """(c_x, [c_0, c_1, ...]) with x_{i+1} = c_x x_i + sum_k c_k m_{i-k} (module docstring), i + 1 < n.
+
+    `lam`, `alpha`, `sigma_vp` index the levels (python floats from `Levels`, or 1-D tensors from the
+    differentiable solver `pipeline.evaluation.gradient`): one formula for both, so they cannot drift.
+    """
+    h = lam[i + 1] - lam[i]
+    phi = -_expm1(-h)
+    a_next = alpha[i + 1]
+    c_x = sigma_vp[i + 1] / sigma_vp[i]
     if order == 1:
         return c_x, [a_next * phi]
-    r0 = (lv.lam[i] - lv.lam[i - 1]) / h
+    r0 = (lam[i] - lam[i - 1]) / h
     if order == 2:
         return c_x, [a_next * phi * (1 + 0.5 / r0), -a_next * phi * 0.5 / r0]
-    r1 = (lv.lam[i - 1] - lv.lam[i - 2]) / h
+    r1 = (lam[i - 1] - lam[i - 2]) / h
     b = a_next * (1 - phi / h)  # coefficient of D1
     c = -a_next * ((h - phi) / h**2 - 0.5)  # coefficient of D2
     k = (b * r0 + c) / (r0 + r1)  # b D1 + c D2 = (b + k) D1_0 - k D1_1
     return c_x, [a_next * phi + (b + k) / r0, -(b + k) / r0 - k / r1, k / r1]
+
+
+def _coefficients(lv: Levels, i: int, order: int) -> tuple[float, list[float]]:
+    """`step_coefficients` on a run's python-float levels."""
+    return step_coefficients(lv.lam, lv.alpha, lv.sigma_vp, i, order)
 
 
 def dpmpp_multistep(denoiser, x_T, timesteps, alphas_cumprod, solver_order: int) -> torch.Tensor:

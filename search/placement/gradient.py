@@ -4,8 +4,9 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
 1. The n steps are n + 1 softmax logits over the log-sigma range (`pipeline.evaluation.gradient`), started
    from an integer schedule (default uniform); any logits give a valid, strictly decreasing placement.
 2. Each iteration: the loss (per-seed MSE on the [0, 1] scale vs the teacher, averaged over the seeds) and
-   its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `SamplerPool.gradient`, each
-   actor on its seed shard, summed and divided once by the seed count here). One Adam step.
+   its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `pool_grad_fn` over
+   `SamplerPool.gradient`, each actor on its seed shard, summed and divided once by the seed count here).
+   One Adam step. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
 3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
@@ -36,7 +37,7 @@ from pipeline.core.schedules import Schedule, project_to_distinct, uniform
 from pipeline.errors import StridelabError
 from pipeline.evaluation.gradient import params_from_timesteps, project_to_ball, shard_loss_and_grad, times_from_params
 
-GradLoss = Literal["mse"]
+GradLoss = Literal["mse", "features", "lpips"]
 
 GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[float, torch.Tensor, "torch.Tensor | None"]]
 """``grad_fn(theta [n + 1], delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
@@ -50,7 +51,9 @@ class GradientConfig:
         iters: Adam iterations (>= 1).
         lr: Adam learning rate on the logits (and on delta).
         slack_radius: LD3's soft-teacher-forcing radius r (units of the noise's per-dimension std); 0 = none.
-        loss: the distance to the teacher: "mse" (per-dimension MSE on the [0, 1] scale).
+        loss: the per-seed distance to the teacher (`pipeline.evaluation.distances`): "mse" (per-dimension MSE
+            on the [0, 1] scale), "features" (squared distance of the bundled digits feature network's
+            embeddings), "lpips" (where the lpips package and its weights are installed).
     """
 
     iters: int = 100
@@ -66,9 +69,9 @@ class GradientConfig:
         if not (isinstance(self.slack_radius, (int, float)) and math.isfinite(self.slack_radius)
                 and self.slack_radius >= 0):
             raise StridelabError(f"must be a finite number >= 0, got {self.slack_radius!r}", param="slack_radius")
-        if self.loss != "mse":
-            raise StridelabError(f"unknown loss {self.loss!r}; choose one of mse (features is not implemented yet)",
-                                 param="grad_loss")
+        from pipeline.evaluation.distances import check_available
+
+        check_available(self.loss)
 
 
 @dataclass(frozen=True)
@@ -89,23 +92,55 @@ class GradientResult:
 
 
 def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
-                  dtype: torch.dtype = torch.float32) -> GradFn:
-    """A `GradFn` over all `seeds` in this process (the teacher is computed once, here).
+                  dtype: torch.dtype = torch.float32, solver: str = "ddim", loss: str = "mse") -> GradFn:
+    """A `GradFn` over all `seeds` in this process (the teacher is computed once, here); the student is
+    `solver`'s differentiable twin (`pipeline.evaluation.gradient.DIFFERENTIABLE`), compared with the teacher
+    by the distance `loss` (`pipeline.evaluation.distances`).
 
     The teacher is the sweep's (`make_teacher`); the student runs in `dtype` (float64 on the analytic
     models makes gradients comparable to float tolerance). The loss is on the [0, 1] scale of
     `model.data_range`.
     """
+    from pipeline.evaluation.distances import make_distance
+    from pipeline.evaluation.gradient import differentiable
     from pipeline.evaluation.inprocess import make_teacher
 
+    differentiable(solver)  # an unknown solver or distance fails here, before the teacher is computed
+    distance = make_distance(loss, model.data_range, model.sample_shape)
     teacher = make_teacher(model, list(seeds), nfe=teacher_nfe)
-    lo, hi = model.data_range
     x0 = teacher.x0.to(dtype)
     x_T = teacher.x_T.to(x0.device, dtype)
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
         return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
-                                   delta=delta, scale=1.0 / (hi - lo))
+                                   delta=delta, solver=solver, distance=distance)
+
+    return fn
+
+
+def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", loss: str = "mse") -> GradFn:
+    """A `GradFn` over the seeds of `pools` together, in their order (each a `SamplerPool`; each of its actors
+    differentiates its shard against its resident teacher, `SamplerPool.submit_gradient`, all pools at once).
+
+    delta's rows follow the concatenated seeds: each pool gets its slice. The sums add up exactly, so the
+    Adam loop divides once by the seed count, as with `local_grad_fn`.
+    """
+    from pipeline.evaluation.gradient import differentiable
+
+    differentiable(solver)
+    pools = list(pools)
+    bounds, a = [], 0
+    for p in pools:
+        bounds.append((a, a + len(p.seeds)))
+        a += len(p.seeds)
+
+    def fn(theta: torch.Tensor, delta: torch.Tensor | None):
+        # every pool's actors start before any result is awaited: the pools differentiate concurrently
+        waits = [p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss)
+                 for p, (lo, hi) in zip(pools, bounds)]
+        parts = [w() for w in waits]
+        g_delta = None if delta is None else torch.cat([q[2] for q in parts])
+        return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
     return fn
 
@@ -140,7 +175,7 @@ def gradient_placement(
 
     Args:
         grad_fn: sums over `num_seeds` seeds (see `GradFn`).
-        n: steps (NFE of DDIM).
+        n: steps of the student's solver.
         alphas_cumprod: the model's abar table [T].
         config: iterations, learning rate, slack radius.
         num_seeds: what the sums are divided by.

@@ -121,7 +121,10 @@ class SweepConfig:
         need(self.method in METHODS, f"unknown `method` {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method == "gradient":
             self.gradient_config()  # validates the gradient settings
-            need(self.solver == "ddim", f"`method` gradient differentiates ddim only, got `solver` {self.solver!r}")
+            from pipeline.evaluation.gradient import DIFFERENTIABLE
+
+            need(self.solver in DIFFERENTIABLE, f"`method` gradient differentiates {', '.join(DIFFERENTIABLE)} only, "
+                                                f"got `solver` {self.solver!r}")
             need(len(self.baselines) + 1 <= self.trials,
                  f"`trials` ({self.trials}) must cover the {len(self.baselines) + 1} warm-start trials (baselines, dp "
                  "and the gradient placement)")

@@ -56,10 +56,11 @@ def learned_schedule(bt: optuna.trial.FrozenTrial, space: str, num_train_timeste
 
 
 def warm_schedules(study: optuna.Study, num_train_timesteps: int) -> dict[str, Schedule]:
-    """Every completed warm start of the study by name."""
+    """Every completed warm start of the study by name (the gradient placement's, ``gradient``, included: its
+    held-out row is what the placement alone achieves, before the search)."""
     return {t.user_attrs["schedule"]: export.schedule_of_trial(t, num_train_timesteps)
             for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("kind") == "baseline" and t.state == TrialState.COMPLETE}
+            if t.user_attrs.get("kind") in ("baseline", "gradient") and t.state == TrialState.COMPLETE}
 
 
 def teacher_schedule(cfg: SweepConfig, alphas_cumprod: Any, num_train_timesteps: int) -> tuple[str, Schedule]:

@@ -155,16 +155,28 @@ class Sweep:
             self._add_fixed([dps[b] if b in dps else self._baseline(b) for b in todo], "baseline")
         if self.cfg.method == "gradient" and not any(t.user_attrs.get("kind") == "gradient"
                                                      for t in self.study.get_trials(deepcopy=False)):
-            self._add_fixed([self._gradient_placement()], "gradient")
+            sched, extra = self._gradient_placement()
+            self._add_fixed([sched], "gradient", extra)
 
-    def _gradient_placement(self) -> Schedule:
-        """The LD3-style placement on the tuning seeds (in this process), its loss per iteration logged on the
-        parent run (``gradient_loss``, step = iteration)."""
-        from search.placement.gradient import gradient_placement, local_grad_fn
+    def _gradient_placement(self) -> tuple[Schedule, dict[str, Any]]:
+        """The LD3-style placement on the tuning seeds, its loss per iteration logged on the parent run
+        (``gradient_loss``, step = iteration). On the sweep's actor pools (each actor differentiates its shard
+        against its resident teacher) when the evaluators are pools, else in this process. Returns the schedule
+        and the trial's extra user attrs: the final continuous steps, the loss and the continuous steps per
+        iteration (`search.sweep.outputs` writes the latter two as ``gradient_path.json`` and a plot)."""
+        from search.placement.gradient import gradient_placement, local_grad_fn, pool_grad_fn
 
         t0 = time.perf_counter()
         gc = self.cfg.gradient_config()
-        fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe)
+        pools = [ev for ev in (self.screen, self.rest) if ev is not None]
+        if all(callable(getattr(ev, "submit_gradient", None)) for ev in pools):
+            # screen seeds then the rest: together the tuning seeds in order (delta's rows)
+            fn = pool_grad_fn(pools, solver=self.cfg.solver, loss=gc.loss)
+            where = "in process" if all(getattr(ev, "local", False) for ev in pools) else "on the actor pools"
+        else:
+            fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe, solver=self.cfg.solver,
+                               loss=gc.loss)
+            where = "in process"
 
         def on_iter(it: int, loss: float, t_now) -> None:
             if self.tracker is not None:
@@ -172,12 +184,14 @@ class Sweep:
 
         res = gradient_placement(fn, self.cfg.steps, self.model.alphas_cumprod, gc, num_seeds=self.cfg.num_seeds,
                                  sample_shape=self.model.sample_shape, callback=on_iter)
-        self.log(f"gradient placement ({gc.iters} iterations, {time.perf_counter() - t0:.1f} s): loss "
+        self.log(f"gradient placement ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): loss "
                  f"{res.losses[0]:.3g} -> {res.losses[-1]:.3g}; {list(res.schedule.timesteps)}")
-        return res.schedule
+        return res.schedule, {"continuous_timesteps": list(res.schedule.meta["continuous_timesteps"]),
+                              "gradient_losses": list(res.losses), "gradient_path": [list(t) for t in res.timesteps]}
 
-    def _add_fixed(self, scheds: list[Schedule], kind: str) -> None:
-        """Evaluate fixed schedules (warm starts) on all tuning seeds and add each to the study as a trial of `kind`."""
+    def _add_fixed(self, scheds: list[Schedule], kind: str, extra: dict[str, Any] | None = None) -> None:
+        """Evaluate fixed schedules (warm starts) on all tuning seeds and add each to the study as a trial of `kind`
+        (with user attrs `extra` besides the usual)."""
         t0 = _now_ms()
         results = self.evaluate_full(scheds)
         span = (t0, _now_ms())  # evaluated together: each warm start's run spans the one call
@@ -185,7 +199,7 @@ class Sweep:
         for sched, res in zip(scheds, results):
             params = self.space.params_of(sched)
             exact = self.space.build(params).timesteps == sched.timesteps
-            ua: dict[str, Any] = {"kind": kind, "params_exact": exact}
+            ua: dict[str, Any] = {"kind": kind, "params_exact": exact, **(extra or {})}
             state, values = TrialState.FAIL, None
             try:
                 if isinstance(res, Exception):

@@ -2,7 +2,9 @@
 
 Files (in ``<out_dir>/<study>/``, each also an artifact of the parent run): ``best_schedule.json``
 (`search.export`), ``comparison.csv`` (the held-out table), ``trials.parquet`` (every trial), and with
-figures ``steps.png``, ``history.png``, ``holdout.png`` (when FID was evaluated) and ``samples.png``.
+figures ``steps.png``, ``history.png``, ``holdout.png`` (when FID was evaluated) and ``samples.png``. A sweep with
+a gradient placement also writes ``gradient_path.json`` (its continuous steps and loss per iteration) and, with
+figures, ``gradient_path.png`` (`search.plots.gradient_path_plot`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import json
 
 import optuna
 
@@ -63,6 +67,8 @@ class Written:
     table_path: Path
     parquet_path: Path
     figures: tuple[Path, ...]
+    extra: tuple[Path, ...] = ()
+    """Other files (the gradient placement's path)."""
 
 
 def write_files(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldOut, run_dir: Path,
@@ -76,7 +82,29 @@ def write_files(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held:
     table_path = write_table(held.rows, run_dir / "comparison.csv")
     parquet_path = export.write_trials_parquet(study, run_dir / "trials.parquet")
     figs = _draw(cfg, model, study, held, run_dir, multi) if figures else []
-    return Written(export_path, table_path, parquet_path, tuple(figs))
+    extra = []
+    grad = gradient_path(study)
+    if grad is not None:
+        extra.append(run_dir / "gradient_path.json")
+        extra[0].write_text(json.dumps({"solver": cfg.solver, "nfe": cfg.nfe, **grad}, indent=1) + "\n")
+        if figures:
+            from search import plots
+
+            figs.append(plots.gradient_path_plot(grad["continuous_timesteps"], grad["loss"],
+                                                 run_dir / "gradient_path.png"))
+    return Written(export_path, table_path, parquet_path, tuple(figs), tuple(extra))
+
+
+def gradient_path(study: optuna.Study) -> dict[str, Any] | None:
+    """The gradient placement's course, from its trial (kind ``gradient``): ``iteration`` [iters + 1],
+    ``continuous_timesteps`` [iters + 1][n] (entry 0 is the start), ``loss`` [iters + 1] (the mean per-seed
+    loss before each Adam step, the final loss last) and the projected integer ``timesteps``; None without one."""
+    for t in study.get_trials(deepcopy=False):
+        path = t.user_attrs.get("gradient_path") if t.user_attrs.get("kind") == "gradient" else None
+        if path:
+            return {"trial": t.number, "iteration": list(range(len(path))), "continuous_timesteps": path,
+                    "loss": t.user_attrs.get("gradient_losses"), "timesteps": t.user_attrs.get("timesteps")}
+    return None
 
 
 def sweep_provenance(cfg: SweepConfig, study_name: str, storage_spec: str, trial: int,
@@ -119,7 +147,7 @@ def _metric_key(schedule: str, metric: str = "recon") -> str:
 
 def log_to_tracker(tracker: Any, written: Written, held: HeldOut) -> None:
     """Every file as an artifact, the numeric summary and each row's held-out recon as metrics."""
-    for p in [written.export_path, written.table_path, written.parquet_path, *written.figures]:
+    for p in [written.export_path, written.table_path, written.parquet_path, *written.figures, *written.extra]:
         tracker.log_artifact(p)
     tracker.log_metrics({**{k: v for k, v in held.summary_metrics().items() if isinstance(v, (int, float))},
                          **{_metric_key(r["schedule"], m): r[f"holdout_{m}"] for r in held.rows

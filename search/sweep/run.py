@@ -77,6 +77,10 @@ def run_sweep(
     if cfg.data is not None:
         cfg, data = _user_data(cfg, model, log)
     _check_data(cfg, model, objective)
+    if cfg.method == "gradient":  # the distance must fit the model's samples: checked before the first teacher
+        from pipeline.evaluation.distances import make_distance
+
+        make_distance(cfg.grad_loss, model.data_range, model.sample_shape)
     study_name = study_name or default_study_name(cfg)
     study = _open_study(cfg, model, storage_spec, study_name, resume, objective, log,
                         data_digest=data.digest if data is not None else None)
