@@ -56,7 +56,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution, IntDistrib
 
 from pipeline.errors import StridelabError
 from pipeline.core.noise import as_alphas_cumprod, sigmas_of
-from pipeline.core.schedules import Schedule, check_nfe, project_to_distinct
+from pipeline.core.schedules import Schedule, check_nfe, project_to_distinct, with_noisiest_step
 
 
 class SearchSpace(Protocol):
@@ -308,6 +308,35 @@ SPACES: dict[str, Any] = {
     "steps": StepsSpace,
 }
 """Every search space by name: ``SPACES[name](nfe, alphas_cumprod) -> SearchSpace``."""
+
+
+class NoisiestPinned:
+    """A space whose every schedule starts at `t_top` (`pipeline.core.schedules.with_noisiest_step`).
+
+    The inversion objectives use it with t_top = T - 1, so a trial cannot lower its round-trip error by
+    encoding less far; the wrapped space's parameters and distributions are unchanged.
+    """
+
+    def __init__(self, space: SearchSpace, t_top: int):
+        self.inner, self.t_top = space, int(t_top)
+        self.name, self.nfe = space.name, space.nfe
+
+    def suggest(self, trial: optuna.trial.BaseTrial) -> Schedule:
+        return with_noisiest_step(self.inner.suggest(trial), self.t_top)
+
+    def build(self, params: Mapping[str, float]) -> Schedule:
+        return with_noisiest_step(self.inner.build(params), self.t_top)
+
+    def params_of(self, schedule: Schedule) -> dict[str, float]:
+        return self.inner.params_of(schedule)
+
+    def distributions(self) -> dict[str, BaseDistribution]:
+        return self.inner.distributions()
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped space's own attributes (``keys`` of ``steps``, ...)
+        if name == "inner":  # not yet set (copy, unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 def make_space(name: str, nfe: int, alphas_cumprod: torch.Tensor) -> SearchSpace:

@@ -373,6 +373,23 @@ SCHEDULES: dict[str, ScheduleFn] = {
 """Every baseline schedule by name; all share the signature ``(n, alphas_cumprod, **params)``."""
 
 
+def with_noisiest_step(schedule: Schedule, t_top: int) -> Schedule:
+    """`schedule` with its noisiest step raised to `t_top` (where it sits lower); the other steps unchanged.
+
+    Why: a DDIM inversion round trip encodes up to the schedule's first step, so a schedule that starts
+    lower makes a code closer to the image and an easier round trip without being a better encoder. With
+    the step pinned, every schedule encodes to the same noise level (t_top = T - 1: to x_T, the DDIM
+    paper's Table 2 protocol). The original first step is kept in ``meta["noisiest_step_was"]``.
+    """
+    ts = schedule.timesteps
+    if not 0 <= t_top < schedule.num_train_timesteps:
+        raise StridelabError(f"the noisiest step must be in [0, {schedule.num_train_timesteps - 1}], got {t_top}")
+    if ts[0] >= t_top:
+        return schedule
+    return Schedule((int(t_top), *ts[1:]), schedule.num_train_timesteps, schedule.name, dict(schedule.params),
+                    {**schedule.meta, "noisiest_step_was": int(ts[0])})
+
+
 def make_schedule(name: str, n: int, alphas_cumprod: torch.Tensor, **params: Any) -> Schedule:
     """Build a registered schedule, or raise `StridelabError` listing the valid names."""
     fn = SCHEDULES.get(name)

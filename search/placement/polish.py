@@ -73,6 +73,7 @@ def next_candidates(
     ladder: Sequence[int],
     rng: np.random.Generator,
     last_move: Sequence[int] | None = None,
+    pinned_top: int | None = None,
 ) -> list[tuple[Timesteps, int]]:
     """Up to `k` untried schedules to evaluate next, each with the step size that produced it.
 
@@ -81,8 +82,11 @@ def next_candidates(
     untried neighbours at the incumbent's step size, then at each smaller size on the ladder.
     When no single move is left (converged at the finest step), random moves of 2-3 steps by up to twice
     the finest step size: cheap restarts that let the search leave a point single moves cannot improve.
+    With `pinned_top` (the inversion objectives: every schedule starts there) no candidate moves the first step.
     """
     tried = set(tried)
+    if pinned_top is not None:  # an unmovable first step is, to the search, already tried elsewhere
+        tried = _Pinned(tried, int(pinned_top))
     out: list[tuple[Timesteps, int]] = []
     if last_move is not None and any(last_move) and k > 0:
         c = tuple(int(a) + int(d) for a, d in zip(incumbent, last_move))
@@ -110,3 +114,14 @@ def next_candidates(
             tried.add(cand)
             out.append((cand, finest))
     return out[:k]
+
+
+class _Pinned(set):
+    """A tried-set that also counts as tried every schedule whose first step is not `top`."""
+
+    def __init__(self, tried: Collection[Timesteps], top: int):
+        super().__init__(tried)
+        self.top = top
+
+    def __contains__(self, c: object) -> bool:
+        return (isinstance(c, tuple) and len(c) > 0 and c[0] != self.top) or super().__contains__(c)

@@ -28,14 +28,14 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.core.schedules import Schedule, make_schedule
+from pipeline.core.schedules import Schedule, make_schedule, with_noisiest_step
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
 from pipeline.io.console import progress
 from pipeline.models.load import LoadedModel
 from search.evaluators import Objective, TrialFailed
 from search.placement.polish import next_candidates, step_ladder
-from search.space import make_space
+from search.space import NoisiestPinned, make_space
 from search.study import enqueued_params, finished_count, make_sampler
 from search.sweep.config import SweepConfig
 from search.sweep.pruning import combine, safe_evaluate, screen_is_worse
@@ -58,6 +58,13 @@ class Sweep:
         self.objective = Objective(cfg.objective, cfg.fid_weight)
         self.space = make_space(cfg.space, cfg.steps, model.alphas_cumprod)
         self.polish_space = make_space("steps", cfg.steps, model.alphas_cumprod)
+        # Inversion: a round trip that encodes less far is easier, not better; every schedule (warm starts
+        # included) encodes to x_T, as in the DDIM paper's reconstruction protocol.
+        self.pinned_top = model.num_train_timesteps - 1 if self.objective.needs_inversion else None
+        if self.pinned_top is not None:
+            self.space = NoisiestPinned(self.space, self.pinned_top)
+            self.polish_space = NoisiestPinned(self.polish_space, self.pinned_top)
+            log(f"inversion objective: every schedule's noisiest step is t = {self.pinned_top} (encodes to x_T)")
         self.ladder = step_ladder(model.num_train_timesteps)
         seeds = cfg.tuning_seeds
         if cfg.pruning:
@@ -192,6 +199,8 @@ class Sweep:
     def _add_fixed(self, scheds: list[Schedule], kind: str, extra: dict[str, Any] | None = None) -> None:
         """Evaluate fixed schedules (warm starts) on all tuning seeds and add each to the study as a trial of `kind`
         (with user attrs `extra` besides the usual)."""
+        if self.pinned_top is not None:
+            scheds = [with_noisiest_step(s, self.pinned_top) for s in scheds]
         t0 = _now_ms()
         results = self.evaluate_full(scheds)
         span = (t0, _now_ms())  # evaluated together: each warm start's run spans the one call
@@ -344,7 +353,8 @@ class Sweep:
         inc = bt.user_attrs["timesteps"]
         parent = trials[bt.user_attrs["polish_from"]] if "polish_from" in bt.user_attrs else None
         move = [a - b for a, b in zip(inc, parent.user_attrs["timesteps"])] if parent is not None else None
-        for ts, s in next_candidates(inc, step, tried, need, self.model.num_train_timesteps, self.ladder, rng, move):
+        for ts, s in next_candidates(inc, step, tried, need, self.model.num_train_timesteps, self.ladder, rng, move,
+                                        self.pinned_top):
             self.study.enqueue_trial(dict(zip(keys, ts)),
                                      user_attrs={"kind": "polish", "polish_step": s, "polish_from": bt.number})
 
