@@ -31,7 +31,7 @@ def test_tiny_search_through_both_engines(tmp_path, capsys):
         assert 0 < e["to_target_s"] <= e["wall_s"] and e["trials_per_min"] > 0 and e["best"] <= s["target"]
     assert s["ratios"]["trials_per_min_stridelab_over_tune"] > 0
     text = doc.read_text()
-    assert text.startswith("# head") and text.rstrip().endswith("tail") and "old" not in text
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "\nold\n" not in text
     assert "| ray tune |" in text and "| stridelab |" in text and "verdict: stridelab's resident actors" in text
     assert "verdict:" in capsys.readouterr().out
 

@@ -60,7 +60,7 @@ def test_quick_run_writes_every_row_and_column(tmp_path, monkeypatch, capsys):
     assert ddim["dp+gradient"]["model_evals"] > ddim["dp"]["model_evals"]
 
     text = doc.read_text()
-    assert text.startswith("# head") and text.rstrip().endswith("tail") and "old" not in text
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "\nold\n" not in text
     header = "| solver | NFE | method | held-out recon | x best baseline [95%] | FID | wall s | model evals |"
     assert header in text and text.count("| ddim | 5 |") == len(methods)
     assert "verdict: most held-out quality per wall-minute:" in capsys.readouterr().out
@@ -75,7 +75,8 @@ def test_gradient_support_is_read_from_the_library():
         SweepConfig(model="gmm:ring8", nfe=5, trials=4, num_seeds=8, method="gradient", grad_init="dp",
                     baselines=("uniform",))
     with pytest.raises(StridelabError, match="grad_init"):
-        SweepConfig(model="gmm:ring8", nfe=5, trials=4, num_seeds=8, method="gradient", grad_init="karras")
+        SweepConfig(model="gmm:ring8", nfe=5, trials=4, num_seeds=8, method="gradient", grad_init="karras",
+                    baselines=("dp",))
 
 
 def test_verdict_names_the_fastest_gain_and_the_interval():
