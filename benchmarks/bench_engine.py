@@ -182,15 +182,21 @@ def summarise(runs: dict[str, dict[str, Any]], trials: int) -> dict[str, Any]:
     return out
 
 
+def _sooner(x: float) -> str:
+    """``2.00x sooner`` for a time ratio (theirs / ours) of 2, ``1.25x later`` for 0.8."""
+    return f"{x:.2f}x sooner" if x >= 1 else f"{1 / x:.2f}x later"
+
+
 def verdict(s: dict[str, Any]) -> str:
     r = s["ratios"]
     line = (f"verdict: stridelab's resident actors run {r['trials_per_min_stridelab_over_tune']:.2f}x Ray Tune's trials "
-            f"per minute and reach the common best ({s['target']:.4g}) {r['to_target_tune_over_stridelab']:.2f}x sooner "
+            f"per minute and reach the common best ({s['target']:.4g}) {_sooner(r['to_target_tune_over_stridelab'])} "
             "(same search, no pruning)")
     if "trials_per_min_pruning_over_tune" in r:
         tt = r["to_target_tune_over_pruning"]
         line += (f"; with its pruning screen, {r['trials_per_min_pruning_over_tune']:.2f}x the trials per minute and "
-                 + (f"{tt:.2f}x sooner" if tt else "the common best never reached (pruning changes what is searched)"))
+                 + (f"the common best {_sooner(tt)}" if tt else
+                    "the common best never reached (a pruned trial has no value, so other trials are asked)"))
     return line + "."
 
 
@@ -207,7 +213,9 @@ def render(s: dict[str, Any], meta: dict[str, Any]) -> str:
              f"0..{meta['num_seeds'] - 1} vs a {meta['teacher_nfe']}-step DDIM teacher. Ray Tune: a function trainable "
              "per trial that loads the model (the teacher shared once through `tune.with_parameters`); stridelab: "
              "`run_sweep` on resident actors. Target = the worse of the engines' best values "
-             f"({s['target']:.4g}).", "",
+             f"({s['target']:.4g}). The same sampler seed does not give the same trials: the sweep re-seeds its "
+             "sampler before each batch from the study's history (so that a resumed sweep asks what an undisturbed "
+             "one would), Tune keeps one sampler; the best values differ for that reason.", "",
              "| engine | wall s | trials / min | best recon | s to target | complete / pruned / failed |",
              "|---|---|---|---|---|---|"]
     for name, e in s["engines"].items():
