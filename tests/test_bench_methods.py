@@ -59,6 +59,11 @@ def test_quick_run_writes_every_row_and_column(tmp_path, monkeypatch, capsys):
     # the gradient from dp runs the dp placement and then the gradient: more evaluations than dp alone
     assert ddim["dp+gradient"]["model_evals"] > ddim["dp"]["model_evals"]
 
+    def gap(a, b):  # L1 distance of two rows' timesteps
+        return sum(abs(int(x) - int(y)) for x, y in zip(ddim[a]["timesteps"].split(), ddim[b]["timesteps"].split()))
+
+    assert gap("dp+gradient", "dp") < gap("gradient", "dp")  # three Adam steps stay near where they started
+
     text = doc.read_text()
     assert text.startswith("# head") and text.rstrip().endswith("tail") and "\nold\n" not in text
     header = "| solver | NFE | method | held-out recon | x best baseline [95%] | FID | wall s | model evals |"
