@@ -1,6 +1,6 @@
 """Placement methods side by side: one run, the same tuning and held-out seeds for every cell.
 
-    python benchmarks/bench_methods.py                 # full (the budget flags below; ~35 min on 2 idle cores)
+    python benchmarks/bench_methods.py                 # full (the budget flags below; ~30 min on 2 idle cores)
     python benchmarks/bench_methods.py --quick         # gmm:ring8, tiny budgets, same code paths (a minute or two)
     python benchmarks/bench_methods.py --from-json F   # re-render the section from saved figures
 
@@ -50,8 +50,11 @@ RAW = ROOT / "docs" / "bench_methods.json"
 BEGIN, END = "<!-- methods -->", "<!-- /methods -->"
 
 FULL = {"model": "bundled:digits", "solvers": "ddim,dpmsolver++2m", "nfes": "5,10", "trials": 40, "polish": 16,
-        "num_seeds": 96, "validation_seeds": 32, "holdout_seeds": 256, "teacher_nfe": 250, "grad_iters": 40,
+        "num_seeds": 64, "validation_seeds": 32, "holdout_seeds": 256, "teacher_nfe": 250, "grad_iters": 30,
         "dp_seeds": 32}
+"""About 2 million counted model evaluations over the four cells (gradient backward passes as two forwards each),
+about 30 minutes at the ~1,100 evaluations per second the default sweep reaches on 2 idle cores (an estimate from
+the counts, not yet timed idle; each method's sweep computes its own teacher, as a user's run would)."""
 QUICK = {"model": "gmm:ring8", "solvers": "ddim,dpmsolver++2m", "nfes": "5", "trials": 14, "polish": 2,
          "num_seeds": 12, "validation_seeds": 8, "holdout_seeds": 24, "teacher_nfe": 60, "grad_iters": 3,
          "dp_seeds": 8}
