@@ -169,7 +169,8 @@ def summarise(runs: dict[str, dict[str, Any]], trials: int) -> dict[str, Any]:
         wall = max(r.get("finished_times") or r["times"])
         out["engines"][name] = {"wall_s": wall, "trials_per_min": trials / wall * 60, "best": min(r["values"]),
                                 "to_target_s": time_to(r["values"], r["times"], target),
-                                "complete": len(r["values"]), "pruned": r.get("pruned", 0), "failed": r["failed"]}
+                                "complete": len(r["values"]), "pruned": r.get("pruned", 0), "failed": r["failed"],
+                                "load_at_start": r.get("load_at_start")}
     e = out["engines"]
     tune_e, ours = e["ray tune"], e["stridelab"]
     out["ratios"] = {"trials_per_min_stridelab_over_tune": ours["trials_per_min"] / tune_e["trials_per_min"],
@@ -216,11 +217,12 @@ def render(s: dict[str, Any], meta: dict[str, Any]) -> str:
              f"({s['target']:.4g}). The same sampler seed does not give the same trials: the sweep re-seeds its "
              "sampler before each batch from the study's history (so that a resumed sweep asks what an undisturbed "
              "one would), Tune keeps one sampler; the best values differ for that reason.", "",
-             "| engine | wall s | trials / min | best recon | s to target | complete / pruned / failed |",
-             "|---|---|---|---|---|---|"]
+             "| engine | wall s | trials / min | best recon | s to target | complete / pruned / failed | load at start |",
+             "|---|---|---|---|---|---|---|"]
     for name, e in s["engines"].items():
         lines.append(f"| {name} | {e['wall_s']:.1f} | {e['trials_per_min']:.1f} | {e['best']:.4g} | "
-                     f"{g(e['to_target_s'], '.1f')} | {e['complete']} / {e['pruned']} / {e['failed']} |")
+                     f"{g(e['to_target_s'], '.1f')} | {e['complete']} / {e['pruned']} / {e['failed']} | "
+                     f"{e.get('load_at_start', 'n/a')} |")
     lines += ["", "Ratios (this run): " + ", ".join(f"{k} **{g(v, '.2f')}**" for k, v in s["ratios"].items()), "",
               verdict(s), "", END]
     return "\n".join(lines)
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = {k: (getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else FULL)[k]) for k in FULL}
     print(f"bench_engine: {plan}", flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), _load()
     runs: dict[str, dict[str, Any]] = {}
     # the trials' and actors' processes import the project (and, for Tune's trainable, this module) by name
     paths = [str(ROOT), str(ROOT / "benchmarks"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -268,17 +270,20 @@ def main(argv: list[str] | None = None) -> int:
              logging_level="error")
     try:
         with tempfile.TemporaryDirectory(prefix="stridelab-engine-") as tmp:
-            runs["ray tune"] = run_tune(plan, Path(tmp))
-            print(f"  ray tune: {max(runs['ray tune']['times']):.1f} s", flush=True)
-            runs["stridelab"] = run_stridelab(plan, Path(tmp), prune=False)
-            print(f"  stridelab: {max(runs['stridelab']['finished_times']):.1f} s", flush=True)
+            engines = {"ray tune": lambda: run_tune(plan, Path(tmp)),
+                       "stridelab": lambda: run_stridelab(plan, Path(tmp), prune=False)}
             if not args.no_pruned:
-                runs["stridelab (pruning)"] = run_stridelab(plan, Path(tmp), prune=True)
+                engines["stridelab (pruning)"] = lambda: run_stridelab(plan, Path(tmp), prune=True)
+            for name, run in engines.items():
+                load = _load()  # the engines run one after another: a busy machine can favour one of them
+                runs[name] = {**run(), "load_at_start": load}
+                print(f"  {name}: {max(runs[name].get('finished_times') or runs[name]['times']):.1f} s "
+                      f"(load average {load} at its start)", flush=True)
     finally:
         ray.shutdown()
     summary = summarise(runs, plan["trials"])
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load": f"{load0} at the start, {_load()} at the end",
             "wall_min": (time.perf_counter() - t0) / 60, **plan}
     json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
     if json_path:
@@ -288,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         write_section(text, Path(doc))
     print(text)
     return 0
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages: figures measured on a busy machine say so."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = {k: (getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else FULL)[k]) for k in FULL}
     budget = " ".join(f"--{k.replace('_', '-')} {plan[k]}" for k in FULL if k not in ("model", "solvers", "nfes"))
     print(f"bench_methods: {plan['model']}, solvers {plan['solvers']}, NFE {plan['nfes']}; budget {budget}", flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), _load()
     model = load_model(plan["model"])
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="stridelab-methods-") as tmp:
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{solver} NFE {nfe}:", flush=True)
                 rows += run_cell(model, solver, nfe, plan, Path(tmp))
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full", "machine": machine(),
-            "load": " ".join(f"{v:.1f}" for v in os.getloadavg()), "wall_min": (time.perf_counter() - t0) / 60,
+            "load": f"{load0} at the start, {_load()} at the end", "wall_min": (time.perf_counter() - t0) / 60,
             "budget": budget, **plan}
     json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
     if json_path:
@@ -337,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         write_section(text, Path(doc))
     print(text)
     return 0
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages: figures measured on a busy machine say so."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":
