@@ -1,6 +1,6 @@
 """The engine side by side: one TPE search run by Ray Tune's Optuna pattern and by stridelab's resident actors.
 
-    python benchmarks/bench_engine.py            # full: bundled:digits, NFE 10, 40 trials (~10 min on 2 idle cores)
+    python benchmarks/bench_engine.py            # full: bundled:digits, NFE 10, 40 trials (8.5 min on 2 shared cores)
     python benchmarks/bench_engine.py --quick    # gmm:ring8, 8 trials: a test-sized run of the same code
     python benchmarks/bench_engine.py --from-json F
 
