@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 	$(PY) benchmarks/bench_solver_schedules.py
 	$(PY) benchmarks/bench_sample_scale.py
+	$(PY) benchmarks/bench_methods.py
+	$(PY) benchmarks/bench_engine.py
 
 # GPU readiness (at most ~5 minutes): writes docs/GPU.md on a CUDA machine; elsewhere one line, exit 0.
 gpu-check: $(STAMP)

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "backpropagation through DDIM against the teacher (LD3-style, ddim only), projected to "
                         "integer timesteps and added to the study as a warm start (default %(default)s)")
     p.add_argument("--grad-iters", type=int, default=100, help="--method gradient: Adam iterations (default %(default)s)")
+    p.add_argument("--grad-init", choices=("uniform", "dp"), default="uniform",
+                   help="--method gradient: start from uniform steps or from the DP placement (needs dp among "
+                        "--schedules, as by default) (default %(default)s)")
     p.add_argument("--grad-lr", type=float, default=0.05, help="--method gradient: Adam learning rate (default %(default)s)")
     p.add_argument("--grad-loss", choices=("mse", "features", "lpips"), default="mse",
                    help="--method gradient: distance to the teacher: mse on the [0, 1] scale, features (the bundled "
@@ -132,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype, method=args.method,
         grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_loss=args.grad_loss, slack_radius=args.slack_radius,
         data=args.data,
+        grad_init=args.grad_init,
     )
     study_name = args.study_name or default_study_name(cfg)
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted

@@ -35,6 +35,8 @@ POLISH_SHARE = Fraction(2, 3)
 
 METHODS = ("optuna", "gradient")
 """How the sweep places steps: Optuna trials only, or also one gradient (LD3-style) placement as a warm start."""
+GRAD_INITS = ("uniform", "dp")
+"""Where the gradient placement starts: uniform steps, or the sweep's DP placement (a combination: DP, then gradient)."""
 """Polish takes at most this share of the trials after the warm starts. The default sweep (150 trials, 10 warm
 starts, polish 80) is under the cap (93) and keeps its 60 sampler trials; ``trials=30`` gets 13 polish, 7 sampler."""
 
@@ -92,6 +94,7 @@ class SweepConfig:
     grad_loss: str = "mse"
     slack_radius: float = 0.0
     data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
+    grad_init: str = "uniform"  # where the gradient placement starts: uniform steps, or the DP placement ("dp")
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -125,6 +128,10 @@ class SweepConfig:
 
             need(self.solver in DIFFERENTIABLE, f"`method` gradient differentiates {', '.join(DIFFERENTIABLE)} only, "
                                                 f"got `solver` {self.solver!r}")
+            need(self.grad_init in GRAD_INITS,
+                 f"unknown `grad_init` {self.grad_init!r}; choose one of {', '.join(GRAD_INITS)}")
+            need(self.grad_init != "dp" or "dp" in self.baselines,
+                 "`grad_init` dp starts from the DP placement: add dp to the warm starts (`baselines`)")
             need(len(self.baselines) + 1 <= self.trials,
                  f"`trials` ({self.trials}) must cover the {len(self.baselines) + 1} warm-start trials (baselines, dp "
                  "and the gradient placement)")

@@ -162,15 +162,27 @@ class Sweep:
             self._add_fixed([dps[b] if b in dps else self._baseline(b) for b in todo], "baseline")
         if self.cfg.method == "gradient" and not any(t.user_attrs.get("kind") == "gradient"
                                                      for t in self.study.get_trials(deepcopy=False)):
-            sched, extra = self._gradient_placement()
+            sched, extra = self._gradient_placement(self._grad_start(dps))
             self._add_fixed([sched], "gradient", extra)
 
-    def _gradient_placement(self) -> tuple[Schedule, dict[str, Any]]:
-        """The LD3-style placement on the tuning seeds, its loss per iteration logged on the parent run
-        (``gradient_loss``, step = iteration). On the sweep's actor pools (each actor differentiates its shard
-        against its resident teacher) when the evaluators are pools, else in this process. Returns the schedule
-        and the trial's extra user attrs: the final continuous steps, the loss and the continuous steps per
-        iteration (`search.sweep.outputs` writes the latter two as ``gradient_path.json`` and a plot)."""
+    def _grad_start(self, dps: dict[str, Schedule]) -> list[int] | None:
+        """The gradient placement's starting schedule: None (uniform), or with ``grad_init = "dp"`` the DP
+        placement (placed now, or the study's dp warm start on resume)."""
+        if self.cfg.grad_init != "dp":
+            return None
+        if "dp" in dps:
+            return list(dps["dp"].timesteps)
+        done = [t for t in self.study.get_trials(deepcopy=False)
+                if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("schedule") == "dp"]
+        return list(done[0].user_attrs["timesteps"])
+
+    def _gradient_placement(self, init: list[int] | None = None) -> tuple[Schedule, dict[str, Any]]:
+        """The LD3-style placement on the tuning seeds from `init` (default uniform), its loss per iteration logged
+        on the parent run (``gradient_loss``, step = iteration). On the sweep's actor pools (each actor
+        differentiates its shard against its resident teacher) when the evaluators are pools, else in this
+        process. Returns the schedule and the trial's extra user attrs: the final continuous steps, the loss and
+        the continuous steps per iteration (`search.sweep.outputs` writes the latter two as ``gradient_path.json``
+        and a plot)."""
         from search.placement.gradient import gradient_placement, local_grad_fn, pool_grad_fn
 
         t0 = time.perf_counter()
@@ -190,7 +202,7 @@ class Sweep:
                 self.tracker.log_metrics({"gradient_loss": loss}, step=it)
 
         res = gradient_placement(fn, self.cfg.steps, self.model.alphas_cumprod, gc, num_seeds=self.cfg.num_seeds,
-                                 sample_shape=self.model.sample_shape, callback=on_iter)
+                                 sample_shape=self.model.sample_shape, init=init, callback=on_iter)
         self.log(f"gradient placement ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): loss "
                  f"{res.losses[0]:.3g} -> {res.losses[-1]:.3g}; {list(res.schedule.timesteps)}")
         return res.schedule, {"continuous_timesteps": list(res.schedule.meta["continuous_timesteps"]),
