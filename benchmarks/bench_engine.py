@@ -230,14 +230,9 @@ def render(s: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def write_section(text: str, path: Path = OUT) -> None:
     """Replace the section between `BEGIN` and `END` of `path` (append it when absent), atomically."""
-    from pipeline.io.files import atomic_write_text
+    from pipeline.io.reports import replace_section
 
-    doc = path.read_text() if path.exists() else ""
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n" + text + "\n"
-    atomic_write_text(path, doc)
+    replace_section(path, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> int:

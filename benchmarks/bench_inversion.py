@@ -265,14 +265,9 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_section(text: str, out: Path = OUT) -> None:
-    from pipeline.io.files import atomic_write_text
+    from pipeline.io.reports import replace_section
 
-    doc = out.read_text() if out.exists() else ""
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n" + text + "\n"
-    atomic_write_text(out, doc)
+    replace_section(out, text, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,14 +110,9 @@ def section(meta: dict[str, Any], runs: list[dict[str, Any]], summary: dict[str,
 
 
 def write_section(text: str) -> None:
-    from pipeline.io.files import atomic_write_text
+    from pipeline.io.reports import replace_section
 
-    doc = OUT.read_text()
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    atomic_write_text(OUT, doc)
+    replace_section(OUT, text, BEGIN, END)
 
 
 def machine() -> str:

@@ -54,3 +54,16 @@ def write_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> P
         w.writerows(rows)
         return atomic_write_text(path, buf.getvalue())
     raise StridelabError(f"output must end in .csv or .parquet, got {path.name!r}")
+
+
+def replace_section(path: str | os.PathLike, text: str, begin: str, end: str) -> None:
+    """Write `text` (a section that starts with marker `begin` and ends with `end`) into the document at `path`:
+    in place of the text between those markers where both are present, else appended; atomically, so a report
+    is never half rewritten. A missing document is created."""
+    path = Path(path)
+    doc = path.read_text() if path.exists() else ""
+    if begin in doc and end in doc:
+        doc = doc[: doc.index(begin)] + text + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + text + "\n"
+    atomic_write_text(path, doc)
