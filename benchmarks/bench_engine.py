@@ -43,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from budget import add_budget_args, budget_plan  # noqa: E402  (beside this file)
+
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_engine.json"
 BEGIN, END = "<!-- engine -->", "<!-- /engine -->"
@@ -243,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="where the figures go (default docs/bench_engine.json; --quick: none)")
     p.add_argument("--doc", default=None, help="the report whose section is written (default docs/BENCHMARKS.md; "
                                                "--quick: none)")
-    for key, v in FULL.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(v), default=None, help=f"default {v} (--quick: {QUICK[key]})")
+    add_budget_args(p, FULL, QUICK)
     args = p.parse_args(argv)
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.io.files import atomic_write_json
 
-    plan = {k: (getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else FULL)[k]) for k in FULL}
+    plan = budget_plan(args, FULL, QUICK)
     print(f"bench_engine: {plan}", flush=True)
     t0, load0 = time.perf_counter(), _load()
     runs: dict[str, dict[str, Any]] = {}

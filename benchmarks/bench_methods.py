@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from budget import add_budget_args, budget_plan  # noqa: E402  (beside this file)
+
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_methods.json"
 BEGIN, END = "<!-- methods -->", "<!-- /methods -->"
@@ -300,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="where the figures go (default docs/bench_methods.json; --quick: none)")
     p.add_argument("--doc", default=None, help="the report whose section is (re)written (default docs/BENCHMARKS.md; "
                                                "--quick: none, the committed figures stay the full run's)")
-    for key, v in FULL.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(v), default=None, help=f"default {v} (--quick: {QUICK[key]})")
+    add_budget_args(p, FULL, QUICK)
     args = p.parse_args(argv)
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.io.files import atomic_write_json
     from pipeline.models.load import load_model
 
-    plan = {k: (getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else FULL)[k]) for k in FULL}
+    plan = budget_plan(args, FULL, QUICK)
     budget = " ".join(f"--{k.replace('_', '-')} {plan[k]}" for k in FULL if k not in ("model", "solvers", "nfes"))
     print(f"bench_methods: {plan['model']}, solvers {plan['solvers']}, NFE {plan['nfes']}; budget {budget}", flush=True)
     t0, load0 = time.perf_counter(), _load()
