@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from ports import free_ports
 from search.study import finished_count, make_storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +41,6 @@ PLACEMENT_TIMEOUT = 10
 
 pytestmark = pytest.mark.slow  # ~3-4 min on 2 busy cores: two clusters' nodes, three sweeps
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _children() -> dict[int, list[int]]:
@@ -140,14 +128,14 @@ class Cluster:
                     "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONPATH": str(ROOT),
                     "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
-        (self.gcs,) = _free_ports(1)
+        (self.gcs,) = free_ports(1)
         self.address = f"127.0.0.1:{self.gcs}"
         self.head = self._start(["--head", f"--port={self.gcs}", "--include-dashboard=false", "--num-cpus=1"], "head")
         self.wait_nodes(1)
 
     def _start(self, args: list[str], name: str) -> Node:
         temp_dir = tempfile.mkdtemp(prefix="nl", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
-        agent_http, agent_grpc, renv, metrics, node_mgr, obj_mgr = _free_ports(6)
+        agent_http, agent_grpc, renv, metrics, node_mgr, obj_mgr = free_ports(6)
         cmd = [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", *args,
                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
                f"--runtime-env-agent-port={renv}", f"--metrics-export-port={metrics}",

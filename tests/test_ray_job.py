@@ -16,7 +16,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,25 +24,14 @@ from pathlib import Path
 
 import pytest
 
+from ports import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 
 pytestmark = pytest.mark.slow  # ~1-2 min on 2 cores: head start, upload, sweep, teardown
 
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free right now (all bound at once, so no duplicates)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _pids_mentioning(needle: str) -> list[int]:
@@ -72,7 +60,7 @@ def _start_head(tmp_path: Path, attempt: int) -> tuple[subprocess.Popen, str, di
     """`ray start --head` on 127.0.0.1 with fresh free ports; returns (process, temp dir, env, GCS port,
     dashboard port, log path)."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
-    (gcs, dash, agent_http, agent_grpc, renv, metrics, client, node_mgr, obj_mgr) = _free_ports(9)
+    (gcs, dash, agent_http, agent_grpc, renv, metrics, client, node_mgr, obj_mgr) = free_ports(9)
     env = {
         **os.environ,
         "RAY_USAGE_STATS_ENABLED": "0",
