@@ -3,6 +3,8 @@ to integer timesteps and the data-parallel gradient on Ray actors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -302,3 +304,72 @@ def test_lpips_missing_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: --grad-loss lpips needs the lpips package" in err[0], err
     assert not out.exists()
+
+
+# ---- the opt-in model time shift (issue 13, item 2; measured in benchmarks/bench_time_shift.py) ----------------
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmsolver++2m"])
+def test_zero_shift_is_the_solver_and_a_shift_changes_the_network_input_only(gmm, solver):
+    from pipeline.evaluation.gradient import model_levels, sample_with_shift
+
+    ts = [800, 500, 260, 90, 15]
+    x_T = torch.randn(5, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ref = get_solver(solver).sample(gmm.denoiser, x_T, ts, gmm.alphas_cumprod)
+    assert torch.allclose(sample_with_shift(gmm.denoiser, x_T, ts, [0.0] * 5, gmm.alphas_cumprod, solver), ref,
+                          rtol=0, atol=1e-10)
+    assert torch.allclose(sample_with_shift(gmm.denoiser, x_T, ts, None, gmm.alphas_cumprod, solver), ref,
+                          rtol=0, atol=1e-10)
+    shifted = sample_with_shift(gmm.denoiser, x_T, ts, [0.3, 0, 0, 0, 0], gmm.alphas_cumprod, solver)
+    assert (shifted - ref).abs().max() > 1e-4
+    # the levels asked: log sigma + shift, clamped to the table's range (t = T - 1 cannot go higher)
+    abar = gmm.alphas_cumprod.double()[torch.tensor([999, 500])]
+    t_m, a_m = model_levels(abar, torch.tensor([1.0, -0.5], dtype=torch.float64), gmm.alphas_cumprod)
+    sig = ((1 - abar) / abar).sqrt()
+    assert t_m[0] == pytest.approx(999) and a_m[0] == pytest.approx(float(abar[0]))
+    assert ((1 - a_m[1]) / a_m[1]).sqrt() == pytest.approx(float(sig[1]) * math.exp(-0.5), rel=1e-9)
+    assert t_m[1] < 500
+
+
+def test_shift_gradient_matches_finite_differences_and_zero_shift_loss(gmm, grad_fn):
+    ts = [850, 600, 330, 140, 25]
+    theta = params_from_timesteps(ts, gmm.alphas_cumprod)
+    shifted_fn = local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64, time_shift=True)
+    full = torch.cat([theta, torch.tensor([0.1, -0.2, 0.05, 0.3, -0.1], dtype=torch.float64)])
+    loss0, g0, _ = grad_fn(theta, None)
+    loss_z, g_z, _ = shifted_fn(torch.cat([theta, torch.zeros(5, dtype=torch.float64)]), None)
+    assert loss_z == pytest.approx(loss0, rel=1e-12) and torch.allclose(g_z[:6], g0, rtol=1e-9, atol=1e-14)
+    loss, g, _ = shifted_fn(full, None)
+    assert g.shape == full.shape
+    for k in (1, 7, 9):  # a logit and two shifts
+        h = 1e-6
+        e = torch.zeros_like(full)
+        e[k] = h
+        fd = (shifted_fn(full + e, None)[0] - shifted_fn(full - e, None)[0]) / (2 * h)
+        assert float(g[k]) == pytest.approx(fd, rel=1e-4, abs=1e-10)
+
+
+def test_time_shift_learns_lowers_the_loss_and_goes_in_meta(gmm):
+    fn = local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64, time_shift=True)
+    res = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=10, time_shift=True), num_seeds=len(SEEDS))
+    assert res.theta.shape == (11,) and res.losses[-1] < res.losses[0]
+    shift = res.schedule.meta["model_log_sigma_shift"]
+    assert len(shift) == 5 and any(abs(v) > 1e-3 for v in shift)
+    validate_timesteps(res.schedule.timesteps, 1000)
+    # a gradient function built without the shift cannot be run with a config that has it (theta's length differs)
+    with pytest.raises(StridelabError, match="time_shift"):
+        gradient_placement(local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64), 5, gmm.alphas_cumprod,
+                           GradientConfig(iters=1, time_shift=True), num_seeds=len(SEEDS))
+
+
+def test_pool_gradient_with_time_shift_equals_in_process(ray_local, gmm):
+    from pipeline.distributed.pool import SamplerPool
+    from search.placement.gradient import pool_grad_fn
+
+    theta = torch.cat([params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod),
+                       torch.tensor([0.1, -0.2, 0.05, 0.3, -0.1], dtype=torch.float64)])
+    loss, g, _ = local_grad_fn(gmm, SEEDS, TEACHER_NFE, dtype=torch.float64, time_shift=True)(theta, None)
+    with SamplerPool(GMM, SEEDS, TEACHER_NFE, actors=2, num_cpus=0.5) as pool:
+        ploss, pg, _ = pool_grad_fn([pool], dtype="float64", time_shift=True)(theta, None)
+    assert ploss == pytest.approx(loss, rel=1e-12)
+    assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14)

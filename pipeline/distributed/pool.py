@@ -299,21 +299,22 @@ class SamplerPool:
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None,
-                 dtype: str = "float32", solver: str = "ddim",
-                 loss: str = "mse") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+                 dtype: str = "float32", solver: str = "ddim", loss: str = "mse",
+                 time_shift: bool = False) -> tuple[float, torch.Tensor, torch.Tensor | None]:
         """Data-parallel `SamplerWorker.gradient` over the pool's seeds: each actor differentiates its shard
-        (student: `solver`'s differentiable twin, distance `loss`) against its resident teacher; returns the
+        (student: `solver`'s differentiable twin, distance `loss`, theta with the model time shift when
+        `time_shift`) against its resident teacher; returns the
         sums over all seeds (a `GradFn`, see `search.placement.gradient`), delta's gradient in seed order.
         `delta`: [len(seeds), ...] or None. ``submit_gradient(...)()`` is the same, started at once."""
-        return self.submit_gradient(theta, delta, dtype, solver, loss)()
+        return self.submit_gradient(theta, delta, dtype, solver, loss, time_shift)()
 
     def submit_gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None, dtype: str = "float32",
-                        solver: str = "ddim", loss: str = "mse"):
+                        solver: str = "ddim", loss: str = "mse", time_shift: bool = False):
         """Start `gradient` on every actor and return at once a ``wait()`` giving its result, so several pools'
         actors (a sweep's screen and rest) differentiate at the same time."""
         theta = theta.detach().cpu()
         refs = [self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
-                           None if delta is None else delta[a:b].detach().cpu(), dtype, solver, loss)
+                           None if delta is None else delta[a:b].detach().cpu(), dtype, solver, loss, time_shift)
                 for i, (a, b) in enumerate(self.shards)]
 
         def wait() -> tuple[float, torch.Tensor, torch.Tensor | None]:

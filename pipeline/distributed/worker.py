@@ -198,7 +198,8 @@ class SamplerWorker:
 
     def gradient(self, seeds: Sequence[int], theta: torch.Tensor, teacher_nfe: int | None = None,
                  delta: torch.Tensor | None = None, dtype: str = "float32",
-                 solver: str = "ddim", loss: str = "mse") -> tuple[float, torch.Tensor, torch.Tensor | None]:
+                 solver: str = "ddim", loss: str = "mse",
+                 time_shift: bool = False) -> tuple[float, torch.Tensor, torch.Tensor | None]:
         """(sum over the shard's seeds of the continuous student's loss, its gradient in theta, in delta) against
         the shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student is
         `solver`'s differentiable twin, run in `dtype`; `loss` names the distance,
@@ -211,7 +212,7 @@ class SamplerWorker:
         dt = getattr(torch, dtype)
         out = shard_loss_and_grad(self.model.denoiser, teach.x_T.to(dt), teach.x0.to(dt), theta,
                                   self.model.alphas_cumprod, delta=delta, solver=solver,
-                                  distance=make_distance(loss, self.model.data_range))
+                                  distance=make_distance(loss, self.model.data_range), time_shift=time_shift)
         self._trace("gradient", "done")
         return out
 

@@ -14,6 +14,9 @@ name           meaning                                                          
                sigma_max, the n steps and sigma_min: step i sits at                    discretisation)
                log sigma_i = log sigma_max - (w_0 + ... + w_i)(log sigma_max - log sigma_min)
 ``t_frac``     the steps as fractional timesteps [n], strictly decreasing, in (0, T-1)  t_i
+``shift``      optional, [n]: where the model is asked, decoupled from where the step   (not in LD3; the
+               integrates: the model sees log sigma_i + shift_i, the update uses        time-shift idea of
+               sigma_i (`model_levels`; theta is then [2n + 1], logits then shift)      TS-DDIM, 2024)
 ``delta``      the student's input offset [B, ...]: the student starts from x_T + delta  x'_T - x_T
                (soft teacher forcing: delta stays in a ball, see `project_to_ball`)
 ``loss``       per seed: a distance between x0_student and x0_teacher, by default the   d(., .)
@@ -62,6 +65,37 @@ def times_from_params(theta: torch.Tensor, alphas_cumprod: torch.Tensor) -> tupl
     return t_from_sigma(sigma, alphas_cumprod), abar_from_sigma(sigma)
 
 
+def split_params(theta: torch.Tensor, time_shift: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits [n + 1], shift [n] or None) of a parameter vector: [n + 1] plain, [2n + 1] with the time shift."""
+    if not time_shift:
+        return theta, None
+    if theta.ndim != 1 or theta.numel() % 2 != 1 or theta.numel() < 3:
+        raise StridelabError(f"with a time shift theta must be 1-D with 2n + 1 >= 3 entries, got shape {tuple(theta.shape)}")
+    n = (theta.numel() - 1) // 2
+    return theta[: n + 1], theta[n + 1:]
+
+
+def model_levels(abar: torch.Tensor, shift: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the model is asked when the steps integrate at levels abar [n]: log sigma_i + shift_i, clamped to
+    the model's sigma range. Returns (t_model [n], abar_model [n]), float64, differentiable in abar and shift.
+
+    The update itself keeps abar: a shift only changes which noise level the network is told it sees, the
+    remedy TS-DDIM (Li et al., ICLR 2024) proposes for the exposure bias of few-step samplers."""
+    lo, hi = log_sigma_range(alphas_cumprod)
+    abar = abar.to(torch.float64)
+    log_sigma = 0.5 * (torch.log1p(-abar) - abar.log()) + shift.to(torch.float64)
+    sigma = log_sigma.clamp(lo, hi).exp()
+    return t_from_sigma(sigma, alphas_cumprod), abar_from_sigma(sigma)
+
+
+def levels_from_params(theta: torch.Tensor, alphas_cumprod: torch.Tensor, time_shift: bool = False):
+    """(t_frac [n], abar [n], model_at) that theta places: model_at is None without the time shift, else
+    `model_levels` of the steps (see `split_params`)."""
+    logits, shift = split_params(theta, time_shift)
+    t_frac, abar = times_from_params(logits, alphas_cumprod)
+    return t_frac, abar, (None if shift is None else model_levels(abar, shift, alphas_cumprod))
+
+
 def params_from_timesteps(timesteps: Sequence[float], alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Logits theta [n + 1] (float64) that place steps at `timesteps` (decreasing; gaps below `MIN_GAP` lifted)."""
     ls = sigmas_of(alphas_cumprod).log()
@@ -87,17 +121,20 @@ def continuous_eps(denoiser, x: torch.Tensor, t: torch.Tensor, abar: torch.Tenso
     return fn(x, t.expand(B), abar.expand(B))
 
 
-def ddim_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+def ddim_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor,
+                    model_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0, DDIM eq. 12) from x_T [B, ...] through levels abar [n] to abar = 1.
 
     The same update as `pipeline.solvers.ddim.ddim_step`, written on tensors so autograd reaches abar.
+    `model_at`: (t [n], abar [n]) the network is evaluated at instead of (t_frac, abar) (`model_levels`).
     Returns x0 [B, ...] in x_T's dtype.
     """
     x = x_T
     n = abar.numel()
+    t_m, a_m = model_at if model_at is not None else (t_frac, abar)
     for i in range(n):
         a_t = abar[i].to(x.dtype)
-        eps = continuous_eps(denoiser, x, t_frac[i], abar[i])
+        eps = continuous_eps(denoiser, x, t_m[i], a_m[i])
         x0_pred = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if i == n - 1:
             return x0_pred  # the jump to abar = 1 lands on x0_pred
@@ -107,13 +144,15 @@ def ddim_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: tor
 
 
 def dpmpp_multistep_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor,
-                               solver_order: int = 2) -> torch.Tensor:
+                               solver_order: int = 2,
+                               model_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """DPM-Solver++ (2M or 3M, data prediction) from x_T [B, ...] through levels abar [n] to abar = 1.
 
     The update of `pipeline.solvers.dpmsolver.dpmpp_multistep` on tensors, so autograd reaches abar and
     lambda: the same per-step orders (`step_order`) and the same coefficients (`step_coefficients`, one
     function for both). Levels (float64, [n]): alpha = sqrt(abar), sigma_vp = sqrt(1 - abar),
-    lambda = log(alpha / sigma_vp). Returns x0 [B, ...] in x_T's dtype (the last step lands on m_{n-1}).
+    lambda = log(alpha / sigma_vp). `model_at` as in `ddim_continuous`. Returns x0 [B, ...] in x_T's dtype (the
+    last step lands on m_{n-1}).
     """
     from pipeline.solvers.dpmsolver import step_coefficients, step_order
 
@@ -123,8 +162,9 @@ def dpmpp_multistep_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor
     x = x_T
     n = abar.numel()
     m: list[torch.Tensor] = []  # data predictions, newest last
+    t_m, a_m = model_at if model_at is not None else (t_frac, abar)
     for i in range(n):
-        eps = continuous_eps(denoiser, x, t_frac[i], abar[i])
+        eps = continuous_eps(denoiser, x, t_m[i], a_m[i])
         m = (m + [(x - sigma_vp[i].to(x.dtype) * eps) / alpha[i].to(x.dtype)])[-solver_order:]
         if i == n - 1:
             return m[-1]  # h = inf: sigma_vp ratio 0, phi 1, alpha 1
@@ -137,20 +177,23 @@ def dpmpp_multistep_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor
     raise AssertionError("unreachable: the last step returns")
 
 
-def dpmpp_2m_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+def dpmpp_2m_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor,
+                        model_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) over continuous levels (`dpmpp_multistep_continuous`, order 2)."""
-    return dpmpp_multistep_continuous(denoiser, x_T, t_frac, abar, 2)
+    return dpmpp_multistep_continuous(denoiser, x_T, t_frac, abar, 2, model_at)
 
 
-def dpmpp_3m_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+def dpmpp_3m_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor,
+                        model_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """DPM-Solver++(3M) over continuous levels (`dpmpp_multistep_continuous`, order 3)."""
-    return dpmpp_multistep_continuous(denoiser, x_T, t_frac, abar, 3)
+    return dpmpp_multistep_continuous(denoiser, x_T, t_frac, abar, 3, model_at)
 
 
 DIFFERENTIABLE = {"ddim": ddim_continuous, "dpmsolver++2m": dpmpp_2m_continuous,
                   "dpmsolver++3m": dpmpp_3m_continuous}
 """Solver name (`pipeline.solvers.registry`) -> its differentiable twin
-``fn(denoiser, x_T [B, ...], t_frac [n], abar [n]) -> x0 [B, ...]``; at integer timesteps each equals the solver."""
+``fn(denoiser, x_T [B, ...], t_frac [n], abar [n], model_at=None) -> x0 [B, ...]``; at integer timesteps (and
+no `model_at`) each equals the solver."""
 
 
 def differentiable(solver: str):
@@ -160,6 +203,20 @@ def differentiable(solver: str):
         raise StridelabError(f"must be one of {', '.join(DIFFERENTIABLE)} for gradient placement (the solvers with a "
                              f"differentiable twin), got {solver!r}", param="solver")
     return fn
+
+
+def sample_with_shift(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], shift: Sequence[float] | None,
+                      alphas_cumprod: torch.Tensor, solver: str = "ddim") -> torch.Tensor:
+    """`solver` stepping through the integer `timesteps` [n] with the network asked at log sigma_i + shift_i
+    (`model_levels`; no gradient). With no shift (or zeros) it is the solver itself. x_T [B, ...] -> x0 [B, ...]."""
+    ac = alphas_cumprod.to(torch.float64)
+    t = torch.as_tensor([int(v) for v in timesteps], dtype=torch.long)
+    abar = ac[t]
+    model_at = None if shift is None else model_levels(abar, torch.as_tensor(list(shift), dtype=torch.float64), ac)
+    if model_at is not None:
+        model_at = tuple(v.to(x_T.device) for v in model_at)
+    with torch.no_grad():
+        return differentiable(solver)(denoiser, x_T, t.to(torch.float64).to(x_T.device), abar.to(x_T.device), model_at)
 
 
 def shard_loss_and_grad(
@@ -173,20 +230,22 @@ def shard_loss_and_grad(
     scale: float = 0.5,
     solver: str = "ddim",
     distance: Distance | None = None,
+    time_shift: bool = False,
 ) -> tuple[float, torch.Tensor, torch.Tensor | None]:
     """Sum over the shard's seeds of the student's loss, and its gradients.
 
     Args:
         denoiser: has ``eps_at_time`` (`pipeline.models.denoisers`).
         x_T: the seeds' noise [B, ...]; x0_teacher: the teacher's outputs from it [B, ...].
-        theta: logits [n + 1] (`times_from_params`).
+        theta: logits [n + 1] (`times_from_params`), or [2n + 1] logits then shift with `time_shift`.
         delta: the student's input offsets [B, ...] (soft teacher forcing), or None (start at x_T).
         scale: 1 / width of the data range (0.5 for [-1, 1]): the loss is on the [0, 1] scale.
         solver: the student (a name in `DIFFERENTIABLE`).
         distance: per-seed ``d(x0_student, x0_teacher) -> [B]`` (`pipeline.evaluation.distances`); default the
             MSE on the [0, 1] scale given by `scale`.
+        time_shift: theta carries the per-step model time shift (`model_levels`).
     Returns:
-        (sum of per-seed losses, d sum / d theta [n + 1] float64 CPU, d sum / d delta [B, ...] CPU or None).
+        (sum of per-seed losses, d sum / d theta (theta's shape) float64 CPU, d sum / d delta [B, ...] CPU or None).
         Sums, not means, so shards add up exactly and the driver divides once by the seed count.
     """
     student = differentiable(solver)
@@ -198,8 +257,10 @@ def shard_loss_and_grad(
         leaves.append(delta)
         x_in = x_T + delta
     with torch.enable_grad():
-        t_frac, abar = times_from_params(theta, alphas_cumprod)
-        x0 = student(denoiser, x_in, t_frac.to(x_T.device), abar.to(x_T.device))
+        t_frac, abar, model_at = levels_from_params(theta, alphas_cumprod, time_shift)
+        if model_at is not None:
+            model_at = tuple(v.to(x_T.device) for v in model_at)
+        x0 = student(denoiser, x_in, t_frac.to(x_T.device), abar.to(x_T.device), model_at)
         target = x0_teacher.to(x0.device, x0.dtype)
         loss = (distance(x0, target) if distance is not None else per_seed_mse(x0, target, scale)).sum()
         grads = torch.autograd.grad(loss, leaves)

@@ -11,7 +11,10 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
    fit each seed exactly. r = 0 is the plain teacher-matching loss (LD3's "hard" objective).
-4. `project_schedule`: the continuous steps rounded to the nearest trained timestep in log sigma (the
+4. Optional (``time_shift``, opt-in, measured in ``benchmarks/bench_time_shift.py``): a per-step shift of the
+   time fed to the model, learned jointly (theta grows to [2n + 1]; `pipeline.evaluation.gradient.model_levels`).
+   Integer solvers downstream cannot take it, so it is kept in ``meta`` (``model_log_sigma_shift``) only.
+5. `project_schedule`: the continuous steps rounded to the nearest trained timestep in log sigma (the
    fractional timestep is linear in log sigma within each table interval), collisions pushed apart by
    `pipeline.core.schedules.project_to_distinct`; the exact continuous times and sigmas go in ``meta``.
 
@@ -35,7 +38,8 @@ import torch
 
 from pipeline.core.schedules import Schedule, project_to_distinct, uniform
 from pipeline.errors import StridelabError
-from pipeline.evaluation.gradient import params_from_timesteps, project_to_ball, shard_loss_and_grad, times_from_params
+from pipeline.evaluation.gradient import (params_from_timesteps, project_to_ball, shard_loss_and_grad, split_params,
+                                         times_from_params)
 
 GradLoss = Literal["mse", "features", "lpips"]
 
@@ -54,12 +58,15 @@ class GradientConfig:
         loss: the per-seed distance to the teacher (`pipeline.evaluation.distances`): "mse" (per-dimension MSE
             on the [0, 1] scale), "features" (squared distance of the bundled digits feature network's
             embeddings), "lpips" (where the lpips package and its weights are installed).
+        time_shift: also learn a per-step shift (in log sigma) of where the model is asked, decoupled from where
+            the step integrates (`pipeline.evaluation.gradient.model_levels`); starts at 0.
     """
 
     iters: int = 100
     lr: float = 0.05
     slack_radius: float = 0.0
     loss: GradLoss = "mse"
+    time_shift: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
@@ -82,7 +89,7 @@ class GradientResult:
         schedule: the projected integer schedule (name "gradient"; continuous steps in ``meta``).
         losses: the mean loss before each Adam step, one per iteration, and the final loss last ([iters + 1]).
         timesteps: the continuous steps after each iteration ([iters + 1] lists; entry 0 is the start).
-        theta: the final logits [n + 1].
+        theta: the final parameters: logits [n + 1], then the shift [n] with ``time_shift``.
     """
 
     schedule: Schedule
@@ -92,7 +99,8 @@ class GradientResult:
 
 
 def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
-                  dtype: torch.dtype = torch.float32, solver: str = "ddim", loss: str = "mse") -> GradFn:
+                  dtype: torch.dtype = torch.float32, solver: str = "ddim", loss: str = "mse",
+                  time_shift: bool = False) -> GradFn:
     """A `GradFn` over all `seeds` in this process (the teacher is computed once, here); the student is
     `solver`'s differentiable twin (`pipeline.evaluation.gradient.DIFFERENTIABLE`), compared with the teacher
     by the distance `loss` (`pipeline.evaluation.distances`).
@@ -113,12 +121,14 @@ def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
         return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
-                                   delta=delta, solver=solver, distance=distance)
+                                   delta=delta, solver=solver, distance=distance, time_shift=time_shift)
 
+    fn.time_shift = time_shift  # `gradient_placement` checks it against its config: theta's length depends on it
     return fn
 
 
-def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", loss: str = "mse") -> GradFn:
+def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", loss: str = "mse",
+                 time_shift: bool = False) -> GradFn:
     """A `GradFn` over the seeds of `pools` together, in their order (each a `SamplerPool`; each of its actors
     differentiates its shard against its resident teacher, `SamplerPool.submit_gradient`, all pools at once).
 
@@ -136,23 +146,29 @@ def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", 
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None):
         # every pool's actors start before any result is awaited: the pools differentiate concurrently
-        waits = [p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss)
+        waits = [p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss,
+                                   time_shift=time_shift)
                  for p, (lo, hi) in zip(pools, bounds)]
         parts = [w() for w in waits]
         g_delta = None if delta is None else torch.cat([q[2] for q in parts])
         return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
+    fn.time_shift = time_shift
     return fn
 
 
-def project_schedule(theta: torch.Tensor, alphas_cumprod: torch.Tensor, **meta) -> Schedule:
+def project_schedule(theta: torch.Tensor, alphas_cumprod: torch.Tensor, time_shift: bool = False, **meta) -> Schedule:
     """The integer schedule nearest (in log sigma, collisions pushed apart) to the steps theta places.
 
     ``meta`` gets ``continuous_timesteps`` (fractional t, n values) and ``continuous_sigmas`` (n values then
-    0) for consumers that take sigmas exactly (k-diffusion, ComfyUI), plus whatever is passed.
+    0) for consumers that take sigmas exactly (k-diffusion, ComfyUI), ``model_log_sigma_shift`` (n values)
+    with `time_shift`, plus whatever is passed.
     """
+    logits, shift = split_params(theta, time_shift)
+    if shift is not None:
+        meta = {"model_log_sigma_shift": [float(v) for v in shift], **meta}
     with torch.no_grad():
-        t_frac, abar = times_from_params(theta, alphas_cumprod)
+        t_frac, abar = times_from_params(logits, alphas_cumprod)
     T = int(alphas_cumprod.numel())
     ts = project_to_distinct(t_frac.tolist(), T)
     sigmas = [float(v) for v in ((1 - abar) / abar).sqrt()] + [0.0]
@@ -190,7 +206,13 @@ def gradient_placement(
     start = list(init) if init is not None else list(uniform(n, alphas_cumprod).timesteps)
     if len(start) != n:
         raise StridelabError(f"the starting schedule has {len(start)} steps, expected {n}")
-    theta = params_from_timesteps(start, alphas_cumprod).clone().requires_grad_(True)
+    if bool(getattr(grad_fn, "time_shift", False)) != config.time_shift:
+        raise StridelabError(f"the gradient function was built with time_shift={getattr(grad_fn, 'time_shift', False)}, "
+                             f"the config says {config.time_shift}: build both with the same setting")
+    theta = params_from_timesteps(start, alphas_cumprod)
+    if config.time_shift:
+        theta = torch.cat([theta, torch.zeros(n, dtype=theta.dtype)])
+    theta = theta.clone().requires_grad_(True)
     leaves = [theta]
     delta = None
     if config.slack_radius > 0:
@@ -208,7 +230,7 @@ def gradient_placement(
             raise StridelabError(f"the loss became {loss} at iteration {it}; try a smaller learning rate",
                                  param="grad_lr")
         with torch.no_grad():
-            t_now = tuple(float(v) for v in times_from_params(theta, alphas_cumprod)[0])
+            t_now = tuple(float(v) for v in times_from_params(split_params(theta, config.time_shift)[0], alphas_cumprod)[0])
         losses.append(loss)
         path.append(t_now)
         if callback is not None:
@@ -223,6 +245,6 @@ def gradient_placement(
         if delta is not None:
             with torch.no_grad():
                 delta.copy_(project_to_ball(delta, config.slack_radius))
-    sched = project_schedule(theta.detach(), alphas_cumprod, final_loss=losses[-1], iters=config.iters,
+    sched = project_schedule(theta.detach(), alphas_cumprod, config.time_shift, final_loss=losses[-1], iters=config.iters,
                              slack_radius=config.slack_radius)
     return GradientResult(sched, tuple(losses), tuple(path), theta.detach().clone())
