@@ -256,14 +256,40 @@ def verdict(rows: list[dict[str, Any]]) -> str:
             f"{beyond}.")
 
 
+def merge(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several saved runs as one: rows by (solver, NFE) cell, a later run's cell replacing an earlier's, in
+    solver then NFE order; ``meta["runs"]`` keeps each run's own meta. The budgets must agree."""
+    budgets = {r["meta"]["budget"] for r in raws} | {r["meta"].get("model") for r in raws}
+    if len(budgets) != 2:
+        raise SystemExit("bench_methods --merge-json: the runs have different budgets or models; rerun them together")
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    runs: list[dict[str, Any]] = []
+    for raw in raws:
+        for m in raw["meta"].get("runs", [raw["meta"]]):
+            runs.append({k: v for k, v in m.items() if k != "runs"})
+        by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in raw["rows"]:
+            by.setdefault((r["solver"], int(r["nfe"])), []).append(r)
+        cells.update(by)
+    solvers = list(dict.fromkeys(r["solver"] for raw in raws for r in raw["rows"]))
+    rows = [r for key in sorted(cells, key=lambda k: (solvers.index(k[0]), k[1])) for r in cells[key]]
+    meta = {**raws[-1]["meta"], "runs": runs, "nfes": ",".join(str(n) for n in sorted({k[1] for k in cells}))}
+    return {"meta": meta, "columns": list(COLUMNS), "rows": rows}
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     def g(v: Any, spec: str = ".3g") -> str:
         return "n/a" if v is None else format(v, spec)
 
+    runs = meta.get("runs", [meta])  # `merge`: one header line per run whose cells the table holds
+
+    def measured(m: dict[str, Any]) -> str:
+        return (f"NFE {m['nfes']}: measured {m['date']} on {m['machine']} (load average {m['load']}); "
+                f"`python benchmarks/bench_methods.py{' --quick' if m['mode'] == 'quick' else ''} --nfes {m['nfes']}`, "
+                f"{m['wall_min']:.1f} min in all")
+
     lines = [BEGIN, "## Placement methods side by side (issue 13)", "",
-             f"Measured {meta['date']} on {meta['machine']} (load average {meta['load']}); "
-             f"`python benchmarks/bench_methods.py{' --quick' if meta['mode'] == 'quick' else ''}`, "
-             f"{meta['wall_min']:.1f} min in all. Budget: `{meta['budget']}`. Model {meta['model']}; the same "
+             "; ".join(measured(m) for m in runs) + f". Budget: `{meta['budget']}`. Model {meta['model']}; the same "
              f"tuning seeds (0..{meta['num_seeds'] - 1}) and held-out seeds ({meta['holdout_seeds']} from 1000000) "
              f"in every cell, {meta['teacher_nfe']}-step DDIM teacher. Recon: per-dimension MSE on [0, 1] vs the "
              "teacher; ratio to the cell's best baseline with its paired 95% bootstrap interval; FID on the same "
@@ -303,7 +329,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", default=None, help="the report whose section is (re)written (default docs/BENCHMARKS.md; "
                                                "--quick: none, the committed figures stay the full run's)")
     add_budget_args(p, FULL, QUICK)
+    p.add_argument("--merge-json", nargs="+", default=None, metavar="F",
+                   help="combine saved runs (same budget; a later file's cells replace an earlier's) into --json and "
+                        "the report section, e.g. NFE 10 and NFE 5 measured on different days")
     args = p.parse_args(argv)
+    if args.merge_json:
+        from pipeline.io.files import atomic_write_json
+
+        raw = merge([json.loads(Path(f).read_text()) for f in args.merge_json])
+        atomic_write_json(Path(args.json) if args.json else RAW, raw)
+        write_section(render(raw["rows"], raw["meta"]), Path(args.doc) if args.doc else OUT)
+        return 0
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
         write_section(render(raw["rows"], raw["meta"]), Path(args.doc) if args.doc else OUT)

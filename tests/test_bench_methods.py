@@ -96,3 +96,24 @@ def test_verdict_names_the_fastest_gain_and_the_interval():
     assert "per wall-minute: dp (it removes 20%" in v and "dp in 1 of 1" in v and "tpe+polish in" not in v
     rows[1].update(x_best_baseline=1.2, x_lo=1.1, x_hi=1.3)
     assert "nothing beats the strongest baseline" in b.verdict(rows) and "per wall-minute: tpe+polish" in b.verdict(rows)
+
+
+def test_merge_keeps_each_runs_header_and_replaces_cells_by_the_later_run(tmp_path):
+    def run(nfe, date, value):
+        meta = {"date": date, "mode": "full", "machine": "m", "load": "1", "wall_min": 2.0, "budget": "--trials 40",
+                "model": "bundled:digits", "nfes": str(nfe), "num_seeds": 64, "holdout_seeds": 256, "teacher_nfe": 250}
+        rows = [{"solver": s, "nfe": nfe, "method": "uniform", "kind": "baseline", "holdout_recon": value,
+                 "x_best_baseline": 1.0, "x_lo": 1.0, "x_hi": 1.0, "holdout_fid": 1.0, "wall_s": 0.0, "model_evals": 0}
+                for s in ("ddim", "dpmsolver++2m")]
+        return {"meta": meta, "rows": rows}
+
+    raw = b.merge([run(10, "2026-12-02", 1.0), run(5, "2026-12-03", 2.0), run(5, "2026-12-04", 3.0)])
+    assert [(r["solver"], r["nfe"], r["holdout_recon"]) for r in raw["rows"]] == [
+        ("ddim", 5, 3.0), ("ddim", 10, 1.0), ("dpmsolver++2m", 5, 3.0), ("dpmsolver++2m", 10, 1.0)]
+    assert raw["meta"]["nfes"] == "5,10"
+    text = b.render(raw["rows"], raw["meta"])
+    assert "NFE 10: measured 2026-12-02" in text and "NFE 5: measured 2026-12-04" in text
+    other = run(5, "2026-12-05", 1.0)
+    other["meta"]["budget"] = "--trials 10"
+    with pytest.raises(SystemExit, match="different budgets"):
+        b.merge([run(10, "2026-12-02", 1.0), other])
