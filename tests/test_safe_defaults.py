@@ -226,7 +226,6 @@ class _Trap:
 
 @pytest.fixture(scope="module")
 def tiny_unet_dir(tmp_path_factory):
-    import torch
     from diffusers import DDPMScheduler
     from tiny import tiny_unet
 
