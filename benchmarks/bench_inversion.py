@@ -119,11 +119,13 @@ def asymmetric(model_spec: str, decoder: list[int], holdout_seeds: int, factors=
 
 
 def compass_pair(loss, decoder: list[int], encoder: list[int], evals: int, step: int = 32,
-                 T: int = 1000) -> tuple[list[int], list[int], float, int]:
+                 T: int = 1000, pin_top: bool = False) -> tuple[list[int], list[int], float, int]:
     """Compass search over a decoder (decreasing) and an encoder (increasing) list together, one timestep moved
     by +-step at a time, the encoder's last kept equal to the decoder's first (a move of one moves both); the
-    step halves when no move helps, down to 1. `loss(decoder, encoder)` -> float. Returns the best pair, its
-    loss and the evaluations spent (at most `evals`)."""
+    step halves when no move helps, down to 1. `loss(decoder, encoder)` -> float. `pin_top`: the shared
+    noisiest step never moves (the sweep's rule for inversion, `with_noisiest_step`: a pair that stops below
+    t = T - 1 round-trips more easily without being a better encoder). Returns the best pair, its loss and the
+    evaluations spent (at most `evals`)."""
     best_d, best_e = list(decoder), list(encoder)
     best, used = loss(best_d, best_e), 1
 
@@ -134,7 +136,7 @@ def compass_pair(loss, decoder: list[int], encoder: list[int], evals: int, step:
     while step >= 1 and used < evals:
         improved = False
         for which in ("d", "e"):
-            for i in range(len(best_d) if which == "d" else len(best_e) - 1):
+            for i in range(1 if pin_top else 0, len(best_d)) if which == "d" else range(len(best_e) - 1):
                 for sgn in (1, -1):
                     if used >= evals:
                         break
@@ -171,8 +173,9 @@ def searched_pair(model_spec: str, decoder: list[int], tuning_seeds: int, holdou
     x_tune = model.denoiser.sample_data(list(range(tuning_seeds)))
     x_hold = model.denoiser.sample_data(list(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + holdout_seeds)))
     t0 = time.perf_counter()
+    T = model.num_train_timesteps
     d, e, tuned, used = compass_pair(lambda d, e: round_trip(model.denoiser, x_tune, e, d, *args).errors.mean().item(),
-                                     decoder, decoder[::-1], evals, T=model.num_train_timesteps)
+                                     decoder, decoder[::-1], evals, T=T, pin_top=decoder[0] == T - 1)
     seconds = time.perf_counter() - t0
     sym = round_trip(model.denoiser, x_hold, decoder[::-1], decoder, *args).errors
     errs = round_trip(model.denoiser, x_hold, e, d, *args).errors
@@ -252,7 +255,8 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     pairs = [s for s in summary if s.get("pair")]
     if pairs:
         lines += ["", "Encoder and decoder searched together (compass search on the tuning images from the learned "
-                  "symmetric pair, same NFE each way, `--pair-evals` round trips), measured on the held-out images:", "",
+                  "symmetric pair, same NFE each way, the noisiest step kept at T - 1, `--pair-evals` round trips), measured on "
+                  "the held-out images:", "",
                   "| model | NFE | symmetric | searched pair | x symmetric (95% CI) | evaluations | encoder | decoder |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in pairs:
@@ -282,8 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair-evals", type=int, default=None,
                    help="round trips the joint encoder/decoder search may spend per cell (0: skip; default 60, quick 8)")
     p.add_argument("--out", default=None, help="write the section here instead of docs/BENCHMARKS.md (and no JSON)")
+    p.add_argument("--redo-pairs", default=None, metavar="JSON",
+                   help="re-run only the joint encoder/decoder search of a saved full run (its learned decoders, "
+                        "its seeds), write the JSON back and re-render the section")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else OUT
+    if args.redo_pairs:
+        from pipeline.io.files import atomic_write_json
+
+        raw = json.loads(Path(args.redo_pairs).read_text())
+        seeds = {k: int(raw["runs"][0]["cmd"].split(f"--{k} ")[1].split()[0]) for k in ("num-seeds", "holdout-seeds")}
+        evals = args.pair_evals if args.pair_evals is not None else 60
+        for run in raw["runs"]:
+            decoder = [int(t) for t in run["rows"][0]["timesteps"].split()]
+            print(f"pair search {run['model']} nfe {run['nfe']} ...", flush=True)
+            run["pair"] = searched_pair(run["model"], decoder, seeds["num-seeds"], seeds["holdout-seeds"], evals)
+        raw["meta"]["pairs_redone"] = dt.date.today().isoformat()
+        raw["summary"] = summarise(raw["runs"])
+        atomic_write_json(Path(args.redo_pairs), raw)
+        write_section(render(raw["summary"], raw["meta"]), out)
+        return 0
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
         write_section(render(summarise(raw["runs"]), raw["meta"]), out)

@@ -75,3 +75,13 @@ def test_compass_pair_finds_an_asymmetric_optimum_and_keeps_the_pair_joined():
     assert (d, e, v) == (want_d, want_e, 0) and used <= 400
     _, _, _, used = b.compass_pair(loss, [900, 500, 100], [100, 500, 900], evals=7)
     assert used == 7
+
+
+def test_compass_pair_keeps_the_noisiest_step_pinned_when_asked():
+    def loss(d, e):  # would pull the shared top step down to 700 if it could move
+        return sum((a - b) ** 2 for a, b in zip(d + e, [700, 420, 90, 60, 380, 700]))
+
+    d, e, _, _ = b.compass_pair(loss, [999, 500, 100], [100, 500, 999], evals=400, step=64, pin_top=True)
+    assert d[0] == e[-1] == 999 and d[1:] == [420, 90] and e[:2] == [60, 380]
+    d, _, _, _ = b.compass_pair(loss, [999, 500, 100], [100, 500, 999], evals=400, step=64)
+    assert d[0] == 700
