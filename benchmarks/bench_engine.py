@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from budget import add_budget_args, budget_plan  # noqa: E402  (beside this file)
+from budget import add_budget_args, budget_plan, load_averages  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_engine.json"
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = budget_plan(args, FULL, QUICK)
     print(f"bench_engine: {plan}", flush=True)
-    t0, load0 = time.perf_counter(), _load()
+    t0, load0 = time.perf_counter(), load_averages()
     runs: dict[str, dict[str, Any]] = {}
     # the trials' and actors' processes import the project (and, for Tune's trainable, this module) by name
     paths = [str(ROOT), str(ROOT / "benchmarks"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_pruned:
                 engines["stridelab (pruning)"] = lambda: run_stridelab(plan, Path(tmp), prune=True)
             for name, run in engines.items():
-                load = _load()  # the engines run one after another: a busy machine can favour one of them
+                load = load_averages()  # the engines run one after another: a busy machine can favour one of them
                 runs[name] = {**run(), "load_at_start": load}
                 print(f"  {name}: {max(runs[name].get('finished_times') or runs[name]['times']):.1f} s "
                       f"(load average {load} at its start)", flush=True)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     summary = summarise(runs, plan["trials"])
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load": f"{load0} at the start, {_load()} at the end",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load": f"{load0} at the start, {load_averages()} at the end",
             "wall_min": (time.perf_counter() - t0) / 60, **plan}
     json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
     if json_path:
@@ -290,10 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     return 0
 
-
-def _load() -> str:
-    """The 1, 5 and 15 minute load averages: figures measured on a busy machine say so."""
-    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

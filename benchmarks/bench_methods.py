@@ -34,7 +34,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from budget import add_budget_args, budget_plan  # noqa: E402  (beside this file)
+from budget import add_budget_args, budget_plan, load_averages, machine  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_methods.json"
@@ -315,11 +314,6 @@ def write_section(text: str, path: Path = OUT) -> None:
     replace_section(path, text, BEGIN, END)
 
 
-def machine() -> str:
-    import torch
-
-    return "GPU" if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = budget_plan(args, FULL, QUICK)
     budget = " ".join(f"--{k.replace('_', '-')} {plan[k]}" for k in FULL if k not in ("model", "solvers", "nfes"))
     print(f"bench_methods: {plan['model']}, solvers {plan['solvers']}, NFE {plan['nfes']}; budget {budget}", flush=True)
-    t0, load0 = time.perf_counter(), _load()
+    t0, load0 = time.perf_counter(), load_averages()
     model = load_model(plan["model"])
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="stridelab-methods-") as tmp:
@@ -359,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{solver} NFE {nfe}:", flush=True)
                 rows += run_cell(model, solver, nfe, plan, Path(tmp))
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full", "machine": machine(),
-            "load": f"{load0} at the start, {_load()} at the end", "wall_min": (time.perf_counter() - t0) / 60,
+            "load": f"{load0} at the start, {load_averages()} at the end", "wall_min": (time.perf_counter() - t0) / 60,
             "budget": budget, **plan}
     json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
     if json_path:
@@ -370,10 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     return 0
 
-
-def _load() -> str:
-    """The 1, 5 and 15 minute load averages: figures measured on a busy machine say so."""
-    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from budget import add_budget_args, budget_plan, load_averages, machine  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_time_shift.json"
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="where the figures go (default docs/bench_time_shift.json; --quick: none)")
     p.add_argument("--doc", default=None, help="the report to (re)write the section of (default docs/BENCHMARKS.md; "
                                                "--quick: none)")
-    for k, v in FULL.items():
-        p.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=None, help=f"default {v} (--quick: {QUICK[k]})")
+    add_budget_args(p, FULL, QUICK)
     args = p.parse_args(argv)
     from pipeline.io.reports import replace_section
 
@@ -181,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.models.load import load_model
     from search.sweep.config import HOLDOUT_OFFSET
 
-    base = QUICK if args.quick else FULL
-    plan = {k: getattr(args, k) if getattr(args, k) is not None else base[k] for k in FULL}
-    t_all, load0 = time.perf_counter(), _load()
+    plan = budget_plan(args, FULL, QUICK)
+    t_all, load0 = time.perf_counter(), load_averages()
     m = load_model(plan["model"])
     ac = m.alphas_cumprod
     seeds = {"tune": list(range(plan["tune"])), "hold": list(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + plan["holdout"]))}
@@ -196,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{solver} NFE {nfe}:", flush=True)
             cells.append(run_cell(m, solver, nfe, x_T, x0, plan))
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
-            "machine": "GPU" if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-            "load": f"{load0} at the start, {_load()} at the end", "wall_min": (time.perf_counter() - t_all) / 60, **plan}
+            "machine": machine(),
+            "load": f"{load0} at the start, {load_averages()} at the end", "wall_min": (time.perf_counter() - t_all) / 60, **plan}
     raw = {"meta": meta, "cells": cells}
     json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
     if json_path:
@@ -208,9 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     return 0
 
-
-def _load() -> str:
-    return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The budget flags of the benchmarks that have a full and a --quick size: one flag per budget key."""
+"""What the benchmarks with a full and a --quick size share: one flag per budget key, and the machine and load
+they report beside their figures."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,3 +20,15 @@ def budget_plan(args: argparse.Namespace, full: Mapping[str, Any], quick: Mappin
     """Every budget key: the flag where given, else the full or (``args.quick``) the quick size."""
     base = quick if args.quick else full
     return {k: getattr(args, k) if getattr(args, k) is not None else base[k] for k in full}
+
+
+def load_averages() -> str:
+    """The 1, 5 and 15 minute load averages: figures measured on a busy machine say so."""
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def machine() -> str:
+    """"GPU" on a CUDA machine, else e.g. "x86_64, 2 CPUs, no GPU"."""
+    import torch
+
+    return "GPU" if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
