@@ -44,7 +44,7 @@ from pipeline.evaluation.gradient import (params_from_timesteps, project_to_ball
 GradLoss = Literal["mse", "features", "lpips"]
 
 GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[float, torch.Tensor, "torch.Tensor | None"]]
-"""``grad_fn(theta [n + 1], delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
+"""``grad_fn(theta [n + 1] (or [2n + 1] with the time shift), delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
 
 
 @dataclass(frozen=True)
