@@ -255,8 +255,9 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     pairs = [s for s in summary if s.get("pair")]
     if pairs:
         lines += ["", "Encoder and decoder searched together (compass search on the tuning images from the learned "
-                  "symmetric pair, same NFE each way, the noisiest step kept at T - 1, `--pair-evals` round trips), measured on "
-                  "the held-out images:", "",
+                  "symmetric pair, same NFE each way, the noisiest step kept at T - 1, `--pair-evals` round trips"
+                  + (f"; re-run {meta['pairs_redone']} with `--redo-pairs`" if meta.get("pairs_redone") else "")
+                  + "), measured on the held-out images:", "",
                   "| model | NFE | symmetric | searched pair | x symmetric (95% CI) | evaluations | encoder | decoder |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in pairs:
