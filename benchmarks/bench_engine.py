@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from budget import add_budget_args, budget_plan, load_averages  # noqa: E402  (beside this file)
+from budget import add_budget_args, add_report_args, budget_plan, load_averages, report_paths  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_engine.json"
@@ -239,12 +239,8 @@ def write_section(text: str, path: Path = OUT) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="gmm:ring8, 8 trials: a test-sized run of the same code")
+    add_report_args(p, "bench_engine.json", quick_help="gmm:ring8, 8 trials: a test-sized run of the same code")
     p.add_argument("--no-pruned", action="store_true", help="skip the third run (stridelab with its pruning screen)")
-    p.add_argument("--from-json", default=None, help="re-render docs/BENCHMARKS.md's section from saved figures")
-    p.add_argument("--json", default=None, help="where the figures go (default docs/bench_engine.json; --quick: none)")
-    p.add_argument("--doc", default=None, help="the report whose section is written (default docs/BENCHMARKS.md; "
-                                               "--quick: none)")
     add_budget_args(p, FULL, QUICK)
     args = p.parse_args(argv)
     if args.from_json:
@@ -281,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load": f"{load0} at the start, {load_averages()} at the end",
             "wall_min": (time.perf_counter() - t0) / 60, **plan}
-    json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
+    json_path, doc = report_paths(args, RAW, OUT)
     if json_path:
         atomic_write_json(Path(json_path), {"meta": meta, "summary": summary, "runs": runs})
     text = render(summary, meta)

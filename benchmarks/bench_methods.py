@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from budget import add_budget_args, budget_plan, load_averages, machine  # noqa: E402  (beside this file)
+from budget import add_budget_args, add_report_args, budget_plan, load_averages, machine, report_paths  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_methods.json"
@@ -317,11 +317,7 @@ def write_section(text: str, path: Path = OUT) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="gmm:ring8 and tiny budgets: a test-sized run of the same code")
-    p.add_argument("--from-json", default=None, help="re-render docs/BENCHMARKS.md's section from saved figures")
-    p.add_argument("--json", default=None, help="where the figures go (default docs/bench_methods.json; --quick: none)")
-    p.add_argument("--doc", default=None, help="the report whose section is (re)written (default docs/BENCHMARKS.md; "
-                                               "--quick: none, the committed figures stay the full run's)")
+    add_report_args(p, "bench_methods.json")
     add_budget_args(p, FULL, QUICK)
     p.add_argument("--merge-json", nargs="+", default=None, metavar="F",
                    help="combine saved runs (same budget; a later file's cells replace an earlier's) into --json and "
@@ -355,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full", "machine": machine(),
             "load": f"{load0} at the start, {load_averages()} at the end", "wall_min": (time.perf_counter() - t0) / 60,
             "budget": budget, **plan}
-    json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
+    json_path, doc = report_paths(args, RAW, OUT)
     if json_path:
         atomic_write_json(Path(json_path), {"meta": meta, "columns": list(COLUMNS), "rows": rows})
     text = render(rows, meta)

@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from budget import add_budget_args, budget_plan, load_averages, machine  # noqa: E402  (beside this file)
+from budget import add_budget_args, add_report_args, budget_plan, load_averages, machine, report_paths  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_time_shift.json"
@@ -159,11 +159,7 @@ def render(raw: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="gmm:ring8 and tiny budgets (a smoke run of the same code)")
-    p.add_argument("--from-json", default=None, help="re-render the report section from saved figures")
-    p.add_argument("--json", default=None, help="where the figures go (default docs/bench_time_shift.json; --quick: none)")
-    p.add_argument("--doc", default=None, help="the report to (re)write the section of (default docs/BENCHMARKS.md; "
-                                               "--quick: none)")
+    add_report_args(p, "bench_time_shift.json")
     add_budget_args(p, FULL, QUICK)
     args = p.parse_args(argv)
     from pipeline.io.reports import replace_section
@@ -197,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "load": f"{load0} at the start, {load_averages()} at the end", "wall_min": (time.perf_counter() - t_all) / 60, **plan}
     raw = {"meta": meta, "cells": cells}
-    json_path, doc = (args.json, args.doc) if args.quick else (args.json or RAW, args.doc or OUT)
+    json_path, doc = report_paths(args, RAW, OUT)
     if json_path:
         atomic_write_json(Path(json_path), raw)
     text = render(raw)

@@ -1,5 +1,5 @@
-"""What the benchmarks with a full and a --quick size share: one flag per budget key, and the machine and load
-they report beside their figures."""
+"""What the benchmarks with a full and a --quick size share: their report flags and where the report goes, one
+flag per budget key, and the machine and load they report beside their figures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,26 @@ import argparse
 import os
 import platform
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+
+def add_report_args(p: argparse.ArgumentParser, raw_name: str,
+                    quick_help: str = "gmm:ring8 and tiny budgets: a test-sized run of the same code") -> None:
+    """``--quick``, ``--from-json``, ``--json`` and ``--doc``, the flags of every such benchmark (`report_paths`)."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--from-json", default=None, help="re-render docs/BENCHMARKS.md's section from saved figures")
+    p.add_argument("--json", default=None, help=f"where the figures go (default docs/{raw_name}; --quick: none)")
+    p.add_argument("--doc", default=None, help="the report whose section is (re)written (default docs/BENCHMARKS.md; "
+                                               "--quick: none, the committed figures stay the full run's)")
+
+
+def report_paths(args: argparse.Namespace, raw: Path, doc: Path) -> tuple[Path | None, Path | None]:
+    """(JSON, report) a run writes: the flags where given; a full run defaults to `raw` and `doc`, a --quick run
+    writes only what is asked, so a smoke run never replaces the committed figures."""
+    if args.quick:
+        return (Path(args.json) if args.json else None), (Path(args.doc) if args.doc else None)
+    return Path(args.json or raw), Path(args.doc or doc)
 
 
 def add_budget_args(p: argparse.ArgumentParser, full: Mapping[str, Any], quick: Mapping[str, Any]) -> None:
