@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.redo_pairs:
         from pipeline.io.files import atomic_write_json
 
+        if not Path(args.redo_pairs).is_file():
+            raise SystemExit(f"bench_inversion --redo-pairs: no such file: {args.redo_pairs}")
         raw = json.loads(Path(args.redo_pairs).read_text())
         seeds = {k: int(raw["runs"][0]["cmd"].split(f"--{k} ")[1].split()[0]) for k in ("num-seeds", "holdout-seeds")}
         evals = args.pair_evals if args.pair_evals is not None else 60

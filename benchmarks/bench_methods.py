@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge_json:
         from pipeline.io.files import atomic_write_json
 
+        missing = [f for f in args.merge_json if not Path(f).is_file()]
+        if missing:
+            raise SystemExit(f"bench_methods --merge-json: no such file: {', '.join(missing)}")
         raw = merge([json.loads(Path(f).read_text()) for f in args.merge_json])
         atomic_write_json(Path(args.json) if args.json else RAW, raw)
         write_section(render(raw["rows"], raw["meta"]), Path(args.doc) if args.doc else OUT)
