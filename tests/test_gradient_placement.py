@@ -4,6 +4,7 @@ to integer timesteps and the data-parallel gradient on Ray actors."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,22 +289,92 @@ def test_feature_loss_gradient_matches_finite_differences():
     assert float((g_delta * u).sum()) == pytest.approx(fd, rel=1e-6)
 
 
-def test_lpips_missing_is_one_line(tmp_path, capsys):
-    import importlib.util
+def _sweep_lpips(out) -> list[str]:
+    return ["sweep", "--model", "bundled:digits", "--method", "gradient", "--grad-loss", "lpips", "--actors", "0",
+            "--no-mlflow", "--out-dir", str(out)]
+
+
+def test_lpips_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
 
     from jobs.cli import main
 
-    if importlib.util.find_spec("lpips") is not None:
-        pytest.skip("the lpips package is installed here: the missing-package message cannot occur")
+    monkeypatch.setitem(sys.modules, "lpips", None)  # `import lpips` now raises ImportError, as where it is absent
     with pytest.raises(StridelabError, match="lpips needs the lpips package .* but the Python package lpips is not "
                                              "installed; use features or mse"):
         GradientConfig(loss="lpips")
     out = tmp_path / "sweep"
-    assert main(["sweep", "--model", "bundled:digits", "--method", "gradient", "--grad-loss", "lpips", "--actors", "0",
-                 "--no-mlflow", "--out-dir", str(out)]) == 2
+    assert main(_sweep_lpips(out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: --grad-loss lpips needs the lpips package" in err[0], err
     assert not out.exists()
+
+
+def test_lpips_offline_without_alexnet_weights_is_one_line(tmp_path, capsys, monkeypatch):
+    # lpips would ask torchvision to download AlexNet; offline that is a URLError traceback deep in the first
+    # trial. The check finds the missing checkpoint before any work.
+    from jobs.cli import main
+
+    pytest.importorskip("lpips")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(StridelabError, match=r"torchvision's AlexNet weights \(alexnet-owt-\*\.pth\) are not in "):
+        GradientConfig(loss="lpips")
+    out = tmp_path / "sweep"
+    assert main(_sweep_lpips(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "AlexNet weights" in err[0] and "use features or mse" in err[0], err
+    assert not out.exists()
+
+
+@pytest.fixture
+def local_alexnet(tmp_path, monkeypatch):
+    """A stand-in for torchvision's downloaded AlexNet checkpoint (random weights under the file name torchvision
+    looks for), so the real lpips package builds its real network offline. Its distances are not LPIPS's
+    published ones; what is tested is the path: the check, the net, the gradient through it."""
+    lpips = pytest.importorskip("lpips")
+    import torchvision
+
+    from pipeline.evaluation import distances
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    ckpt = Path(torch.hub.get_dir()) / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), ckpt / "alexnet-owt-7be5be79.pth")
+    distances._lpips_net.cache_clear()
+    yield lpips
+    distances._lpips_net.cache_clear()  # later tests must not reuse the stand-in network
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # lpips 0.1.4 passes torchvision's deprecated `pretrained=`
+def test_lpips_with_local_weights_is_a_distance_with_a_gradient(local_alexnet):
+    from pipeline.evaluation.distances import check_available, make_distance
+
+    check_available("lpips")
+    m = load_model("bundled:digits")
+    dist = make_distance("lpips", m.data_range, m.sample_shape)
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(3, *m.sample_shape, generator=g) * 2 - 1
+    b = torch.rand(3, *m.sample_shape, generator=g) * 2 - 1
+    assert dist(a, a).abs().max() < 1e-6
+    d_ab = dist(a, b)
+    assert d_ab.shape == (3,) and bool((d_ab > 0).all())
+    assert torch.allclose(d_ab, dist(b, a), rtol=1e-4)  # symmetric
+    x = a.clone().requires_grad_(True)
+    dist(x, b).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lpips_gradient_placement_lowers_its_loss(local_alexnet):
+    # The whole `--grad-loss lpips` path in process: teacher, differentiable DDIM, LPIPS on upsampled digits,
+    # Adam on the step logits. A few iterations from uniform must lower the loss they minimise.
+    m = load_model("bundled:digits")
+    fn = local_grad_fn(m, list(range(4)), teacher_nfe=20, loss="lpips")
+    res = gradient_placement(fn, 5, m.alphas_cumprod, GradientConfig(iters=4, lr=0.2, loss="lpips"), num_seeds=4)
+    assert len(res.losses) == 5 and all(math.isfinite(v) for v in res.losses)
+    assert min(res.losses[1:]) < res.losses[0]
+    validate_timesteps(res.schedule.timesteps, len(m.alphas_cumprod))
 
 
 # ---- the opt-in model time shift (issue 13, item 2; measured in benchmarks/bench_time_shift.py) ----------------
