@@ -12,6 +12,12 @@ with the schedule reversed and decoding with it (the DDIM paper's Table 2 protoc
 baseline comes with its paired 95% bootstrap interval over the held-out images. Target (issue 16): <= 0.5x the
 best baseline.
 
+Each sweep runs with ``--inversion-pair joint`` (unless ``--pair-evals 0``): after the search, the exported
+schedule's encoder and decoder are searched together on the tuning images and the pair is exported only where it
+beats the symmetric round trip on the validation images. The table reads the symmetric learned row (``learned
+(symmetric)`` where the pair was kept) against the baselines, and the pair against the symmetric round trip, with
+a paired interval computed here on the same held-out images.
+
 Then, in this process on the same held-out images: the asymmetric round trip, the learned decoder with an
 encoder that takes `ENCODE_FACTORS` times as many steps (each gap of the decoder split evenly), as editing
 workflows encode; its ratio to the symmetric learned round trip at the same decoder NFE, with the paired
@@ -55,11 +61,13 @@ QUICK = {"models": ["gmm:ring8"], "nfes": [5], "trials": 12, "polish": 2, "num_s
          "holdout_seeds": 24, "teacher_nfe": 50, "schedules": "uniform,quadratic,karras,logsnr"}
 
 
-def sweep_flags(plan: dict[str, Any]) -> list[str]:
+def sweep_flags(plan: dict[str, Any], pair_evals: int = 0) -> list[str]:
     flags = ["--objective", "inversion", "--trials", str(plan["trials"]), "--polish", str(plan["polish"]),
              "--num-seeds", str(plan["num_seeds"]), "--validation-seeds", str(plan["validation_seeds"]),
              "--holdout-seeds", str(plan["holdout_seeds"]), "--teacher-nfe", str(plan["teacher_nfe"]),
              "--no-holdout-fid", "--actors", "0", "--seed", "0"]
+    if pair_evals > 0:
+        flags += ["--inversion-pair", "joint", "--pair-evals", str(pair_evals)]
     return flags + (["--schedules", plan["schedules"]] if plan.get("schedules") else [])
 
 
@@ -79,7 +87,7 @@ def run_one(model: str, nfe: int, flags: list[str], work: Path) -> dict[str, Any
     with (work / "out" / name / "comparison.csv").open() as f:
         rows = list(csv.DictReader(f))
     return {"model": model, "nfe": nfe, "wall_s": time.perf_counter() - t0,
-            "cmd": " ".join(["stridelab", *cmd[3:cmd.index("--study-name")]]), "rows": rows}
+            "cmd": " ".join(["stridelab", *cmd[3:cmd.index("--study-name")]]), "rows": rows, "log": log.read_text()}
 
 
 def refine(timesteps: list[int], factor: int) -> list[int]:
@@ -118,71 +126,41 @@ def asymmetric(model_spec: str, decoder: list[int], holdout_seeds: int, factors=
     return out
 
 
-def compass_pair(loss, decoder: list[int], encoder: list[int], evals: int, step: int = 32,
-                 T: int = 1000, pin_top: bool = False) -> tuple[list[int], list[int], float, int]:
-    """Compass search over a decoder (decreasing) and an encoder (increasing) list together, one timestep moved
-    by +-step at a time, the encoder's last kept equal to the decoder's first (a move of one moves both); the
-    step halves when no move helps, down to 1. `loss(decoder, encoder)` -> float. `pin_top`: the shared
-    noisiest step never moves (the sweep's rule for inversion, `with_noisiest_step`: a pair that stops below
-    t = T - 1 round-trips more easily without being a better encoder). Returns the best pair, its loss and the
-    evaluations spent (at most `evals`)."""
-    best_d, best_e = list(decoder), list(encoder)
-    best, used = loss(best_d, best_e), 1
+def symmetric_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The symmetric learned round trip's row: ``learned (symmetric)`` where the sweep kept a joint pair, else the
+    learned row itself."""
+    from search.sweep.holdout import PAIR_SYMMETRIC
 
-    def valid(d: list[int], e: list[int]) -> bool:
-        return (all(a > b for a, b in zip(d, d[1:])) and all(a < b for a, b in zip(e, e[1:]))
-                and 0 <= min(d[-1], e[0]) and max(d[0], e[-1]) < T and d[0] == e[-1])
-
-    while step >= 1 and used < evals:
-        improved = False
-        for which in ("d", "e"):
-            for i in range(1 if pin_top else 0, len(best_d)) if which == "d" else range(len(best_e) - 1):
-                for sgn in (1, -1):
-                    if used >= evals:
-                        break
-                    d, e = list(best_d), list(best_e)
-                    if which == "d":
-                        d[i] += sgn * step
-                        if i == 0:
-                            e[-1] = d[0]
-                    else:
-                        e[i] += sgn * step
-                    if not valid(d, e):
-                        continue
-                    v, used = loss(d, e), used + 1
-                    if v < best:
-                        best, best_d, best_e, improved = v, d, e, True
-        if not improved:
-            step //= 2
-    return best_d, best_e, best, used
+    return next((r for r in rows if r["schedule"] == PAIR_SYMMETRIC), rows[0])
 
 
-def searched_pair(model_spec: str, decoder: list[int], tuning_seeds: int, holdout_seeds: int,
-                  evals: int) -> dict[str, Any]:
-    """The encoder and decoder searched together (`compass_pair`, from the learned symmetric pair) on the tuning
-    images, then measured on the held-out images against the symmetric learned round trip (same NFE each way)."""
+def pair_holdout(model_spec: str, rows: list[dict[str, Any]], holdout_seeds: int, log_text: str) -> dict[str, Any]:
+    """What the sweep's joint encoder/decoder search gave: kept or not (its log line says why), and where kept,
+    the pair's held-out round trip against the symmetric one's on the same images, with the paired interval."""
     import torch
 
     from pipeline.metrics.recon import paired_ratio_interval, round_trip
     from pipeline.models.load import load_model
     from search.sweep.config import HOLDOUT_OFFSET
 
+    said = next((ln for ln in log_text.splitlines() if ln.startswith("joint encoder/decoder search")), "")
+    learned, sym_row = rows[0], symmetric_row(rows)
+    out: dict[str, Any] = {"kept": "encode_timesteps" in learned and bool(learned["encode_timesteps"]), "log": said}
+    if not out["kept"]:
+        return out
     torch.set_num_threads(1)
     model = load_model(model_spec)
+    x0 = model.denoiser.sample_data(list(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + holdout_seeds)))
     args = (model.alphas_cumprod, model.to_unit)
-    x_tune = model.denoiser.sample_data(list(range(tuning_seeds)))
-    x_hold = model.denoiser.sample_data(list(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + holdout_seeds)))
-    t0 = time.perf_counter()
-    T = model.num_train_timesteps
-    d, e, tuned, used = compass_pair(lambda d, e: round_trip(model.denoiser, x_tune, e, d, *args).errors.mean().item(),
-                                     decoder, decoder[::-1], evals, T=T, pin_top=decoder[0] == T - 1)
-    seconds = time.perf_counter() - t0
-    sym = round_trip(model.denoiser, x_hold, decoder[::-1], decoder, *args).errors
-    errs = round_trip(model.denoiser, x_hold, e, d, *args).errors
+    sym_d = [int(t) for t in sym_row["timesteps"].split()]
+    d = [int(t) for t in learned["timesteps"].split()]
+    e = [int(t) for t in learned["encode_timesteps"].split()]
+    sym = round_trip(model.denoiser, x0, sym_d[::-1], sym_d, *args).errors
+    errs = round_trip(model.denoiser, x0, e, d, *args).errors
     lo, hi = paired_ratio_interval(errs, sym)
-    return {"decoder": d, "encoder": e, "tuning_error": tuned, "evals": used, "search_s": seconds,
-            "symmetric": sym.mean().item(), "error": errs.mean().item(),
-            "x_symmetric": errs.mean().item() / sym.mean().item(), "lo": lo, "hi": hi}
+    out.update({"decoder": d, "encoder": e, "symmetric": sym.mean().item(), "error": errs.mean().item(),
+                "x_symmetric": errs.mean().item() / sym.mean().item(), "lo": lo, "hi": hi})
+    return out
 
 
 def _f(v: Any) -> float | None:
@@ -197,8 +175,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in runs:
         rows = r["rows"]
-        learned = rows[0]
-        base = [x for x in rows[1:] if x.get("solver") == "ddim" and not x["schedule"].startswith("teacher")
+        learned = symmetric_row(rows)
+        base = [x for x in rows[1:] if x.get("solver") == "ddim" and not x["schedule"].startswith(("teacher", "learned"))
                 and _f(x.get("holdout_inversion")) is not None]
         best = min(base, key=lambda x: _f(x["holdout_inversion"]))
         out.append({"model": r["model"], "nfe": r["nfe"], "wall_s": r["wall_s"],
@@ -254,16 +232,20 @@ def render(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                              f"{g(r['error'])} | {g(r['x_symmetric'], '.3f')} ({g(r['lo'], '.3f')}-{g(r['hi'], '.3f')}) |")
     pairs = [s for s in summary if s.get("pair")]
     if pairs:
-        lines += ["", "Encoder and decoder searched together (compass search on the tuning images from the learned "
-                  "symmetric pair, same NFE each way, the noisiest step kept at T - 1, `--pair-evals` round trips"
-                  + (f"; re-run {meta['pairs_redone']} with `--redo-pairs`" if meta.get("pairs_redone") else "")
-                  + "), measured on the held-out images:", "",
-                  "| model | NFE | symmetric | searched pair | x symmetric (95% CI) | evaluations | encoder | decoder |",
+        lines += ["", "`--inversion-pair joint`: the sweep then searches the exported schedule's encoder and decoder "
+                  "together on the tuning images (compass search from the symmetric pair, same NFE each way, the "
+                  "noisiest step kept at T - 1) and keeps the pair only where it beats the symmetric round trip on "
+                  "the validation images; held-out images:", "",
+                  "| model | NFE | kept | symmetric | pair | x symmetric (95% CI) | encoder | decoder |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in pairs:
             a = s["pair"]
-            lines.append(f"| {s['model']} | {s['nfe']} | {g(a['symmetric'])} | {g(a['error'])} | "
-                         f"{g(a['x_symmetric'], '.3f')} ({g(a['lo'], '.3f')}-{g(a['hi'], '.3f')}) | {a['evals']} | "
+            if not a.get("kept"):
+                lines.append(f"| {s['model']} | {s['nfe']} | no | {g(s['learned'])} | - | 1 (the symmetric pair "
+                             f"stays) | | |")
+                continue
+            lines.append(f"| {s['model']} | {s['nfe']} | yes | {g(a['symmetric'])} | {g(a['error'])} | "
+                         f"{g(a['x_symmetric'], '.3f')} ({g(a['lo'], '.3f')}-{g(a['hi'], '.3f')}) | "
                          f"{' '.join(map(str, a['encoder']))} | {' '.join(map(str, a['decoder']))} |")
     lines += ["", END]
     return "\n".join(lines)
@@ -285,30 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + k.replace("_", "-"), type=int, default=None, help=f"the sweeps' --{k.replace('_', '-')}")
     p.add_argument("--no-asymmetric", dest="asymmetric", action="store_false", help="skip the asymmetric round trips")
     p.add_argument("--pair-evals", type=int, default=None,
-                   help="round trips the joint encoder/decoder search may spend per cell (0: skip; default 60, quick 8)")
+                   help="each sweep's --inversion-pair joint --pair-evals (0: symmetric sweeps only; default 60, quick 8)")
     p.add_argument("--out", default=None, help="write the section here instead of docs/BENCHMARKS.md (and no JSON)")
-    p.add_argument("--redo-pairs", default=None, metavar="JSON",
-                   help="re-run only the joint encoder/decoder search of a saved full run (its learned decoders, "
-                        "its seeds), write the JSON back and re-render the section")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else OUT
-    if args.redo_pairs:
-        from pipeline.io.files import atomic_write_json
-
-        if not Path(args.redo_pairs).is_file():
-            raise SystemExit(f"bench_inversion --redo-pairs: no such file: {args.redo_pairs}")
-        raw = json.loads(Path(args.redo_pairs).read_text())
-        seeds = {k: int(raw["runs"][0]["cmd"].split(f"--{k} ")[1].split()[0]) for k in ("num-seeds", "holdout-seeds")}
-        evals = args.pair_evals if args.pair_evals is not None else 60
-        for run in raw["runs"]:
-            decoder = [int(t) for t in run["rows"][0]["timesteps"].split()]
-            print(f"pair search {run['model']} nfe {run['nfe']} ...", flush=True)
-            run["pair"] = searched_pair(run["model"], decoder, seeds["num-seeds"], seeds["holdout-seeds"], evals)
-        raw["meta"]["pairs_redone"] = dt.date.today().isoformat()
-        raw["summary"] = summarise(raw["runs"])
-        atomic_write_json(Path(args.redo_pairs), raw)
-        write_section(render(raw["summary"], raw["meta"]), out)
-        return 0
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
         write_section(render(summarise(raw["runs"]), raw["meta"]), out)
@@ -321,9 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("trials", "polish", "num_seeds", "validation_seeds", "holdout_seeds", "teacher_nfe"):
         if getattr(args, k) is not None:
             plan[k] = getattr(args, k)
-    flags = sweep_flags(plan)
     if args.pair_evals is None:
         args.pair_evals = 8 if args.quick else 60
+    flags = sweep_flags(plan, args.pair_evals)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     runs = []
     with tempfile.TemporaryDirectory(prefix="stridelab-bench-inv-") as tmp:
@@ -331,19 +293,20 @@ def main(argv: list[str] | None = None) -> int:
             for nfe in plan["nfes"]:
                 print(f"sweep --objective inversion {model} nfe {nfe} ...", flush=True)
                 run = run_one(model, nfe, flags, Path(tmp))
+                if args.pair_evals > 0:
+                    run["pair"] = pair_holdout(model, run["rows"], plan["holdout_seeds"], run.pop("log"))
+                run.pop("log", None)
                 if args.asymmetric:
-                    decoder = [int(t) for t in run["rows"][0]["timesteps"].split()]
+                    decoder = [int(t) for t in symmetric_row(run["rows"])["timesteps"].split()]
                     run["asymmetric"] = asymmetric(model, decoder, plan["holdout_seeds"])
-                    if args.pair_evals > 0:
-                        run["pair"] = searched_pair(model, decoder, plan["num_seeds"], plan["holdout_seeds"],
-                                                    args.pair_evals)
                 runs.append(run)
                 if not args.quick and not args.out:  # keep what is done: a later failure must not lose it
                     from pipeline.io.files import atomic_write_json
 
                     atomic_write_json(RAW.with_suffix(".partial.json"), {"runs": runs, "flags": flags})
-                print(f"  {run['wall_s']:.0f} s; learned {run['rows'][0]['holdout_inversion']} "
-                      f"x best {run['rows'][0].get('inv_x_best_baseline')}", flush=True)
+                sym = symmetric_row(run["rows"])
+                print(f"  {run['wall_s']:.0f} s; learned {sym['holdout_inversion']} x best "
+                      f"{sym.get('inv_x_best_baseline')}; joint pair kept: {run.get('pair', {}).get('kept')}", flush=True)
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU" if not _cuda() else "GPU",
             "cmd": "stridelab sweep --model MODEL --nfe NFE " + " ".join(flags), "wall_min": (time.perf_counter() - t0) / 60,

@@ -70,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "data range) or digits:SPLIT[:N]; split by a fixed permutation into tuning (60%%), validation "
                         "(20%%) and held-out (20%%) images, at least 10 in all; the parts set --num-seeds, "
                         "--validation-seeds and --holdout-seeds")
+    p.add_argument("--inversion-pair", choices=("symmetric", "joint"), default="symmetric",
+                   help="--objective inversion: symmetric (one schedule both ways) or joint: after the search, the "
+                        "exported schedule's encoder and decoder searched together on the tuning images (same NFE "
+                        "each way), kept only where it beats the symmetric round trip on the validation images; the "
+                        "export then carries inverse_timesteps (default %(default)s)")
+    p.add_argument("--pair-evals", type=int, default=60, metavar="N",
+                   help="--inversion-pair joint: round trips the pair search may evaluate (default %(default)s)")
     p.add_argument("--fid-weight", type=float, default=d.fid_weight, help="w of recon+fid (default %(default)s)")
     add_seeds_args(p, d.num_seeds, "tuning seeds")
     add_deprecated_alias(p, "--seeds", "--num-seeds", "num_seeds", type=int)
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype, method=args.method,
         grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_loss=args.grad_loss, slack_radius=args.slack_radius,
         data=args.data,
-        grad_init=args.grad_init,
+        grad_init=args.grad_init, inversion_pair=args.inversion_pair, pair_evals=args.pair_evals,
     )
     study_name = args.study_name or default_study_name(cfg)
     args.resume_hint = resume_command(getattr(args, "argv", ["sweep"]), study_name)  # printed if interrupted

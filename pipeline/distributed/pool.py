@@ -278,7 +278,8 @@ class SamplerPool:
                 raise StridelabError(f"evaluate takes Schedule objects, got {type(s).__name__}")
         refs = [[self._call(i, "evaluate", self._shard_seeds(i), list(s.timesteps), self.teacher_nfe,
                             recon=self.recon, inversion=self.inversion,
-                            fid="fid" in self.extra_metrics, kid="kid" in self.extra_metrics, solver=solver)
+                            fid="fid" in self.extra_metrics, kid="kid" in self.extra_metrics, solver=solver,
+                            **_encoder_kwargs(s))
                  for i in range(len(self.shards))] for s in schedules]
         return PendingEvaluation(self, schedules, refs, self.extra_metrics)
 
@@ -375,3 +376,9 @@ class SamplerPool:
                 extra["kid"] = kid(feats, self.reference.feats)
         return ScheduleResult(schedule, rec, inv, max(p["seconds"] for p in parts), extra)
 
+
+def _encoder_kwargs(schedule: Schedule) -> dict[str, list[int]]:
+    """The worker's ``encode_timesteps`` for a schedule with an encoder of its own; nothing for the usual one
+    (so a call for a symmetric schedule is the call it always was)."""
+    inv = schedule.inverse_timesteps
+    return {} if inv is None else {"encode_timesteps": list(inv)}

@@ -236,8 +236,10 @@ class SamplerWorker:
         fid: bool = False,
         kid: bool = False,
         solver: str = DEFAULT_SOLVER,
+        encode_timesteps: Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        """Per-seed metrics of one schedule run by `solver` on this shard.
+        """Per-seed metrics of one schedule run by `solver` on this shard (the inversion round trip encodes
+        along `encode_timesteps` where the schedule has an encoder of its own, else along `timesteps` reversed).
 
         Returns:
             {"recon": float64 [b] or None, "inversion": float64 [b] or None, "seconds": float,
@@ -247,11 +249,13 @@ class SamplerWorker:
         self._calls += 1
         self._trace("evaluate", "start")
         ts = validate_timesteps(list(timesteps), self.model.num_train_timesteps)
+        enc = (None if encode_timesteps is None else
+               validate_timesteps(list(encode_timesteps), self.model.num_train_timesteps, increasing=True))
         teach = self.teacher(seeds, teacher_nfe, recon=recon, inversion=inversion)
         t0 = time.perf_counter()
         out: dict[str, Any] = {"recon": None, "inversion": None, "feats": None}
         m = evaluate_shard(self.denoiser, self.model.alphas_cumprod, self.model.to_unit, ts, teach.x_T,
-                           teach.x0, teach.timesteps, teach.data if inversion else None, solver)
+                           teach.x0, teach.timesteps, teach.data if inversion else None, solver, enc)
         x0 = m.x0
         if recon:
             out["recon"] = m.recon.cpu()

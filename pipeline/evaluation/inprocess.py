@@ -74,20 +74,23 @@ def evaluate_shard(
     teacher_ts: Sequence[int],
     data: torch.Tensor | None = None,
     solver: str = DEFAULT_SOLVER,
+    encode_timesteps: Sequence[int] | None = None,
 ) -> ShardMetrics:
     """Sample `timesteps` with `solver` from the shard's x_T [b, ...] and score it against the teacher.
 
     The one evaluate-a-shard policy of every evaluator (in-process and Ray actors): the teacher's own
     schedule under DDIM is not sampled again (its samples are the teacher's, its recon exactly 0); recon
     is computed when `teacher_x0` is given; inversion (DDIM's round trip, whatever the solver: inversion
-    is DDIM's job) when `data` (x_0 drawn from the data, [b, ...]) is given.
+    is DDIM's job) when `data` (x_0 drawn from the data, [b, ...]) is given, encoding along `encode_timesteps`
+    where the schedule has an encoder of its own (`Schedule.inverse_timesteps`; None: `timesteps` reversed).
     """
     if teacher_x0 is not None and solver == "ddim" and tuple(timesteps) == tuple(teacher_ts):
         x0 = teacher_x0  # the teacher's own schedule (its FID is the floor of the table): already sampled
     else:
         x0 = solve(solver, denoiser, x_T, timesteps, alphas_cumprod)
     rec = per_sample_mse(to_unit(x0), to_unit(teacher_x0)) if teacher_x0 is not None else None  # = recon_errors
-    inv = inversion_errors(denoiser, data, timesteps, alphas_cumprod, to_unit) if data is not None else None
+    inv = (inversion_errors(denoiser, data, timesteps, alphas_cumprod, to_unit, encode_timesteps)
+           if data is not None else None)
     return ShardMetrics(x0, rec, inv)
 
 
@@ -101,7 +104,8 @@ def evaluate_schedule(
     rec = recon_errors(model.denoiser, teacher.x_T, schedule.timesteps, model.alphas_cumprod, teacher.x0, model.to_unit)
     out = {"recon": rec.mean().item(), "recon_sem": recon_sem(rec)}
     if data_x0 is not None:
-        inv = inversion_errors(model.denoiser, data_x0, schedule.timesteps, model.alphas_cumprod, model.to_unit)
+        inv = inversion_errors(model.denoiser, data_x0, schedule.timesteps, model.alphas_cumprod, model.to_unit,
+                               schedule.inverse_timesteps)
         out["inversion"] = inv.mean().item()
     return out
 
@@ -162,6 +166,7 @@ class InProcessEvaluator:
         for s in schedules:
             t0 = time.perf_counter()
             m = evaluate_shard(self.model.denoiser, self.model.alphas_cumprod, self.model.to_unit, s.timesteps,
-                               self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data, solver)
+                               self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data, solver,
+                               s.inverse_timesteps)
             out.append(ScheduleResult(s, m.recon, m.inversion, time.perf_counter() - t0))
         return out

@@ -76,9 +76,12 @@ def inversion_errors(
     timesteps: Sequence[int],
     alphas_cumprod: torch.Tensor,
     to_unit: Callable[[torch.Tensor], torch.Tensor],
+    encode_timesteps: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """DDIM paper Table 2 protocol: encode data x_0 with the schedule, decode with it, per-sample MSE [B]."""
-    return round_trip(denoiser, x_0, tuple(timesteps)[::-1], timesteps, alphas_cumprod, to_unit).errors
+    """DDIM paper Table 2 protocol: encode data x_0 with the schedule, decode with it, per-sample MSE [B].
+    `encode_timesteps` (increasing, ending at ``timesteps[0]``): an encoder of its own (`Schedule.inverse_timesteps`)."""
+    enc = tuple(timesteps)[::-1] if encode_timesteps is None else tuple(encode_timesteps)
+    return round_trip(denoiser, x_0, enc, timesteps, alphas_cumprod, to_unit).errors
 
 
 class RoundTrip(NamedTuple):

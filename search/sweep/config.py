@@ -32,13 +32,16 @@ HOLDOUT_OFFSET = 1_000_000
 VALIDATION_OFFSET = 2 * HOLDOUT_OFFSET
 """Validation seeds start here (plus --seed): disjoint from the tuning and the held-out ranges."""
 POLISH_SHARE = Fraction(2, 3)
+"""Polish takes at most this share of the trials after the warm starts. The default sweep (150 trials, 10 warm
+starts, polish 80) is under the cap (93) and keeps its 60 sampler trials; ``trials=30`` gets 13 polish, 7 sampler."""
 
 METHODS = ("optuna", "gradient")
 """How the sweep places steps: Optuna trials only, or also one gradient (LD3-style) placement as a warm start."""
 GRAD_INITS = ("uniform", "dp")
 """Where the gradient placement starts: uniform steps, or the sweep's DP placement (a combination: DP, then gradient)."""
-"""Polish takes at most this share of the trials after the warm starts. The default sweep (150 trials, 10 warm
-starts, polish 80) is under the cap (93) and keeps its 60 sampler trials; ``trials=30`` gets 13 polish, 7 sampler."""
+INVERSION_PAIRS = ("symmetric", "joint")
+"""The round trip of an inversion sweep: one schedule both ways, or the exported schedule's encoder searched with
+its decoder after the search (`search.placement.pair`), kept only where it beats the symmetric one on validation."""
 
 DEFAULT_BASELINES: tuple[str, ...] = (*SCHEDULES, "dp")
 """The DDIM sweep's warm starts (DDIM's own default spacing is `uniform`, already among them)."""
@@ -95,6 +98,8 @@ class SweepConfig:
     slack_radius: float = 0.0
     data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
     grad_init: str = "uniform"  # where the gradient placement starts: uniform steps, or the DP placement ("dp")
+    inversion_pair: str = "symmetric"  # "joint": after the search, the encoder searched with the decoder (`search.placement.pair`)
+    pair_evals: int = 60  # round trips the joint pair search may evaluate on the tuning images
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -139,6 +144,12 @@ class SweepConfig:
         if Objective(self.objective, self.fid_weight).multi:
             need(self.sampler != "cmaes", "sampler cmaes is single-objective; use nsga2, tpe or random for two objectives")
         Objective(self.objective, self.fid_weight)
+        need(self.inversion_pair in INVERSION_PAIRS,
+             f"unknown `inversion_pair` {self.inversion_pair!r}; choose one of {', '.join(INVERSION_PAIRS)}")
+        need(self.inversion_pair == "symmetric" or self.objective == "inversion",
+             f"`inversion_pair` joint searches the round trip's encoder: it needs `objective` inversion, got {self.objective!r}")
+        need(isinstance(self.pair_evals, int) and not isinstance(self.pair_evals, bool) and self.pair_evals >= 2,
+             f"`pair_evals` must be an integer >= 2, got {self.pair_evals!r}")
         need(self.data is None or Objective(self.objective, self.fid_weight).needs_inversion,
              f"`data` holds images to round-trip: it needs `objective` inversion or recon,inversion, got {self.objective!r}")
 

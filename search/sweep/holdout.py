@@ -1,7 +1,8 @@
 """Honest numbers: the schedules re-evaluated on held-out seeds and the comparison table built from them.
 
 Columns of a row (one schedule): ``schedule, solver, nfe`` (model evaluations), ``steps, holdout_<metric>`` (``recon`` and, when evaluated, ``fid``),
-``tuning_recon`` (its mean on the tuning seeds), ``timesteps``, and the ratios
+``tuning_recon`` (its mean on the tuning seeds), ``timesteps`` (and ``encode_timesteps`` where the round trip
+has an encoder of its own), and the ratios
     ``x_best_baseline``          holdout_recon / min over the baseline rows (`SCHEDULES` and the solver's
                                  ``default``), all run by the sweep's solver
     ``x_best_default_pair``      holdout_recon / min over those and the reference rows ``<solver> default``
@@ -79,6 +80,11 @@ def tuning_recon(study: optuna.Study, bt: optuna.trial.FrozenTrial, learned_name
     return tuning
 
 
+PAIR_SYMMETRIC = "learned (symmetric)"
+"""With ``inversion_pair joint`` the learned row is the searched encoder/decoder pair; this row is the selected
+schedule's own symmetric round trip, the comparison the pair search must win."""
+
+
 REFERENCE_SUFFIX = " default"
 """Reference rows are named ``<solver> default``: another solver with its own diffusers default spacing."""
 
@@ -139,6 +145,8 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
                 per_seed_inv[name] = r.inversion.double().cpu().numpy()
         row["tuning_recon"] = tuning.get(name)
         row["timesteps"] = " ".join(map(str, s.timesteps))
+        if s.inverse_timesteps is not None:  # a round trip with an encoder of its own (``inversion_pair`` joint)
+            row["encode_timesteps"] = " ".join(map(str, s.inverse_timesteps))
         rows.append(row)
     best_fid = _add_ratios(rows, per_seed)
     _add_recon_ratio(rows, per_seed_inv, "inv_x_best_baseline", lambda r: _is_baseline(r["schedule"]), "inversion")

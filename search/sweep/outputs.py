@@ -172,6 +172,9 @@ def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, c
     log("")
     log(format_table([{**r, **_interval_cells(r), "timesteps": short_steps(r["timesteps"], 10)} for r in held.rows],
                      TABLE_COLUMNS))
+    if held.learned.inverse_timesteps is not None:
+        log(f"the learned round trip encodes along {list(held.learned.inverse_timesteps)} "
+            f"(its own encoder: inversion_pair joint)")
     log(f"\nverdict: {held.verdict.text}")
     log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
     log(f"exported schedule: {written.export_path}")

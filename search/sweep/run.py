@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -10,7 +11,7 @@ from typing import Any
 
 import optuna
 
-from pipeline.core.schedules import check_nfe
+from pipeline.core.schedules import Schedule, check_nfe
 from pipeline.distributed.cluster import check_placement_timeout, parse_actor_resources
 from pipeline.errors import StridelabError
 from pipeline.models.load import LoadedModel
@@ -20,6 +21,7 @@ from search.sweep import holdout, select
 from search.sweep.config import HOLDOUT_OFFSET, SweepConfig, SweepResult
 from search.sweep.data import LoaderWithData, SweepData, attach, load_sweep_data
 from search.sweep.loop import Sweep
+from search.sweep.pruning import safe_evaluate
 from search.sweep.outputs import HeldOut, log_to_tracker, print_summary, sweep_provenance, write_files
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -106,8 +108,8 @@ def run_sweep(
         for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
             if factory is not None:
                 factory.release(ev)  # the search is over: free its actors for the validation and held-out pools
-        selection = _select(cfg, model, study, factory, evaluators, log)
-        held = _held_out(cfg, model, study, selection, factory, evaluators, log)
+        selection, pair = _select(cfg, model, study, factory, evaluators, log, tracker)
+        held = _held_out(cfg, model, study, selection, factory, evaluators, log, pair)
         prov = sweep_provenance(cfg, study_name, storage_spec, held.best_trial.number,
                                 tracker.run_id if tracker else None, held)
         written = write_files(cfg, model, study, held, run_dir, prov, objective.multi, figures)
@@ -261,12 +263,19 @@ def budget_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def _select(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, factory: EvaluatorFactory | None,
-            evaluators: Callable[[Sequence[int]], Any], log: Callable[[str], None]) -> select.Selection:
-    """The trial to export, chosen on the validation seeds (`search.sweep.select`); their pool is closed after."""
+            evaluators: Callable[[Sequence[int]], Any], log: Callable[[str], None],
+            tracker: Any = None) -> tuple[select.Selection, Schedule | None]:
+    """The trial to export, chosen on the validation seeds (`search.sweep.select`), and with ``inversion_pair
+    joint`` the encoder searched for it (`_joint_pair`; None where the symmetric pair stays); the validation
+    pool is closed after."""
     t0 = time.perf_counter()
     ev = evaluators(cfg.validation_seed_list) if cfg.validating else None
     try:
-        return select.select_trial(cfg, study, ev, model.num_train_timesteps, log)
+        selection = select.select_trial(cfg, study, ev, model.num_train_timesteps, log)
+        pair = None
+        if cfg.inversion_pair == "joint":
+            pair = _joint_pair(cfg, model, selection, factory, evaluators, ev, log, tracker)
+        return selection, pair
     finally:
         if ev is not None:
             log(f"validation (teacher and {len(study.user_attrs.get('validation', {}))} candidates): "
@@ -275,16 +284,75 @@ def _select(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, factory: 
                 factory.release(ev)
 
 
+def _joint_pair(cfg: SweepConfig, model: LoadedModel, selection: select.Selection, factory: EvaluatorFactory | None,
+                evaluators: Callable[[Sequence[int]], Any], validation: Any, log: Callable[[str], None],
+                tracker: Any = None) -> Schedule | None:
+    """The selected schedule's encoder and decoder searched together on the tuning images
+    (`search.placement.pair`, from the symmetric pair, the noisiest step kept), then compared with the
+    symmetric pair on the validation images (on the tuning ones without validation): the pair as the
+    learned schedule (`Schedule.inverse_timesteps`) where it is lower, else None."""
+    from search.placement.pair import pair_search
+    from search.placement.polish import step_ladder
+
+    T = model.num_train_timesteps
+    _, learned = holdout.learned_schedule(selection.trial, cfg.space, T, cfg.solver)
+
+    def as_schedule(d: Sequence[int], e: Sequence[int]) -> Schedule:
+        return Schedule(d, T, "learned", learned.params, learned.meta, inverse_timesteps=e)
+
+    def mean_inversion(ev: Any, schedules: list[Schedule]) -> list[float]:
+        out = []
+        for r in safe_evaluate(ev, schedules):
+            v = float(r.inversion.double().mean()) if not isinstance(r, Exception) and r.inversion is not None else math.inf
+            out.append(v if math.isfinite(v) else math.inf)  # a failed or non-finite round trip never wins
+        return out
+
+    t0 = time.perf_counter()
+    ev = evaluators(cfg.tuning_seeds)
+    try:
+        res = pair_search(lambda pairs: mean_inversion(ev, [as_schedule(d, e) for d, e in pairs]),
+                          learned.timesteps, learned.timesteps[::-1], evals=cfg.pair_evals, ladder=step_ladder(T),
+                          num_train_timesteps=T, pin_top=learned.timesteps[0] == T - 1, batch=cfg.parallel)
+    finally:
+        if factory is not None:
+            factory.release(ev)
+    pair = as_schedule(res.decoder, res.encoder)
+    if tracker is not None:
+        for used, v in res.history:
+            tracker.log_metrics({"pair_tuning_inversion": v}, step=used)
+    where, (sym, joint) = ("validation", mean_inversion(validation, [learned, pair])) if validation is not None \
+        else ("tuning", (res.start_loss, res.loss))
+    keep = pair.inverse_timesteps is not None and joint < sym
+    log(f"joint encoder/decoder search: tuning inversion {res.start_loss:.4g} -> {res.loss:.4g} in {res.evals} round "
+        f"trips, {time.perf_counter() - t0:.1f} s; {where} {joint:.4g} vs the symmetric pair's {sym:.4g}: "
+        + ("the pair is exported" if keep else "the symmetric pair stays"))
+    if tracker is not None:
+        tracker.log_metrics({f"pair_{where}_inversion": joint, f"symmetric_{where}_inversion": sym, "pair_kept": float(keep)})
+    if not keep:
+        return None
+    return Schedule(pair.timesteps, T, "learned", {**learned.params, "inversion_pair": "joint"},
+                    {**learned.meta, "pair_search": {"evals": res.evals, "tuning_symmetric": res.start_loss,
+                                                     "tuning_pair": res.loss, f"{where}_symmetric": sym,
+                                                     f"{where}_pair": joint}},
+                    inverse_timesteps=pair.inverse_timesteps)
+
+
 def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selection: select.Selection,
               factory: EvaluatorFactory | None, evaluators: Callable[[Sequence[int]], Any],
-              log: Callable[[str], None]) -> HeldOut:
+              log: Callable[[str], None], pair: Schedule | None = None) -> HeldOut:
     """Re-evaluate the selected schedule and every warm start (and, with FID, the teacher) on held-out seeds, all
     run by the sweep's solver, next to every other solver's own default spacing (reference rows) when the
-    evaluators are the factory's (injected stand-ins serve the sweep's solver only)."""
+    evaluators are the factory's (injected stand-ins serve the sweep's solver only). With a joint `pair` it is
+    the learned row and the selected schedule's symmetric round trip is row `PAIR_SYMMETRIC`."""
     T = model.num_train_timesteps
     bt = selection.trial
     learned_name, learned = holdout.learned_schedule(bt, cfg.space, T, cfg.solver)
     named = {learned_name: learned, **holdout.warm_schedules(study, T)}
+    tuning = holdout.tuning_recon(study, bt, learned_name)
+    if pair is not None:
+        tuning[holdout.PAIR_SYMMETRIC] = tuning.pop(learned_name)  # the pair's decoder was not what the trial ran
+        named = {"learned": pair, holdout.PAIR_SYMMETRIC: learned, **holdout.warm_schedules(study, T)}
+        learned_name, learned, tuning["learned"] = "learned", pair, None
     t0 = time.perf_counter()
     hold_eval = None
     if factory is not None and cfg.holdout_fid:
@@ -303,8 +371,7 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selecti
     results = holdout.evaluate_by_solver(hold_eval, entries, cfg.solver)
     log(f"held-out evaluation on {cfg.holdout_seeds} seeds: {time.perf_counter() - t0:.1f} s")
     named = {k: sched for k, sched, _ in entries}
-    rows = holdout.holdout_rows(named, results, holdout.tuning_recon(study, bt, learned_name),
-                                {k: solver for k, _, solver in entries})
+    rows = holdout.holdout_rows(named, results, tuning, {k: solver for k, _, solver in entries})
     return HeldOut(bt, learned_name, learned, named, rows, selection.validation,
                    Objective(cfg.objective, cfg.fid_weight).per_seed_metric)
 
