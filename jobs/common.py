@@ -161,9 +161,8 @@ def add_teacher_nfe_arg(p: argparse.ArgumentParser, default: int | None) -> None
                    help=f"steps of the uniform DDIM teacher; 0 = every training timestep (default {shown})")
 
 
-def add_ray_args(p: argparse.ArgumentParser, actors: int, placement_timeout: bool = True) -> None:
-    """--actors, --ray-address, --gpus-per-actor, --actor-resources (and --placement-timeout for the actor
-    pool's commands): where the work runs."""
+def add_ray_args(p: argparse.ArgumentParser, actors: int) -> None:
+    """--actors, --ray-address, --gpus-per-actor, --actor-resources and --placement-timeout: where the work runs."""
     p.add_argument("--actors", type=int, default=actors, help="Ray actors; 0 = in this process (default %(default)s)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--gpus-per-actor", type=gpus_value, default=None, help=GPUS_HELP)
@@ -171,11 +170,10 @@ def add_ray_args(p: argparse.ArgumentParser, actors: int, placement_timeout: boo
                    help="custom Ray resources each actor requests, a JSON object such as '{\"sweep_node\": 1}': the "
                         "actors then run only on nodes started with `ray start --resources` naming them (needs "
                         "--actors >= 1)")
-    if placement_timeout:
-        p.add_argument("--placement-timeout", type=float, default=None, metavar="SECONDS",
-                       help="stop with an error after waiting this long while no live Ray node can host the actors "
-                            "(their node lost and no other fits, or none has --actor-resources); a sweep's study "
-                            "stays intact for --resume; 0: no limit (default 600)")
+    p.add_argument("--placement-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop with an error after waiting this long while no live Ray node can host the actors "
+                        "(their node lost and no other fits, or none has --actor-resources); a sweep's study "
+                        "stays intact for --resume; 0: no limit (default 600)")
 
 
 def add_tracking_args(p: argparse.ArgumentParser, experiment: str) -> None:

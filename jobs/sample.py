@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DDIM eta in [0, 1] (default 0: deterministic; > 0 only with --solver ddim)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per Ray Data batch (default %(default)s)")
     add_dtype_arg(p)
-    add_ray_args(p, 2, placement_timeout=False)
+    add_ray_args(p, 2)
     p.set_defaults(func=run)
 
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     batches = generate_samples(args.model, sched.timesteps, args.num_seeds, seed=args.seed, eta=args.eta,
                                actors=args.actors, batch_size=args.batch_size, ray_address=args.ray_address,
                                num_gpus=args.gpus_per_actor, solver=solver.name, dtype=args.dtype,
-                               resources=args.actor_resources)
+                               resources=args.actor_resources, placement_timeout=args.placement_timeout)
     path = write_sample_dir(out, batches, num_samples=args.num_seeds, first_seed=args.seed, schedule=sched,
                             eta=args.eta, model=args.model, sample_shape=model.sample_shape,
                             data_range=model.data_range, progress=args.progress,

@@ -107,6 +107,22 @@ def test_bad_input_is_one_line_exit_2_and_no_directory(tmp_path, cli_stderr, bad
     assert list(tmp_path.iterdir()) == []
 
 
+def test_actors_no_node_can_host_stop_at_the_placement_timeout(ray_local, tmp_path, cli_stderr):
+    # Ray Data alone waits for ever for actors no node can host; the sample stops by the pool's rule
+    # (`PlacementWatch`): one line naming the flag, exit 2, no directory.
+    import time
+
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert main(_args(out, "--actors", "1", "--actor-resources", '{"no_such_node": 1}',
+                      "--placement-timeout", "3")) == 2
+    assert time.monotonic() - t0 < 90
+    err = cli_stderr()
+    assert len(err) == 1 and err[0].startswith("stridelab sample: error: no live Ray node can host the sampler actors")
+    assert "no_such_node 1" in err[0] and "--placement-timeout 3 s" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failure_midway_leaves_no_partial_directory(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.core.schedules import Schedule
-from pipeline.distributed.cluster import actor_resources, init_ray, parse_actor_resources, threads_per_actor
+from pipeline.distributed.cluster import (PlacementWatch, actor_resources, check_placement_timeout, init_ray,
+                                         parse_actor_resources, threads_per_actor)
 from pipeline.distributed.worker import DEFAULT_FORWARD_BATCH, Loader, SamplerWorker
 from pipeline.errors import StridelabError
 from pipeline.io.files import atomic_directory
@@ -90,11 +91,18 @@ def generate_samples(
     solver: str = "ddim",
     dtype: str = "float32",
     resources: dict[str, float] | None = None,
+    placement_timeout: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches of samples of `solver` in seed order: Ray Data with an actor pool of `actors`, or in-process
     for 0. `num_gpus`: GPUs per actor, requested as given (see `actor_resources`); `dtype`: the network's
-    (`pipeline.models.load.DTYPES`); `resources`: custom Ray resources per actor (`parse_actor_resources`)."""
+    (`pipeline.models.load.DTYPES`); `resources`: custom Ray resources per actor (`parse_actor_resources`).
+
+    Raises:
+        PlacementTimeout: at the start, no live node could host one actor for `placement_timeout` seconds
+            (default 600, 0: no limit; `PlacementWatch`, the actor pool's rule): Ray Data alone would wait for ever.
+    """
     resources = parse_actor_resources(resources)
+    watch_timeout = check_placement_timeout(placement_timeout)
     kwargs = dict(loader=loader, forward_batch=forward_batch, trace_dir=trace_dir, dtype=dtype)
     if actors == 0:
         fn = SampleBatch(model, timesteps, eta, seed, solver, **kwargs)
@@ -112,6 +120,9 @@ def generate_samples(
     opts = actor_resources(actors, cpu_share=0.9, gpus_per_actor=num_gpus, resources=resources)
     if "num_gpus" not in opts:
         kwargs["threads"] = threads_per_actor(actors)
+    # Ray Data would wait for ever for actors no node can host; wait as the actor pool does, then stop. Checked
+    # before the dataset starts, so nothing of it is left running (a node lost later is Ray Data's to retry).
+    PlacementWatch(opts, watch_timeout).backoff(0)
     try:
         ctx.execution_options.preserve_order = True  # batches come back in seed order
         ctx.enable_progress_bars = False  # ours is enough
