@@ -15,7 +15,7 @@ from pipeline.core.schedules import Schedule, check_nfe
 from pipeline.distributed.cluster import check_placement_timeout, parse_actor_resources
 from pipeline.errors import StridelabError
 from pipeline.models.load import LoadedModel
-from search.evaluators import EvaluatorFactory, Objective
+from search.evaluators import EvaluatorFactory, Objective, TrialFailed
 from search.study import fail_stale_running, finished_count, make_sampler, make_storage, missing_store, open_study
 from search.sweep import holdout, select
 from search.sweep.config import HOLDOUT_OFFSET, SweepConfig, SweepResult
@@ -300,11 +300,17 @@ def _joint_pair(cfg: SweepConfig, model: LoadedModel, selection: select.Selectio
     def as_schedule(d: Sequence[int], e: Sequence[int]) -> Schedule:
         return Schedule(d, T, "learned", learned.params, learned.meta, inverse_timesteps=e)
 
+    objective = Objective(cfg.objective)  # inversion: the value a trial would get
+
     def mean_inversion(ev: Any, schedules: list[Schedule]) -> list[float]:
         out = []
         for r in safe_evaluate(ev, schedules):
-            v = float(r.inversion.double().mean()) if not isinstance(r, Exception) and r.inversion is not None else math.inf
-            out.append(v if math.isfinite(v) else math.inf)  # a failed or non-finite round trip never wins
+            try:
+                if isinstance(r, Exception):
+                    raise TrialFailed(str(r))
+                out.append(objective.values(objective.metrics(r))[0])
+            except (TrialFailed, StridelabError):  # a failed or non-finite round trip never wins
+                out.append(math.inf)
         return out
 
     t0 = time.perf_counter()
@@ -330,11 +336,10 @@ def _joint_pair(cfg: SweepConfig, model: LoadedModel, selection: select.Selectio
         tracker.log_metrics({f"pair_{where}_inversion": joint, f"symmetric_{where}_inversion": sym, "pair_kept": float(keep)})
     if not keep:
         return None
-    return Schedule(pair.timesteps, T, "learned", {**learned.params, "inversion_pair": "joint"},
-                    {**learned.meta, "pair_search": {"evals": res.evals, "tuning_symmetric": res.start_loss,
-                                                     "tuning_pair": res.loss, f"{where}_symmetric": sym,
-                                                     f"{where}_pair": joint}},
-                    inverse_timesteps=pair.inverse_timesteps)
+    return replace(pair, params={**learned.params, "inversion_pair": "joint"},
+                   meta={**learned.meta, "pair_search": {"evals": res.evals, "tuning_symmetric": res.start_loss,
+                                                         "tuning_pair": res.loss, f"{where}_symmetric": sym,
+                                                         f"{where}_pair": joint}})
 
 
 def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selection: select.Selection,
