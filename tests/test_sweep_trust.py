@@ -8,6 +8,7 @@ import json
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from pipeline.core.schedules import make_schedule
@@ -19,7 +20,7 @@ from search import export
 from search.space import make_space
 from search.study import make_storage
 from search.sweep import SweepConfig
-from search.sweep.holdout import holdout_rows, learned_schedule, verdict
+from search.sweep.holdout import evaluate_by_solver, holdout_rows, learned_schedule, verdict
 from search.sweep.select import candidates, select_trial
 
 TEACHER_NFE = 100
@@ -85,6 +86,18 @@ def test_holdout_rows_carry_paired_intervals(ring8):
     if best == "uniform":
         assert verdict(rows).kind == "baseline"
 
+
+
+def test_held_out_progress_counts_every_schedule_once_per_solver_call(ring8):
+    """The held-out bar ticks by the schedules each evaluation call finished: one call per solver, in order."""
+    ev = InProcessEvaluator(ring8, list(range(1_000_000, 1_000_008)), teacher_nfe=TEACHER_NFE)
+    uni, quad = (make_schedule(n, 4, ring8.alphas_cumprod) for n in ("uniform", "quadratic"))
+    entries = [("uniform", uni, "ddim"), ("quadratic", quad, "ddim"), ("2m", uni, "dpmsolver++2m")]
+    ticks: list[int] = []
+    got = evaluate_by_solver(ev, entries, "ddim", on_done=ticks.append)
+    assert ticks == [2, 1]
+    assert [r.schedule.timesteps for r in got] == [uni.timesteps, quad.timesteps, uni.timesteps]
+    assert not torch.equal(got[2].recon, got[0].recon)  # the reference row ran its own solver
 
 def _rows(lo, hi, learned_ts="1 0"):
     return [{"schedule": "learned", "holdout_recon": 1.0, "x_best_baseline": (lo + hi) / 2, "x_best_baseline_lo": lo,

@@ -24,7 +24,7 @@ mean a learned schedule is never shown without the strongest thing a user could 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,15 +101,19 @@ def reference_schedules(cfg: SweepConfig, model: Any) -> dict[str, tuple[str, Sc
     return out
 
 
-def evaluate_by_solver(ev: Any, entries: Sequence[tuple[str, Schedule, str]], own_solver: str) -> list[ScheduleResult | Exception]:
+def evaluate_by_solver(ev: Any, entries: Sequence[tuple[str, Schedule, str]], own_solver: str,
+                       on_done: Callable[[int], None] | None = None) -> list[ScheduleResult | Exception]:
     """Results of ``(name, schedule, solver)`` entries in order: one evaluation call per solver (the
-    evaluator's own solver without naming it, so any ``evaluate(schedules)`` evaluator serves it)."""
+    evaluator's own solver without naming it, so any ``evaluate(schedules)`` evaluator serves it).
+    ``on_done(k)`` after each call, with the k schedules it evaluated (a progress bar)."""
     results: list[ScheduleResult | Exception | None] = [None] * len(entries)
     for solver in dict.fromkeys(e[2] for e in entries):
         idx = [i for i, e in enumerate(entries) if e[2] == solver]
         got = safe_evaluate(ev, [entries[i][1] for i in idx], None if solver == own_solver else solver)
         for i, r in zip(idx, got):
             results[i] = r
+        if on_done is not None:
+            on_done(len(idx))
     return results  # type: ignore[return-value]
 
 

@@ -14,6 +14,7 @@ import optuna
 from pipeline.core.schedules import Schedule, check_nfe
 from pipeline.distributed.cluster import check_placement_timeout, parse_actor_resources
 from pipeline.errors import StridelabError
+from pipeline.io.console import progress
 from pipeline.models.load import LoadedModel
 from search.evaluators import EvaluatorFactory, Objective, TrialFailed
 from search.study import fail_stale_running, finished_count, make_sampler, make_storage, missing_store, open_study
@@ -373,7 +374,8 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selecti
     if factory is not None:  # the other solvers' own defaults at this budget: what a user could pick instead
         entries += [(k, sched, solver) for k, (solver, sched) in holdout.reference_schedules(cfg, model).items()]
     entries += [(k, sched, "ddim") for k, sched in named.items() if k.startswith(holdout.TEACHER_PREFIX)]
-    results = holdout.evaluate_by_solver(hold_eval, entries, cfg.solver)
+    with progress(len(entries), f"held-out ({cfg.holdout_seeds} seeds)", unit="schedule") as bar:
+        results = holdout.evaluate_by_solver(hold_eval, entries, cfg.solver, on_done=bar.update)
     log(f"held-out evaluation on {cfg.holdout_seeds} seeds: {time.perf_counter() - t0:.1f} s")
     named = {k: sched for k, sched, _ in entries}
     rows = holdout.holdout_rows(named, results, tuning, {k: solver for k, _, solver in entries})
