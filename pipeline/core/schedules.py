@@ -32,6 +32,12 @@ from pipeline.core.noise import as_alphas_cumprod, log_snr_from_abar, sigma_at, 
 SCHEMA_VERSION = 1
 
 LIFTED_FIELDS = ("model", "alphas_cumprod_sha256", "solver")
+
+MODEL_SHIFT_KEY = "model_log_sigma_shift"
+"""``meta`` key of a per-step model time shift (n floats, log sigma): step i integrates at its own level but the
+network is told it sees log sigma_i + shift_i (`pipeline.evaluation.gradient.model_levels`). Only samplers that
+can feed the model another time than the one they integrate at honour it (stridelab's solvers and
+`pipeline.interop.ddim_scheduler.StrideDDIMScheduler`); sigma lists (k-diffusion, ComfyUI) cannot carry it."""
 """Top-level fields of a schedule file that `Schedule.from_dict` also keeps in ``meta`` (plain JSON has no meta)."""
 
 
@@ -149,10 +155,25 @@ class Schedule:
                 raise StridelabError(f"inverse_timesteps ends at {inv[-1]} but decoding starts at timesteps[0] = "
                                      f"{self.timesteps[0]}: the encoder must end at the decoder's first noise level")
             object.__setattr__(self, "inverse_timesteps", None if inv == self.timesteps[::-1] else inv)
+        shift = self.meta.get(MODEL_SHIFT_KEY)
+        if shift is not None:
+            ok = (isinstance(shift, (list, tuple)) and len(shift) == len(self.timesteps)
+                  and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in shift))
+            if not ok:
+                raise StridelabError(f"meta {MODEL_SHIFT_KEY} must be a list of {len(self.timesteps)} finite numbers "
+                                     f"(one per step), got {shift!r}")
+            self.meta[MODEL_SHIFT_KEY] = [float(v) for v in shift]
 
     @property
     def nfe(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def model_shift(self) -> tuple[float, ...] | None:
+        """The per-step model time shift (`MODEL_SHIFT_KEY` in meta; log sigma, one per step), or None. All zeros is
+        the schedule itself."""
+        shift = self.meta.get(MODEL_SHIFT_KEY)
+        return None if shift is None or not any(shift) else tuple(shift)
 
     @property
     def encode_timesteps(self) -> tuple[int, ...]:

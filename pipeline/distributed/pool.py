@@ -279,7 +279,7 @@ class SamplerPool:
         refs = [[self._call(i, "evaluate", self._shard_seeds(i), list(s.timesteps), self.teacher_nfe,
                             recon=self.recon, inversion=self.inversion,
                             fid="fid" in self.extra_metrics, kid="kid" in self.extra_metrics, solver=solver,
-                            **_encoder_kwargs(s))
+                            **_schedule_kwargs(s))
                  for i in range(len(self.shards))] for s in schedules]
         return PendingEvaluation(self, schedules, refs, self.extra_metrics)
 
@@ -377,8 +377,12 @@ class SamplerPool:
         return ScheduleResult(schedule, rec, inv, max(p["seconds"] for p in parts), extra)
 
 
-def _encoder_kwargs(schedule: Schedule) -> dict[str, list[int]]:
-    """The worker's ``encode_timesteps`` for a schedule with an encoder of its own; nothing for the usual one
-    (so a call for a symmetric schedule is the call it always was)."""
-    inv = schedule.inverse_timesteps
-    return {} if inv is None else {"encode_timesteps": list(inv)}
+def _schedule_kwargs(schedule: Schedule) -> dict[str, list]:
+    """The worker's ``encode_timesteps`` for a schedule with an encoder of its own and ``model_shift`` for one
+    with a model time shift; nothing for a plain schedule (so its call is the call it always was)."""
+    out: dict[str, list] = {}
+    if schedule.inverse_timesteps is not None:
+        out["encode_timesteps"] = list(schedule.inverse_timesteps)
+    if schedule.model_shift is not None:
+        out["model_shift"] = list(schedule.model_shift)
+    return out

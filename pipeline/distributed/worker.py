@@ -237,9 +237,11 @@ class SamplerWorker:
         kid: bool = False,
         solver: str = DEFAULT_SOLVER,
         encode_timesteps: Sequence[int] | None = None,
+        model_shift: Sequence[float] | None = None,
     ) -> dict[str, Any]:
         """Per-seed metrics of one schedule run by `solver` on this shard (the inversion round trip encodes
-        along `encode_timesteps` where the schedule has an encoder of its own, else along `timesteps` reversed).
+        along `encode_timesteps` where the schedule has an encoder of its own, else along `timesteps` reversed;
+        `model_shift`: the schedule's per-step model time shift, `Schedule.model_shift`).
 
         Returns:
             {"recon": float64 [b] or None, "inversion": float64 [b] or None, "seconds": float,
@@ -255,7 +257,8 @@ class SamplerWorker:
         t0 = time.perf_counter()
         out: dict[str, Any] = {"recon": None, "inversion": None, "feats": None}
         m = evaluate_shard(self.denoiser, self.model.alphas_cumprod, self.model.to_unit, ts, teach.x_T,
-                           teach.x0, teach.timesteps, teach.data if inversion else None, solver, enc)
+                           teach.x0, teach.timesteps, teach.data if inversion else None, solver, enc,
+                           None if model_shift is None else [float(v) for v in model_shift])
         x0 = m.x0
         if recon:
             out["recon"] = m.recon.cpu()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant
+from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant, run_fixed_batches
 from pipeline.solvers.ddim import Denoiser
 from pipeline.solvers.registry import DEFAULT_SOLVER, solve
 from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors, recon_sem
@@ -64,6 +64,19 @@ class ShardMetrics:
     inversion: torch.Tensor | None
 
 
+def sample_shifted(denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], model_shift: Sequence[float],
+                   alphas_cumprod: torch.Tensor, solver: str = DEFAULT_SOLVER) -> torch.Tensor:
+    """x0 [B, ...] of `solver` over `timesteps` with the network asked at the shifted levels
+    (`pipeline.evaluation.gradient.sample_with_shift`). A `BatchInvariant` denoiser's fixed chunks are kept by
+    sampling each chunk of its micro-batch size whole, so a sample's bits never depend on its batch."""
+    from pipeline.evaluation.gradient import sample_with_shift
+
+    raw = getattr(denoiser, "inner", denoiser)
+    size = int(getattr(denoiser, "micro_batch", 0))
+    return run_fixed_batches(lambda x: sample_with_shift(raw, x, timesteps, model_shift, alphas_cumprod, solver),
+                             [x_T], size)
+
+
 def evaluate_shard(
     denoiser: Denoiser,
     alphas_cumprod: torch.Tensor,
@@ -75,6 +88,7 @@ def evaluate_shard(
     data: torch.Tensor | None = None,
     solver: str = DEFAULT_SOLVER,
     encode_timesteps: Sequence[int] | None = None,
+    model_shift: Sequence[float] | None = None,
 ) -> ShardMetrics:
     """Sample `timesteps` with `solver` from the shard's x_T [b, ...] and score it against the teacher.
 
@@ -83,8 +97,12 @@ def evaluate_shard(
     is computed when `teacher_x0` is given; inversion (DDIM's round trip, whatever the solver: inversion
     is DDIM's job) when `data` (x_0 drawn from the data, [b, ...]) is given, encoding along `encode_timesteps`
     where the schedule has an encoder of its own (`Schedule.inverse_timesteps`; None: `timesteps` reversed).
+    `model_shift` (`Schedule.model_shift`, n floats): the network is asked at log sigma_i + shift_i while the
+    solver integrates at the steps' own levels (sampling only; the round trip stays unshifted).
     """
-    if teacher_x0 is not None and solver == "ddim" and tuple(timesteps) == tuple(teacher_ts):
+    if model_shift is not None:
+        x0 = sample_shifted(denoiser, x_T, timesteps, model_shift, alphas_cumprod, solver)
+    elif teacher_x0 is not None and solver == "ddim" and tuple(timesteps) == tuple(teacher_ts):
         x0 = teacher_x0  # the teacher's own schedule (its FID is the floor of the table): already sampled
     else:
         x0 = solve(solver, denoiser, x_T, timesteps, alphas_cumprod)
@@ -100,13 +118,12 @@ def evaluate_schedule(
     teacher: Teacher,
     data_x0: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Mean recon MSE vs the teacher (and inversion round-trip MSE when data is given), [0, 1] scale."""
-    rec = recon_errors(model.denoiser, teacher.x_T, schedule.timesteps, model.alphas_cumprod, teacher.x0, model.to_unit)
-    out = {"recon": rec.mean().item(), "recon_sem": recon_sem(rec)}
-    if data_x0 is not None:
-        inv = inversion_errors(model.denoiser, data_x0, schedule.timesteps, model.alphas_cumprod, model.to_unit,
-                               schedule.inverse_timesteps)
-        out["inversion"] = inv.mean().item()
+    """Mean recon MSE vs the teacher (and inversion round-trip MSE when data is given), [0, 1] scale, DDIM."""
+    m = evaluate_shard(model.denoiser, model.alphas_cumprod, model.to_unit, schedule.timesteps, teacher.x_T, teacher.x0,
+                       teacher.timesteps, data_x0, "ddim", schedule.inverse_timesteps, schedule.model_shift)
+    out = {"recon": m.recon.mean().item(), "recon_sem": recon_sem(m.recon)}
+    if m.inversion is not None:
+        out["inversion"] = m.inversion.mean().item()
     return out
 
 
@@ -167,6 +184,6 @@ class InProcessEvaluator:
             t0 = time.perf_counter()
             m = evaluate_shard(self.model.denoiser, self.model.alphas_cumprod, self.model.to_unit, s.timesteps,
                                self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data, solver,
-                               s.inverse_timesteps)
+                               s.inverse_timesteps, s.model_shift)
             out.append(ScheduleResult(s, m.recon, m.inversion, time.perf_counter() - t0))
         return out

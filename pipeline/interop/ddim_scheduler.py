@@ -24,6 +24,12 @@ What keeps the schedule (tests/test_interop.py checks each):
   Assigning ``pipe.scheduler = stride`` after construction, or
   `pipeline.interop.pipelines.sample_with_schedule`, works in any pipeline.
 
+A per-step model time shift (config ``model_log_sigma_shift``, from a schedule's meta; see
+`pipeline.core.schedules.MODEL_SHIFT_KEY`): step i still integrates from ``schedule_timesteps[i]``'s level, but
+``self.timesteps`` (what a pipeline feeds the network) holds the fractional timesteps of log sigma_i + shift_i,
+and ``step`` finds its place by that value. diffusers UNets embed a float timestep, so any pipeline that calls
+``unet(x, t)`` and ``scheduler.step(out, t, x)`` with the scheduler's own ``t`` runs it unchanged.
+
 The update itself is `pipeline.solvers.ddim.ddim_step` and the v / x0 -> eps conversion is
 `pipeline.models.denoisers.eps_from_prediction`, so this scheduler and `pipeline.solvers.ddim.ddim_sample` cannot
 drift apart. ``step`` runs both in float64 (float32 on devices without it) and casts the results to the
@@ -59,7 +65,7 @@ from pipeline.solvers.ddim import ddim_sigma, ddim_step
 from pipeline.models.denoisers import PREDICTION_TYPES, eps_from_prediction
 from pipeline.errors import StridelabError
 from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_betas
-from pipeline.core.schedules import Schedule, linspace, trailing, uniform, validate_timesteps
+from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule, linspace, trailing, uniform, validate_timesteps
 
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
 """``set_timesteps(num_inference_steps)`` without a stored schedule: diffusers' spacings (bit-equal)."""
@@ -90,6 +96,18 @@ def choose_timesteps(owner: str, key: str, what: str, stored: Sequence[int] | No
     if num_inference_steps is None:
         raise StridelabError(f"set_timesteps needs num_inference_steps or timesteps (or a stored {key})")
     return tuple(spaced(int(num_inference_steps)))
+
+
+def shifted_model_levels(timesteps: Sequence[int], shift: Sequence[float],
+                         alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fractional timesteps [n], their abar [n]), float64, that the network is asked at when integer steps
+    `timesteps` carry the per-step model time shift `shift` (log sigma; `pipeline.evaluation.gradient.model_levels`,
+    the rule the shift was learned under)."""
+    from pipeline.evaluation.gradient import model_levels
+
+    ac = as_alphas_cumprod(alphas_cumprod)
+    abar = ac[torch.as_tensor([int(t) for t in timesteps], dtype=torch.long)]
+    return model_levels(abar, torch.as_tensor([float(v) for v in shift], dtype=torch.float64), ac)
 
 
 def timestep_index(timesteps: torch.Tensor | None, timestep: int | torch.Tensor, owner: str) -> int:
@@ -125,6 +143,8 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
             ``set_timesteps(num_inference_steps)`` when no ``schedule_timesteps`` is stored.
         schedule_timesteps: a strictly decreasing list this scheduler runs whenever
             ``set_timesteps(len(schedule_timesteps))`` or ``set_timesteps()`` is called.
+        model_log_sigma_shift: per-step model time shift for ``schedule_timesteps`` (one float per step, log
+            sigma; see the module docstring), or None.
         clip_sample, thresholding, rescale_betas_zero_snr: accepted so that ``from_config`` of a DDIM/DDPM
             config is explicit about them; only False is supported (stridelab's DDIM, on which schedules
             are tuned, neither clips nor thresholds x0, and needs abar_{T-1} > 0).
@@ -147,6 +167,7 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         timestep_spacing: str = "leading",
         schedule_timesteps: Sequence[int] | None = None,
+        model_log_sigma_shift: Sequence[float] | None = None,
         clip_sample: bool = False,
         thresholding: bool = False,
         rescale_betas_zero_snr: bool = False,
@@ -185,9 +206,19 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         if schedule_timesteps is not None:
             ts = validate_timesteps(list(schedule_timesteps), T)
             self.register_to_config(schedule_timesteps=list(ts))  # JSON-shaped, so configs compare equal
+        self._shift: tuple[float, ...] | None = None
+        if model_log_sigma_shift is not None:
+            if schedule_timesteps is None:
+                raise StridelabError("model_log_sigma_shift needs schedule_timesteps: the shift is per step of that list")
+            # the one validation rule of a shift (pipeline.core.schedules.Schedule)
+            shift = Schedule(list(schedule_timesteps), T, meta={MODEL_SHIFT_KEY: list(model_log_sigma_shift)}).model_shift
+            self.register_to_config(model_log_sigma_shift=list(model_log_sigma_shift))
+            self._shift = shift
         if schedule_timesteps is not None:
             _warn_when_a_schedule_is_dropped()
         self.num_inference_steps: int | None = None
+        self._steps: torch.Tensor | None = None
+        self._model_abar: torch.Tensor | None = None
         # Before set_timesteps: every training timestep, high to low, as diffusers' schedulers hold.
         self.timesteps = torch.from_numpy(np.arange(T)[::-1].copy())
 
@@ -196,14 +227,17 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
     def from_schedule(
         cls, schedule: Schedule, config: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> "StrideDDIMScheduler":
-        """A scheduler that runs `schedule`: ``from_config(config, schedule_timesteps=schedule.timesteps)``.
+        """A scheduler that runs `schedule`: ``from_config(config, schedule_timesteps=schedule.timesteps)``, with
+        its model time shift (`Schedule.model_shift`) when it has one.
 
         Refuses a schedule made for another T, or (when ``schedule.meta`` has ``alphas_cumprod_sha256``)
         for another noise schedule (see `pipeline.interop.apply.check_compatible`).
         """
         from pipeline.interop.apply import check_compatible
 
-        sched = cls.from_config(dict(config or {}), schedule_timesteps=list(schedule.timesteps), **kwargs)
+        shift = schedule.model_shift
+        sched = cls.from_config(dict(config or {}), schedule_timesteps=list(schedule.timesteps),
+                                model_log_sigma_shift=None if shift is None else list(shift), **kwargs)
         check_compatible(schedule, sched.alphas_cumprod, what="StrideDDIMScheduler")
         return sched
 
@@ -238,16 +272,36 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         ts = choose_timesteps(type(self).__name__, "schedule_timesteps", "schedule", self.config.schedule_timesteps,
                               num_inference_steps, timesteps, self.config.num_train_timesteps, spaced)
         self.num_inference_steps = len(ts)
-        self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
+        self._steps = torch.tensor(ts, dtype=torch.int64)  # where each step integrates from
+        self._model_abar: torch.Tensor | None = None
+        if self._shift is not None:
+            if ts != tuple(self.config.schedule_timesteps):
+                raise StridelabError(
+                    f"this StrideDDIMScheduler holds a model time shift for its schedule {list(self.config.schedule_timesteps)}; "
+                    f"set_timesteps(timesteps={list(ts)}) would run other steps: call set_timesteps() or build a "
+                    "scheduler without model_log_sigma_shift")
+            t_model, self._model_abar = shifted_model_levels(ts, self._shift, self._abar)
+            # float32, as the network gets it: step() matches the pipeline's t against these exact values
+            self.timesteps = t_model.to(torch.float32).to(device)
+        else:
+            self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
+        if self._model_abar is not None and self.num_inference_steps is not None:
+            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+            hits = (self.timesteps.cpu().double() - t).abs() <= 1e-3
+            if not bool(hits.any()):
+                raise StridelabError(f"timestep {t} is not one of this scheduler's (shifted) timesteps "
+                                     f"{[round(v, 3) for v in self.timesteps.tolist()]}")
+            return int(hits.nonzero()[0, 0])
         return timestep_index(self.timesteps if self.num_inference_steps is not None else None, timestep,
                               type(self).__name__)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
-        """The timestep the step from `timestep` lands on: the next listed one, or -1 (the final jump)."""
+        """The timestep the step from `timestep` lands on: the next listed one (of ``schedule_timesteps``, also with
+        a model time shift), or -1 (the final jump)."""
         i = self._index(timestep)
-        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
+        return int(self._steps[i + 1]) if i + 1 < len(self._steps) else -1
 
     # ---------------------------------------------------------------------------------------------- step
     def step(
@@ -278,12 +332,14 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
         if not 0.0 <= eta <= 1.0:
             raise StridelabError(f"eta must be in [0, 1], got {eta}")
         i = self._index(timestep)
-        t_cur = int(self.timesteps[i])
-        a_cur = float(self._abar[t_cur])
-        a_next = float(self._abar[int(self.timesteps[i + 1])]) if i + 1 < len(self.timesteps) else self.final_alpha_cumprod
+        steps = self._steps
+        a_cur = float(self._abar[int(steps[i])])
+        a_next = float(self._abar[int(steps[i + 1])]) if i + 1 < len(steps) else self.final_alpha_cumprod
         wide = _wide_dtype(sample.device)  # see the module docstring: x0 divides by sqrt(abar)
         x = sample.to(wide)
-        abar_batch = torch.full((sample.shape[0],), a_cur, dtype=wide, device=sample.device)
+        # the level the network was told it sees (shifted or not) turns its v / x0 output into eps
+        a_model = a_cur if self._model_abar is None else float(self._model_abar[i])
+        abar_batch = torch.full((sample.shape[0],), a_model, dtype=wide, device=sample.device)
         eps = eps_from_prediction(model_output.to(wide), x, abar_batch, self.config.prediction_type)
         noise = None
         if eta > 0 and ddim_sigma(a_cur, a_next, eta) > 0:

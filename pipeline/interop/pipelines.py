@@ -23,13 +23,15 @@ wrong), naming the way out. Keyword arguments a pipeline passes to ``step`` that
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from pipeline.core.schedules import Schedule
+from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule
 from pipeline.errors import StridelabError
+from pipeline.interop.ddim_scheduler import shifted_model_levels
 from pipeline.interop.apply import SUPPORTED_SCHEDULERS, set_schedule, sigmas_for_pipeline, supported_name
 from pipeline.interop.reuse import recorded_solver, scheduler_for_schedule, solver_record
 from pipeline.solvers.registry import DEFAULT_SOLVER
@@ -78,7 +80,7 @@ def _network(pipe: Any) -> torch.nn.Module:
 class _Watch:
     """Counts the network's calls and ``scale_model_input`` calls; raises at the first off-schedule call."""
 
-    def __init__(self, pipe: Any, scheduler: Any, expected: list[int], schedule: Schedule):
+    def __init__(self, pipe: Any, scheduler: Any, expected: list[float], schedule: Schedule):
         self.pipe, self.scheduler, self.expected, self.schedule = pipe, scheduler, expected, schedule
         self.visited: list[float] = []
         self.scaled = 0
@@ -201,7 +203,15 @@ def sample_with_schedule(
             scheduler.set_timesteps = _pinned_set_timesteps(scheduler, name, schedule)
         if "num_inference_steps" in takes:
             kwargs["num_inference_steps"] = schedule.nfe
-    watch = _Watch(pipe, scheduler, evaluation_timesteps(name, schedule), schedule)
+    expected: list[float] = list(evaluation_timesteps(name, schedule))
+    if schedule.model_shift is not None:
+        if name == "StrideDDIMScheduler":  # the network is asked at the shifted, fractional timesteps
+            t_model, _ = shifted_model_levels(schedule.timesteps, schedule.model_shift, scheduler.alphas_cumprod)
+            expected = [float(v) for v in t_model.to(torch.float32)]
+        else:
+            warnings.warn(f"the schedule's model time shift ({MODEL_SHIFT_KEY}) is dropped: {name} asks the network "
+                          "at the level it integrates at; only StrideDDIMScheduler (DDIM) runs the shift", stacklevel=2)
+    watch = _Watch(pipe, scheduler, expected, schedule)
     scheduler.scale_model_input = watch.scale_model_input
     scheduler.step = _tolerant_step(scheduler)
     own = pipe.scheduler

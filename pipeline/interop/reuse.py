@@ -159,6 +159,8 @@ def scheduler_for_schedule(
     # are what the schedule was tuned on, so drop the list.
     config = {k: v for k, v in dict(base.config if hasattr(base, "config") else base).items() if k != "_use_default_values"}
     extra = {"schedule_timesteps": list(schedule.timesteps)} if cls_name == "StrideDDIMScheduler" else {}
+    if extra and schedule.model_shift is not None:
+        extra["model_log_sigma_shift"] = list(schedule.model_shift)
     sched = cls.from_config(config, **{**rec["diffusers_config"], **extra, **overrides})
     from pipeline.interop.apply import apply_schedule  # apply imports this module for its warning
 

@@ -1,0 +1,138 @@
+"""A schedule's per-step model time shift (``meta.model_log_sigma_shift``) run everywhere it is consumed: our
+evaluators (in-process and on Ray actors), `StrideDDIMScheduler` in a real diffusers pipeline on the bundled
+digits UNet (eps and v-prediction), and `sample_with_schedule`; bad shifts are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+
+from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule
+from pipeline.core.seeds import initial_noise
+from pipeline.errors import StridelabError
+from pipeline.evaluation.gradient import sample_with_shift
+from pipeline.evaluation.inprocess import InProcessEvaluator
+from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
+from pipeline.interop.pipelines import sample_with_schedule
+from pipeline.models.bundled import ASSETS_DIR
+from pipeline.models.load import load_model
+from pipeline.solvers.registry import SOLVERS
+
+STEPS = [935, 841, 753, 652, 534, 398, 277, 186, 98, 31]
+SHIFT = [0.2, 0.44, -0.06, 0.53, -0.12, -0.3, 0.01, -0.02, -0.04, -0.1]
+
+
+def _shifted(shift=SHIFT, steps=STEPS) -> Schedule:
+    return Schedule(steps, 1000, "learned", meta={MODEL_SHIFT_KEY: list(shift)})
+
+
+def test_the_shift_is_validated_and_all_zeros_is_no_shift():
+    assert _shifted().model_shift == tuple(SHIFT)
+    assert _shifted([0.0] * len(STEPS)).model_shift is None
+    assert Schedule.from_json(_shifted().to_json()).model_shift == tuple(SHIFT)
+    for bad in ([0.1] * 3, [float("nan")] * len(STEPS), "0.1", [True] * len(STEPS)):
+        with pytest.raises(StridelabError, match=MODEL_SHIFT_KEY):
+            _shifted(bad)
+
+
+@pytest.fixture(scope="module")
+def ring8():
+    return load_model("gmm:ring8")
+
+
+def test_in_process_evaluation_samples_with_the_shift(ring8):
+    seeds = list(range(12))
+    ev = InProcessEvaluator(ring8, seeds, teacher_nfe=40)
+    steps, shift = [900, 600, 300, 100], [0.3, -0.2, 0.1, 0.4]
+    plain, shifted, zero = ev.evaluate([Schedule(steps, 1000), _shifted(shift, steps), _shifted([0.0] * 4, steps)])
+    x_T = initial_noise(seeds, ring8.sample_shape)[0]
+    want = sample_with_shift(ring8.denoiser, x_T, steps, shift, ring8.alphas_cumprod)
+    got_rec = ((ring8.to_unit(want) - ring8.to_unit(ev.teacher.x0)) ** 2).flatten(1).mean(1)
+    assert shifted.recon.double().tolist() == pytest.approx(got_rec.double().tolist(), rel=1e-6)
+    assert not torch.allclose(shifted.recon, plain.recon)
+    assert torch.equal(zero.recon, plain.recon)
+
+
+@pytest.mark.slow
+def test_ray_actors_evaluate_the_shift_as_in_process(ring8, ray_local):  # ray_local: conftest.py
+    from pipeline.distributed import SamplerPool
+
+    seeds, steps, shift = list(range(6)), [900, 600, 300, 100], [0.3, -0.2, 0.1, 0.4]
+    pool = SamplerPool("gmm:ring8", seeds, 20, actors=2, num_cpus=0.5)
+    try:
+        got = pool.evaluate([Schedule(steps, 1000), _shifted(shift, steps)])
+    finally:
+        pool.close()
+    want = InProcessEvaluator(ring8, seeds, teacher_nfe=20).evaluate([Schedule(steps, 1000), _shifted(shift, steps)])
+    for g, w in zip(got, want):
+        assert g.recon.double().tolist() == pytest.approx(w.recon.double().tolist(), rel=1e-6)
+    assert got[0].recon.tolist() != got[1].recon.tolist()
+
+
+# ---- diffusers ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["digits", "digits-v"])
+def test_stride_scheduler_in_a_ddpm_pipeline_equals_our_shifted_ddim(target):
+    """The real bundled UNet in DDPMPipeline with `StrideDDIMScheduler.from_schedule`: the network sees the
+    shifted, fractional timesteps, and the images equal stridelab's own shifted DDIM from the same noise."""
+    m = load_model(f"bundled:{target}")
+    unet = UNet2DModel.from_pretrained(ASSETS_DIR / target / "ddpm" / "unet")
+    stride = StrideDDIMScheduler.from_pretrained(ASSETS_DIR / target / "ddpm" / "scheduler")
+    sched = _shifted()
+    pipe = DDPMPipeline(unet=unet, scheduler=StrideDDIMScheduler.from_schedule(sched, stride.config))
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[float] = []
+    hook = unet.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1])))
+    x_T = initial_noise([0, 1, 2], m.sample_shape)[0]
+    try:
+        # DDPMPipeline draws x_T itself: make it draw ours (one generator per sample would do the same)
+        out = _run_from(pipe, x_T)
+    finally:
+        hook.remove()
+    want = sample_with_shift(m.denoiser, x_T, STEPS, SHIFT, m.alphas_cumprod)
+    assert seen != [float(t) for t in STEPS] and any(s != int(s) for s in seen)
+    assert torch.allclose(out, want.float(), atol=1e-4), (out - want).abs().max()
+
+
+def _run_from(pipe: DDPMPipeline, x_T: torch.Tensor) -> torch.Tensor:
+    """DDPMPipeline's own loop (unet(x, t), scheduler.step(out, t, x)) from a given x_T; output in [-1, 1]."""
+    pipe.scheduler.set_timesteps()
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x).prev_sample
+    return x
+
+
+def test_sample_with_schedule_checks_the_shifted_timesteps_and_other_schedulers_warn():
+    unet = UNet2DModel.from_pretrained(ASSETS_DIR / "digits" / "ddpm" / "unet")
+    stride = StrideDDIMScheduler.from_pretrained(ASSETS_DIR / "digits" / "ddpm" / "scheduler")
+    pipe = DDPMPipeline(unet=unet, scheduler=stride)
+    pipe.set_progress_bar_config(disable=True)
+    seen: list[float] = []
+    hook = unet.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1])))
+    try:
+        sample_with_schedule(pipe, _shifted(), generator=torch.manual_seed(0), batch_size=1, output_type="np")
+    finally:
+        hook.remove()
+    want = StrideDDIMScheduler.from_schedule(_shifted(), stride.config)
+    want.set_timesteps()
+    assert seen == pytest.approx(want.timesteps.tolist(), abs=1e-6)
+    two_m = Schedule(STEPS, 1000, "learned", meta={MODEL_SHIFT_KEY: SHIFT, "solver": SOLVERS["dpmsolver++2m"].record()})
+    with pytest.warns(UserWarning, match="model time shift .* is dropped: DPMSolverMultistepScheduler"):
+        sample_with_schedule(pipe, two_m, generator=torch.manual_seed(0), batch_size=1, output_type="np")
+
+
+def test_the_shift_belongs_to_its_schedule():
+    with pytest.raises(StridelabError, match="needs schedule_timesteps"):
+        StrideDDIMScheduler(model_log_sigma_shift=SHIFT)
+    s = StrideDDIMScheduler.from_schedule(_shifted())
+    with pytest.raises(StridelabError, match="model time shift for its schedule"):
+        s.set_timesteps(timesteps=[900, 500, 100])
+    s.set_timesteps()
+    with pytest.raises(StridelabError, match="shifted"):
+        s.step(torch.zeros(1, 1, 8, 8), 935, torch.zeros(1, 1, 8, 8))  # the unshifted time is not one it runs
+    with pytest.raises(StridelabError, match=MODEL_SHIFT_KEY):
+        StrideDDIMScheduler(schedule_timesteps=STEPS, model_log_sigma_shift=[0.1])
