@@ -14,7 +14,7 @@ import torch
 from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant, run_fixed_batches
 from pipeline.solvers.ddim import Denoiser
 from pipeline.solvers.registry import DEFAULT_SOLVER, solve
-from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_errors, recon_sem
+from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_sem
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel
 from pipeline.core.schedules import Schedule
