@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slack-radius", type=float, default=0.0,
                    help="--method gradient: LD3 soft teacher forcing, the student may start within this radius "
                         "(per-dimension noise std units) of the teacher's noise; 0 = none (default %(default)s)")
+    p.add_argument("--time-shift", action="store_true",
+                   help="after the search, learn by gradient (--grad-iters, --grad-lr, --grad-loss) the best trial's "
+                        "steps together with a per-step shift of the noise level the network is told it sees (TS-DDIM's "
+                        "remedy for exposure bias, learned), as one more trial; exported where it wins on validation. "
+                        "Only stridelab's solvers and StrideDDIMScheduler run the shift (it is meta.model_log_sigma_shift "
+                        "in the export); sigma lists and other diffusers schedulers drop it. ddim, dpmsolver++2m/3m; "
+                        "objective recon")
     p.add_argument("--space", metavar="NAME", default=d.space,
                    help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) "
                         "(default %(default)s)")
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         screen_seeds=args.screen_seeds, teacher_nfe=args.teacher_nfe, holdout_fid=args.holdout_fid,
         polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype, method=args.method,
         grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_loss=args.grad_loss, slack_radius=args.slack_radius,
-        data=args.data,
+        data=args.data, time_shift=args.time_shift,
         grad_init=args.grad_init, inversion_pair=args.inversion_pair, pair_evals=args.pair_evals,
     )
     study_name = args.study_name or default_study_name(cfg)

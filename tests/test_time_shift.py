@@ -4,6 +4,8 @@ digits UNet (eps and v-prediction), and `sample_with_schedule`; bad shifts are o
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
@@ -13,8 +15,10 @@ from pipeline.core.seeds import initial_noise
 from pipeline.errors import StridelabError
 from pipeline.evaluation.gradient import sample_with_shift
 from pipeline.evaluation.inprocess import InProcessEvaluator
+from pipeline.interop.apply import alphas_cumprod_sha256
 from pipeline.interop.ddim_scheduler import StrideDDIMScheduler
 from pipeline.interop.pipelines import sample_with_schedule
+from pipeline.interop.sigma_lists import k_diffusion_sigmas
 from pipeline.models.bundled import ASSETS_DIR
 from pipeline.models.load import load_model
 from pipeline.solvers.registry import SOLVERS
@@ -123,6 +127,12 @@ def test_sample_with_schedule_checks_the_shifted_timesteps_and_other_schedulers_
     two_m = Schedule(STEPS, 1000, "learned", meta={MODEL_SHIFT_KEY: SHIFT, "solver": SOLVERS["dpmsolver++2m"].record()})
     with pytest.warns(UserWarning, match="model time shift .* is dropped: DPMSolverMultistepScheduler"):
         sample_with_schedule(pipe, two_m, generator=torch.manual_seed(0), batch_size=1, output_type="np")
+    with pytest.warns(UserWarning, match="model time shift .* is dropped: a sigma list"):
+        k_diffusion_sigmas(_shifted(), stride.alphas_cumprod)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a plain schedule warns of nothing
+        k_diffusion_sigmas(Schedule(STEPS, 1000, meta={"alphas_cumprod_sha256": alphas_cumprod_sha256(stride.alphas_cumprod)}),
+                           stride.alphas_cumprod)
 
 
 def test_the_shift_belongs_to_its_schedule():
@@ -136,3 +146,57 @@ def test_the_shift_belongs_to_its_schedule():
         s.step(torch.zeros(1, 1, 8, 8), 935, torch.zeros(1, 1, 8, 8))  # the unshifted time is not one it runs
     with pytest.raises(StridelabError, match=MODEL_SHIFT_KEY):
         StrideDDIMScheduler(schedule_timesteps=STEPS, model_log_sigma_shift=[0.1])
+
+
+# ---- the sweep ---------------------------------------------------------------------------------------------
+
+GMM_SWEEP = ["sweep", "--model", "gmm:ring8", "--nfe", "5", "--trials", "12", "--num-seeds", "32", "--holdout-seeds", "32",
+             "--validation-seeds", "16", "--teacher-nfe", "40", "--grad-iters", "10", "--actors", "0", "--no-mlflow",
+             "--no-holdout-fid"]
+
+
+def _study(out):
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal")))
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_sweep_time_shift_adds_a_trial_exports_the_shift_and_shows_the_unshifted_row(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main([*GMM_SWEEP, "--time-shift", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    trials = _study(out).trials
+    (shift,) = [t for t in trials if t.user_attrs.get("kind") == "shift"]
+    parent = trials[shift.user_attrs["shift_from"]]
+    assert shift.state.name == "COMPLETE" and len(trials) == 13 and parent.user_attrs.get("kind") != "shift"
+    # on the gmm the shift wins on validation by far: it is exported, with the shift in its meta
+    (study_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    exported = Schedule.load(study_dir / "best_schedule.json")
+    assert exported.model_shift == pytest.approx(shift.user_attrs[MODEL_SHIFT_KEY])
+    assert list(exported.timesteps) == shift.user_attrs["timesteps"]
+    assert "learned (unshifted)" in printed and "asks the network at shifted levels" in printed
+    # the trial's value is what the evaluator gives the shifted schedule on the tuning seeds
+    m = load_model("gmm:ring8")
+    ev = InProcessEvaluator(m, list(range(32)), teacher_nfe=40)
+    (res,) = ev.evaluate([exported])
+    assert float(res.recon.double().mean()) == pytest.approx(shift.value, rel=1e-6)
+    # a resume finds the shift trial and does not learn it again
+    name = _study(out).study_name
+    assert main([*GMM_SWEEP, "--time-shift", "--out-dir", str(out), "--resume", "--study-name", name]) == 0
+    assert len(_study(out).trials) == 13
+
+
+@pytest.mark.parametrize("flags, message", [(["--solver", "unipc"], "--time-shift is learned by gradient through ddim, dpmsolver++2m, dpmsolver++3m only, not unipc"),
+                                            (["--objective", "inversion"], "--time-shift lowers the recon of sampling: it needs --objective recon")])
+def test_sweep_time_shift_bad_input_is_one_line(tmp_path, capsys, flags, message):
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main([*GMM_SWEEP, "--time-shift", *flags, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()

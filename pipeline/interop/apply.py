@@ -53,7 +53,7 @@ import torch
 from pipeline.errors import StridelabError
 from pipeline.interop.reuse import solver_mismatch
 from pipeline.core.noise import as_alphas_cumprod
-from pipeline.core.schedules import Schedule
+from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule
 
 SUPPORTED_SCHEDULERS: dict[str, str] = {
     "StrideDDIMScheduler": "timesteps",
@@ -127,6 +127,15 @@ def warn_if_exported_for_other_model(schedule: Schedule, model: str, *, stacklev
     warnings.warn(f"schedule {schedule.name!r} was learned on model {made_for}, running it on {model}: its steps "
                   f"were placed for the other model", stacklevel=stacklevel + 1)
     return True
+
+
+def warn_if_shift_dropped(schedule: Schedule, consumer: str, *, stacklevel: int = 3) -> None:
+    """Warn when `schedule` carries a model time shift (`Schedule.model_shift`) that `consumer` cannot run: every
+    sampler but stridelab's own and `StrideDDIMScheduler` asks the network at the level it integrates at."""
+    if schedule.model_shift is not None:
+        warnings.warn(f"the schedule's model time shift ({MODEL_SHIFT_KEY}) is dropped: {consumer} asks the network "
+                      "at the level it integrates at; only StrideDDIMScheduler.from_schedule and stridelab's own "
+                      "solvers run it", stacklevel=stacklevel)
 
 
 def supported_name(scheduler: Any) -> str | None:
@@ -208,6 +217,8 @@ def apply_schedule(
                 raise StridelabError(msg + "; pass allow_other_model=True to use the scheduler's table anyway")
             warnings.warn(msg, stacklevel=2)
 
+    if getattr(scheduler, "_shift", None) != schedule.model_shift:  # a StrideDDIMScheduler built with it runs it
+        warn_if_shift_dropped(schedule, type(scheduler).__name__)
     mismatch = solver_mismatch(scheduler, schedule)
     if mismatch is not None:
         warnings.warn(mismatch, stacklevel=2)

@@ -23,13 +23,12 @@ wrong), naming the way out. Keyword arguments a pipeline passes to ``step`` that
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule
+from pipeline.core.schedules import Schedule
 from pipeline.errors import StridelabError
 from pipeline.interop.ddim_scheduler import shifted_model_levels
 from pipeline.interop.apply import SUPPORTED_SCHEDULERS, set_schedule, sigmas_for_pipeline, supported_name
@@ -204,13 +203,10 @@ def sample_with_schedule(
         if "num_inference_steps" in takes:
             kwargs["num_inference_steps"] = schedule.nfe
     expected: list[float] = list(evaluation_timesteps(name, schedule))
-    if schedule.model_shift is not None:
-        if name == "StrideDDIMScheduler":  # the network is asked at the shifted, fractional timesteps
-            t_model, _ = shifted_model_levels(schedule.timesteps, schedule.model_shift, scheduler.alphas_cumprod)
-            expected = [float(v) for v in t_model.to(torch.float32)]
-        else:
-            warnings.warn(f"the schedule's model time shift ({MODEL_SHIFT_KEY}) is dropped: {name} asks the network "
-                          "at the level it integrates at; only StrideDDIMScheduler (DDIM) runs the shift", stacklevel=2)
+    if schedule.model_shift is not None and name == "StrideDDIMScheduler":
+        # the network is asked at the shifted, fractional timesteps (any other scheduler warned that it drops them)
+        t_model, _ = shifted_model_levels(schedule.timesteps, schedule.model_shift, scheduler.alphas_cumprod)
+        expected = [float(v) for v in t_model.to(torch.float32)]
     watch = _Watch(pipe, scheduler, expected, schedule)
     scheduler.scale_model_input = watch.scale_model_input
     scheduler.step = _tolerant_step(scheduler)

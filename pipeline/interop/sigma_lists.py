@@ -19,7 +19,7 @@ import torch
 from pipeline.core.noise import as_alphas_cumprod, t_from_sigma
 from pipeline.core.schedules import Schedule, project_to_distinct
 from pipeline.errors import StridelabError
-from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible
+from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible, warn_if_shift_dropped
 from pipeline.interop.reuse import recorded_solver
 
 PLAIN_JSON_FORMAT = "stridelab.schedule.plain/1"
@@ -40,6 +40,7 @@ def k_diffusion_sigmas(
     ``get_sigmas_karras``; computed in float64 first. Start from ``x = randn * sigmas[0]`` (VE scaling).
     """
     abar = check_compatible(schedule, alphas_cumprod, allow_other_model=allow_other_model)
+    warn_if_shift_dropped(schedule, "a sigma list (k-diffusion, ComfyUI)")
     return schedule.sigmas(abar).to(device=device, dtype=dtype)
 
 

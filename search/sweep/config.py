@@ -97,6 +97,9 @@ class SweepConfig:
     grad_loss: str = "mse"
     slack_radius: float = 0.0
     data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
+    # After the search: the best trial's steps and a per-step model time shift learned together by gradient
+    # (``grad_iters``, ``grad_lr``, ``grad_loss``), one more trial; validation decides whether it is exported.
+    time_shift: bool = False
     grad_init: str = "uniform"  # where the gradient placement starts: uniform steps, or the DP placement ("dp")
     inversion_pair: str = "symmetric"  # "joint": after the search, the encoder searched with the decoder (`search.placement.pair`)
     pair_evals: int = 60  # round trips the joint pair search may evaluate on the tuning images
@@ -127,6 +130,14 @@ class SweepConfig:
         need(len(self.baselines) <= self.trials,
              f"`trials` ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
         need(self.method in METHODS, f"unknown `method` {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.time_shift:
+            from pipeline.evaluation.gradient import DIFFERENTIABLE
+
+            need(self.solver in DIFFERENTIABLE, f"`time_shift` is learned by gradient through {', '.join(DIFFERENTIABLE)} "
+                 f"only, not {self.solver}")
+            need(self.objective == "recon", "`time_shift` lowers the recon of sampling: it needs `objective` recon "
+                 f"(got {self.objective})")
+            self.gradient_config()  # validates the gradient settings it uses
         if self.method == "gradient":
             self.gradient_config()  # validates the gradient settings
             from pipeline.evaluation.gradient import DIFFERENTIABLE

@@ -2,7 +2,7 @@
 
 Columns of a row (one schedule): ``schedule, solver, nfe`` (model evaluations), ``steps, holdout_<metric>`` (``recon`` and, when evaluated, ``fid``),
 ``tuning_recon`` (its mean on the tuning seeds), ``timesteps`` (and ``encode_timesteps`` where the round trip
-has an encoder of its own), and the ratios
+has an encoder of its own, ``model_shift`` where the network is asked at shifted levels), and the ratios
     ``x_best_baseline``          holdout_recon / min over the baseline rows (`SCHEDULES` and the solver's
                                  ``default``), all run by the sweep's solver
     ``x_best_default_pair``      holdout_recon / min over those and the reference rows ``<solver> default``
@@ -41,6 +41,8 @@ from search.sweep.config import SweepConfig
 from search.sweep.pruning import safe_evaluate
 
 TEACHER_PREFIX = "teacher ("
+UNSHIFTED = "learned (unshifted)"
+"""Held-out row of the trial a selected time-shift trial started from."""
 
 
 def learned_schedule(bt: optuna.trial.FrozenTrial, space: str, num_train_timesteps: int,
@@ -49,11 +51,20 @@ def learned_schedule(bt: optuna.trial.FrozenTrial, space: str, num_train_timeste
     Its meta records the solver it was tuned for (``SolverSpec.record()``), which exports carry."""
     best = export.schedule_of_trial(bt, num_train_timesteps)
     name = "learned" if bt.user_attrs.get("kind") != "baseline" else f"learned (= {best.name})"
+    kind = bt.user_attrs.get("kind")
     learned = Schedule(best.timesteps, best.num_train_timesteps, "learned",
-                       {"space": "steps" if bt.user_attrs.get("kind") == "polish" else space,
+                       {"space": "steps" if kind in ("polish", "shift") else space,
                         **{k: float(v) for k, v in bt.params.items()}},
-                       {"solver": SOLVERS[solver].record()})
+                       {"solver": SOLVERS[solver].record(), **best.meta})
     return name, learned
+
+
+def unshifted_schedule(study: optuna.Study, bt: optuna.trial.FrozenTrial, num_train_timesteps: int) -> Schedule | None:
+    """The trial a selected time-shift trial started from (its steps before the shift and the move), or None when
+    `bt` is not a time-shift trial: the held-out table shows it as `UNSHIFTED`, so the shift's own gain is there."""
+    if bt.user_attrs.get("kind") != "shift":
+        return None
+    return export.schedule_of_trial(study.trials[int(bt.user_attrs["shift_from"])], num_train_timesteps)
 
 
 def warm_schedules(study: optuna.Study, num_train_timesteps: int) -> dict[str, Schedule]:
@@ -151,6 +162,8 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
         row["timesteps"] = " ".join(map(str, s.timesteps))
         if s.inverse_timesteps is not None:  # a round trip with an encoder of its own (``inversion_pair`` joint)
             row["encode_timesteps"] = " ".join(map(str, s.inverse_timesteps))
+        if s.model_shift is not None:  # a time-shift trial (``time_shift``): where the network was asked instead
+            row["model_shift"] = " ".join(f"{v:+.3f}" for v in s.model_shift)
         rows.append(row)
     best_fid = _add_ratios(rows, per_seed)
     _add_recon_ratio(rows, per_seed_inv, "inv_x_best_baseline", lambda r: _is_baseline(r["schedule"]), "inversion")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.core.schedules import Schedule, make_schedule, with_noisiest_step
+from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule, make_schedule, with_noisiest_step
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
 from pipeline.io.console import progress
@@ -121,7 +122,7 @@ class Sweep:
             p.update(schedule=sched.name, timesteps=" ".join(map(str, sched.timesteps)))
         metrics = {k: ua.get(k) for k in ("recon", "fid", "inversion", "seconds", "screen_recon", "screen_p")}
         what = {"baseline": f"baseline {sched.name if sched is not None else ''}".strip(), "polish": "polish",
-                "gradient": "gradient"}.get(kind, sampler)
+                "gradient": "gradient", "shift": "time shift"}.get(kind, sampler)
         name = f"trial {number} · {what}" + {"PRUNED": " (pruned)", "FAIL": " (failed)"}.get(state, "")
         start_ms, end_ms = self._span.get(number, (None, None))
         self.tracker.log_trial(number, state, p, metrics, name=name, start_ms=start_ms, end_ms=end_ms)
@@ -176,7 +177,27 @@ class Sweep:
                 if t.user_attrs.get("kind") == "baseline" and t.user_attrs.get("schedule") == "dp"]
         return list(done[0].user_attrs["timesteps"])
 
-    def _gradient_placement(self, init: list[int] | None = None) -> tuple[Schedule, dict[str, Any]]:
+    def shift_refine(self) -> None:
+        """With ``time_shift``: from the best trial of the search, the steps and a per-step model time shift learned
+        together by gradient on the tuning seeds (`search.placement.gradient`, ``time_shift=True``), added as one
+        more trial (kind ``shift``, its shift in the user attr `MODEL_SHIFT_KEY`) scored like any other; validation
+        then decides whether it is exported. Once per study (a resume that finds it does not redo it)."""
+        trials = self.study.get_trials(deepcopy=False)
+        if not self.cfg.time_shift or any(t.user_attrs.get("kind") == "shift" for t in trials):
+            return
+        try:
+            bt = self.study.best_trial
+        except ValueError:
+            self.log("time shift: no complete trial to start from; skipped")
+            return
+        sched, extra = self._gradient_placement(list(bt.user_attrs["timesteps"]), time_shift=True)
+        shift = sched.meta[MODEL_SHIFT_KEY]
+        self.log(f"time shift from trial {bt.number}: model log sigma shift {' '.join(f'{v:+.2f}' for v in shift)}")
+        self._add_fixed([Schedule(sched.timesteps, sched.num_train_timesteps, "shift", meta={MODEL_SHIFT_KEY: shift})],
+                        "shift", {**extra, MODEL_SHIFT_KEY: shift, "shift_from": bt.number})
+
+    def _gradient_placement(self, init: list[int] | None = None,
+                            time_shift: bool = False) -> tuple[Schedule, dict[str, Any]]:
         """The LD3-style placement on the tuning seeds from `init` (default uniform), its loss per iteration logged
         on the parent run (``gradient_loss``, step = iteration). On the sweep's actor pools (each actor
         differentiates its shard against its resident teacher) when the evaluators are pools, else in this
@@ -186,24 +207,26 @@ class Sweep:
         from search.placement.gradient import gradient_placement, local_grad_fn, pool_grad_fn
 
         t0 = time.perf_counter()
-        gc = self.cfg.gradient_config()
+        gc = replace(self.cfg.gradient_config(), time_shift=time_shift)
         pools = [ev for ev in (self.screen, self.rest) if ev is not None]
         if all(callable(getattr(ev, "submit_gradient", None)) for ev in pools):
             # screen seeds then the rest: together the tuning seeds in order (delta's rows)
-            fn = pool_grad_fn(pools, solver=self.cfg.solver, loss=gc.loss)
+            fn = pool_grad_fn(pools, solver=self.cfg.solver, loss=gc.loss, time_shift=time_shift)
             where = "in process" if all(getattr(ev, "local", False) for ev in pools) else "on the actor pools"
         else:
             fn = local_grad_fn(self.model, self.cfg.tuning_seeds, self.cfg.teacher_nfe, solver=self.cfg.solver,
-                               loss=gc.loss)
+                               loss=gc.loss, time_shift=time_shift)
             where = "in process"
+
+        key = "shift_loss" if time_shift else "gradient_loss"
 
         def on_iter(it: int, loss: float, t_now) -> None:
             if self.tracker is not None:
-                self.tracker.log_metrics({"gradient_loss": loss}, step=it)
+                self.tracker.log_metrics({key: loss}, step=it)
 
         res = gradient_placement(fn, self.cfg.steps, self.model.alphas_cumprod, gc, num_seeds=self.cfg.num_seeds,
                                  sample_shape=self.model.sample_shape, init=init, callback=on_iter)
-        self.log(f"gradient placement ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): loss "
+        self.log(f"{'time shift' if time_shift else 'gradient placement'} ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): loss "
                  f"{res.losses[0]:.3g} -> {res.losses[-1]:.3g}; {list(res.schedule.timesteps)}")
         return res.schedule, {"continuous_timesteps": list(res.schedule.meta["continuous_timesteps"]),
                               "gradient_losses": list(res.losses), "gradient_path": [list(t) for t in res.timesteps]}

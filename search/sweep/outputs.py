@@ -175,6 +175,10 @@ def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, c
     if held.learned.inverse_timesteps is not None:
         log(f"the learned round trip encodes along {list(held.learned.inverse_timesteps)} "
             f"(its own encoder: inversion_pair joint)")
+    if held.learned.model_shift is not None:
+        log(f"the learned schedule asks the network at shifted levels (log sigma "
+            f"{' '.join(f'{v:+.2f}' for v in held.learned.model_shift)}; time_shift): StrideDDIMScheduler.from_schedule "
+            "and stridelab's solvers run it, sigma lists and other schedulers drop it (the unshifted row shows that)")
     log(f"\nverdict: {held.verdict.text}")
     log(f"\ntrials: {counts}; held-out seeds {cfg.holdout_seed_list[0]}..{cfg.holdout_seed_list[-1]}")
     log(f"exported schedule: {written.export_path}")

@@ -105,6 +105,7 @@ def run_sweep(
             f"teachers on {cfg.num_seeds} tuning seeds: {time.perf_counter() - t0:.1f} s")
         sweep.warm_start()
         sweep.search()
+        sweep.shift_refine()
         _log_budget(cfg, study, tracker, log)
         for ev in {id(e): e for e in (sweep.screen, sweep.rest) if e is not None}.values():
             if factory is not None:
@@ -355,6 +356,10 @@ def _held_out(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, selecti
     learned_name, learned = holdout.learned_schedule(bt, cfg.space, T, cfg.solver)
     named = {learned_name: learned, **holdout.warm_schedules(study, T)}
     tuning = holdout.tuning_recon(study, bt, learned_name)
+    unshifted = holdout.unshifted_schedule(study, bt, T)
+    if unshifted is not None:
+        named[holdout.UNSHIFTED] = unshifted
+        tuning[holdout.UNSHIFTED] = study.trials[int(bt.user_attrs["shift_from"])].user_attrs.get("recon")
     if pair is not None:
         tuning[holdout.PAIR_SYMMETRIC] = tuning.pop(learned_name)  # the pair's decoder was not what the trial ran
         named = {"learned": pair, holdout.PAIR_SYMMETRIC: learned, **holdout.warm_schedules(study, T)}

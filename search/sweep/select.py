@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from pipeline.core.schedules import MODEL_SHIFT_KEY
 from pipeline.metrics.recon import paired_ratio_interval
 from search import export
 from search.evaluators import Objective, TrialFailed
@@ -29,6 +30,9 @@ from search.sweep.pruning import safe_evaluate
 
 VALIDATION_TOP = 5
 """Best trials re-evaluated on the validation seeds (plus every warm start not among them)."""
+
+ALWAYS_CANDIDATES = ("baseline", "gradient", "shift")
+"""Trial kinds re-scored on validation whatever their tuning rank: the warm starts and the time-shift trial."""
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,16 @@ class Selection:
 
 
 def candidates(study: optuna.Study, top: int = VALIDATION_TOP) -> list[optuna.trial.FrozenTrial]:
-    """The `top` best COMPLETE trials with distinct timesteps (single objective), best first, then every other
-    COMPLETE warm start, best first: a warm start is what a user could pick instead, and with heavy-tailed
-    per-seed errors the best warm start on the tuning seeds need not be the best on new ones."""
+    """The `top` best COMPLETE trials with distinct timesteps (and model time shift), best first, then every other
+    COMPLETE warm start and time-shift trial, best first: a warm start is what a user could pick instead, and with
+    heavy-tailed per-seed errors the best warm start on the tuning seeds need not be the best on new ones."""
     done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if "timesteps" in t.user_attrs),
                   key=lambda t: t.value)
     out: list[optuna.trial.FrozenTrial] = []
     seen: set[tuple[int, ...]] = set()
     for t in done:
-        ts = tuple(t.user_attrs["timesteps"])
-        if ts not in seen and (len(out) < top or t.user_attrs.get("kind") in ("baseline", "gradient")):
+        ts = (tuple(t.user_attrs["timesteps"]), tuple(t.user_attrs.get(MODEL_SHIFT_KEY) or ()))
+        if ts not in seen and (len(out) < top or t.user_attrs.get("kind") in ALWAYS_CANDIDATES):
             out.append(t)
             seen.add(ts)
     return out
