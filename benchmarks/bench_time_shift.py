@@ -5,7 +5,7 @@
     python benchmarks/bench_time_shift.py --from-json F
 
 The step placement says where each step integrates (its level sigma_i). Decoupled from it, the network can be
-asked at another level, log sigma_i + shift_i (`pipeline.evaluation.gradient.model_levels`): the remedy that
+asked at another level, log sigma_i + shift_i (`pipeline.core.noise.model_levels`): the remedy that
 TS-DDIM (Li et al., ICLR 2024) proposes for the exposure bias of few-step samplers, here learned per step by
 backpropagation against the teacher instead of picked by a rule. Per (solver, NFE), on the same tuning seeds
 and the same held-out seeds, with the same Adam budget:

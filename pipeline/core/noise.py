@@ -149,3 +149,22 @@ def t_from_sigma(sigma: torch.Tensor | float, alphas_cumprod: torch.Tensor) -> t
     low = low.reshape(log_sigma.shape)
     lo, hi = log_sigmas[low], log_sigmas[low + 1]
     return low + (log_sigma - lo) / (hi - lo)
+
+
+def log_sigma_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:
+    """(log sigma at t = 0, log sigma at t = T-1) of the model's table, python floats."""
+    ls = sigmas_of(alphas_cumprod).log()
+    return float(ls[0]), float(ls[-1])
+
+
+def model_levels(abar: torch.Tensor, shift: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the model is asked when the steps integrate at levels abar [n]: log sigma_i + shift_i, clamped to
+    the model's sigma range. Returns (t_model [n], abar_model [n]), float64, differentiable in abar and shift.
+
+    The update itself keeps abar: a shift only changes which noise level the network is told it sees, the
+    remedy TS-DDIM (Li et al., ICLR 2024) proposes for the exposure bias of few-step samplers."""
+    lo, hi = log_sigma_range(alphas_cumprod)
+    abar = abar.to(torch.float64)
+    log_sigma = 0.5 * (torch.log1p(-abar) - abar.log()) + shift.to(torch.float64)
+    sigma = log_sigma.clamp(lo, hi).exp()
+    return t_from_sigma(sigma, alphas_cumprod), abar_from_sigma(sigma)

@@ -35,7 +35,7 @@ LIFTED_FIELDS = ("model", "alphas_cumprod_sha256", "solver")
 
 MODEL_SHIFT_KEY = "model_log_sigma_shift"
 """``meta`` key of a per-step model time shift (n floats, log sigma): step i integrates at its own level but the
-network is told it sees log sigma_i + shift_i (`pipeline.evaluation.gradient.model_levels`). Only samplers that
+network is told it sees log sigma_i + shift_i (`pipeline.core.noise.model_levels`). Only samplers that
 can feed the model another time than the one they integrate at honour it (stridelab's solvers and
 `pipeline.interop.ddim_scheduler.StrideDDIMScheduler`); sigma lists (k-diffusion, ComfyUI) cannot carry it."""
 """Top-level fields of a schedule file that `Schedule.from_dict` also keeps in ``meta`` (plain JSON has no meta)."""

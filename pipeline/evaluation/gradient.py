@@ -35,19 +35,13 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.core.noise import abar_from_sigma, sigmas_of, t_from_sigma
+from pipeline.core.noise import abar_from_sigma, log_sigma_range, model_levels, sigmas_of, t_from_sigma
 from pipeline.errors import StridelabError
 from pipeline.evaluation.distances import Distance, per_seed_mse
 
 # Smallest gap (fraction of the log-sigma range) an integer schedule is lifted to: the noisiest step of a
 # uniform schedule sits exactly at sigma_max (gap 0), whose logit would be -inf.
 MIN_GAP = 1e-3
-
-
-def log_sigma_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:
-    """(log sigma at t = 0, log sigma at t = T-1) of the model's table, python floats."""
-    ls = sigmas_of(alphas_cumprod).log()
-    return float(ls[0]), float(ls[-1])
 
 
 def times_from_params(theta: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,19 +67,6 @@ def split_params(theta: torch.Tensor, time_shift: bool) -> tuple[torch.Tensor, t
         raise StridelabError(f"with a time shift theta must be 1-D with 2n + 1 >= 3 entries, got shape {tuple(theta.shape)}")
     n = (theta.numel() - 1) // 2
     return theta[: n + 1], theta[n + 1:]
-
-
-def model_levels(abar: torch.Tensor, shift: torch.Tensor, alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the model is asked when the steps integrate at levels abar [n]: log sigma_i + shift_i, clamped to
-    the model's sigma range. Returns (t_model [n], abar_model [n]), float64, differentiable in abar and shift.
-
-    The update itself keeps abar: a shift only changes which noise level the network is told it sees, the
-    remedy TS-DDIM (Li et al., ICLR 2024) proposes for the exposure bias of few-step samplers."""
-    lo, hi = log_sigma_range(alphas_cumprod)
-    abar = abar.to(torch.float64)
-    log_sigma = 0.5 * (torch.log1p(-abar) - abar.log()) + shift.to(torch.float64)
-    sigma = log_sigma.clamp(lo, hi).exp()
-    return t_from_sigma(sigma, alphas_cumprod), abar_from_sigma(sigma)
 
 
 def levels_from_params(theta: torch.Tensor, alphas_cumprod: torch.Tensor, time_shift: bool = False):

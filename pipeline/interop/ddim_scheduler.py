@@ -64,7 +64,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from pipeline.solvers.ddim import ddim_sigma, ddim_step
 from pipeline.models.denoisers import PREDICTION_TYPES, eps_from_prediction
 from pipeline.errors import StridelabError
-from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_betas
+from pipeline.core.noise import BETA_SCHEDULES, as_alphas_cumprod, make_betas, model_levels
 from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule, linspace, trailing, uniform, validate_timesteps
 
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "linspace", "trailing")
@@ -101,10 +101,8 @@ def choose_timesteps(owner: str, key: str, what: str, stored: Sequence[int] | No
 def shifted_model_levels(timesteps: Sequence[int], shift: Sequence[float],
                          alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fractional timesteps [n], their abar [n]), float64, that the network is asked at when integer steps
-    `timesteps` carry the per-step model time shift `shift` (log sigma; `pipeline.evaluation.gradient.model_levels`,
+    `timesteps` carry the per-step model time shift `shift` (log sigma; `pipeline.core.noise.model_levels`,
     the rule the shift was learned under)."""
-    from pipeline.evaluation.gradient import model_levels
-
     ac = as_alphas_cumprod(alphas_cumprod)
     abar = ac[torch.as_tensor([int(t) for t in timesteps], dtype=torch.long)]
     return model_levels(abar, torch.as_tensor([float(v) for v in shift], dtype=torch.float64), ac)

@@ -12,7 +12,7 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
    fit each seed exactly. r = 0 is the plain teacher-matching loss (LD3's "hard" objective).
 4. Optional (``time_shift``, opt-in, measured in ``benchmarks/bench_time_shift.py``): a per-step shift of the
-   time fed to the model, learned jointly (theta grows to [2n + 1]; `pipeline.evaluation.gradient.model_levels`).
+   time fed to the model, learned jointly (theta grows to [2n + 1]; `pipeline.core.noise.model_levels`).
    Integer solvers downstream cannot take it, so it is kept in ``meta`` (``model_log_sigma_shift``) only.
 5. `project_schedule`: the continuous steps rounded to the nearest trained timestep in log sigma (the
    fractional timestep is linear in log sigma within each table interval), collisions pushed apart by
@@ -59,7 +59,7 @@ class GradientConfig:
             on the [0, 1] scale), "features" (squared distance of the bundled digits feature network's
             embeddings), "lpips" (where the lpips package and its weights are installed).
         time_shift: also learn a per-step shift (in log sigma) of where the model is asked, decoupled from where
-            the step integrates (`pipeline.evaluation.gradient.model_levels`); starts at 0.
+            the step integrates (`pipeline.core.noise.model_levels`); starts at 0.
     """
 
     iters: int = 100
