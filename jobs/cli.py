@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 from jobs.common import add_output_args, apply_output_policy
 
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what was typed, for hints such as resume_hint
     apply_output_policy(args)
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _warning_line(args.command, default_format)
     try:
         return int(args.func(args) or 0)
     except StridelabError as e:
@@ -106,6 +111,23 @@ def main(argv: list[str] | None = None) -> int:
         hint = getattr(args, "resume_hint", None)
         print(f"stridelab {args.command}: interrupted" + (f"; continue with: {hint}" if hint else ""), file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = default_format
+
+
+_OURS = tuple(str(Path(__file__).resolve().parents[1] / d) for d in ("pipeline", "search", "jobs"))
+
+
+def _warning_line(command: str, default: Any) -> Any:
+    """``warnings.formatwarning`` for the CLI: a warning raised by stridelab's own code is one line,
+    ``stridelab CMD: warning: ...`` (the Python API keeps plain warnings); any other keeps Python's format."""
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if str(filename).startswith(_OURS):
+            return f"stridelab {command}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return fmt
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import StridelabError
-from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible  # noqa: F401  (re-exported: the export's model fingerprint)
+from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible, warn_if_shift_dropped  # noqa: F401  (re-exported: the export's model fingerprint)
 from pipeline.interop.reuse import solver_record
 from pipeline.interop.sigma_lists import comfyui_sigma_string
 from pipeline.io.files import atomic_write_json
@@ -126,6 +126,7 @@ def downstream(obj: Mapping[str, Any], fmt: str) -> dict[str, Any]:
     if fmt == "stridelab":
         return dict(obj)
     sched = Schedule.from_dict(obj)
+    warn_if_shift_dropped(sched, f"a {fmt} sigma list", stacklevel=4)
     rec = export_solver(sched)
     sigmas = [float(v) for v in obj.get("sigmas", [])]
     if len(sigmas) != sched.nfe + 1:
@@ -279,7 +280,7 @@ def export_from_study(study: Any, out: str | os.PathLike, storage_url: str | Non
     t = best_trial(study) if trial is None else trial_by_number(study, trial)
     sched = schedule_of_trial(t, int(ua["num_train_timesteps"]))
     sched = Schedule(sched.timesteps, sched.num_train_timesteps, "learned" if t.user_attrs.get("kind") != "baseline"
-                     else sched.name, {"space": ua.get("space"), **sched.params})
+                     else sched.name, {"space": ua.get("space"), **sched.params}, sched.meta)  # meta: a time shift
     metrics = {k: t.user_attrs[k] for k in ("recon", "fid") if t.user_attrs.get(k) is not None}
     prov = provenance(study=study.study_name, storage=storage_url, trial=t.number,
                       mlflow_run_id=(ua.get("mlflow_parent_runs") or [None])[-1])

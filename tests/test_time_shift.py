@@ -4,7 +4,10 @@ digits UNet (eps and v-prediction), and `sample_with_schedule`; bad shifts are o
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,8 +187,20 @@ def test_sweep_time_shift_adds_a_trial_exports_the_shift_and_shows_the_unshifted
     ev = InProcessEvaluator(m, list(range(32)), teacher_nfe=40)
     (res,) = ev.evaluate([exported])
     assert float(res.recon.double().mean()) == pytest.approx(shift.value, rel=1e-6)
-    # a resume finds the shift trial and does not learn it again
+    # `stridelab export` from the study carries the shift; a sigma list says in one line that it drops it
     name = _study(out).study_name
+    capsys.readouterr()
+    journal = str(out / "optuna.journal")
+    assert main(["export", "--study-name", name, "--storage", journal, "--out", str(tmp_path / "s.json")]) == 0
+    assert Schedule.load(tmp_path / "s.json").model_shift == exported.model_shift
+    # the real command (pytest would record the warning instead of printing it)
+    run = subprocess.run([sys.executable, "-m", "jobs.cli", "export", "--study-name", name, "--storage", journal,
+                          "--format", "comfyui", "--out", str(tmp_path / "c.json")], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 0 and (tmp_path / "c.json").is_file()
+    assert len(err) == 1 and err[0].startswith("stridelab export: warning: the schedule's model time shift"), err
+    # a resume finds the shift trial and does not learn it again
     assert main([*GMM_SWEEP, "--time-shift", "--out-dir", str(out), "--resume", "--study-name", name]) == 0
     assert len(_study(out).trials) == 13
 
