@@ -132,10 +132,65 @@ def test_projection_gives_distinct_integers(gmm):
     assert project_schedule(params_from_timesteps(ts, gmm.alphas_cumprod), gmm.alphas_cumprod).timesteps == ts
 
 
-@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="l1")])
+@pytest.mark.parametrize("bad", [dict(iters=0), dict(slack_radius=-0.1), dict(lr=0.0), dict(loss="l1"),
+                                 dict(lr_decay="step")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(StridelabError):
         GradientConfig(**bad)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "constant"])
+def test_learning_rate_decay(gmm, decay):
+    # Under a constant gradient every Adam step moves each parameter by exactly the step's learning rate, so the
+    # moves read back the schedule: lr (1 + cos(pi k / iters)) / 2 annealed to ~0, or lr throughout.
+    iters, lr = 20, 0.1
+
+    def fn(theta, delta):  # loss sum(theta): gradient 1 everywhere
+        fn.seen.append(theta.clone())
+        return float(theta.sum()), torch.ones_like(theta), None
+
+    fn.seen = []
+    gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=iters, lr=lr, lr_decay=decay), num_seeds=1,
+                       init=[800, 500, 250, 100, 20])
+    moves = [(a - b).abs().max().item() for a, b in zip(fn.seen, fn.seen[1:])]
+    want = [lr * (0.5 * (1 + math.cos(math.pi * k / iters)) if decay == "cosine" else 1.0) for k in range(iters)]
+    assert moves == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
+def test_kept_iterate_is_the_lowest_loss(gmm):
+    # Too large a constant rate on a bowl overshoots and oscillates: the kept iterate is the lowest loss seen
+    # (and its schedule), not the last.
+    init = [800, 500, 250, 100, 20]
+    target = params_from_timesteps([700, 450, 200, 80, 10], gmm.alphas_cumprod)
+
+    def fn(theta, delta):
+        fn.seen.append(theta.clone())
+        d = theta - target
+        return float((d * d).sum()), 2 * d, None
+
+    fn.seen = []
+    res = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=40, lr=0.5, lr_decay="constant"),
+                             num_seeds=1, init=init)
+    b = res.best_iteration
+    assert 0 < b < 40 and res.losses[b] == min(res.losses) < res.losses[-1]
+    assert torch.equal(res.theta, fn.seen[b])
+    assert res.schedule.meta["final_loss"] == res.losses[b] and res.schedule.meta["best_iteration"] == b
+    assert res.schedule.timesteps == project_schedule(fn.seen[b], gmm.alphas_cumprod).timesteps
+
+
+def test_kept_iterate_is_the_start_when_nothing_improves(gmm):
+    # A loss that only grows away from the start: the result is the starting schedule, never a worse one.
+    init = [800, 500, 250, 100, 20]
+    start = params_from_timesteps(init, gmm.alphas_cumprod)
+
+    def fn(theta, delta):  # ascent direction as the gradient: every Adam step moves uphill
+        d = theta - start
+        return float((d * d).sum()), -(d + 1e-3), None
+
+    fn.time_shift = False
+    res = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=5), num_seeds=1, init=init)
+    assert res.best_iteration == 0 and res.losses[0] < min(res.losses[1:])
+    assert list(res.schedule.timesteps) == init
 
 
 def test_pool_gradient_equals_in_process(ray_local, gmm, grad_fn):

@@ -154,7 +154,7 @@ def test_the_shift_belongs_to_its_schedule():
 # ---- the sweep ---------------------------------------------------------------------------------------------
 
 GMM_SWEEP = ["sweep", "--model", "gmm:ring8", "--nfe", "5", "--trials", "12", "--num-seeds", "32", "--holdout-seeds", "32",
-             "--validation-seeds", "16", "--teacher-nfe", "40", "--grad-iters", "10", "--actors", "0", "--no-mlflow",
+             "--validation-seeds", "16", "--teacher-nfe", "40", "--shift-iters", "10", "--actors", "0", "--no-mlflow",
              "--no-holdout-fid"]
 
 
@@ -176,6 +176,9 @@ def test_sweep_time_shift_adds_a_trial_exports_the_shift_and_shows_the_unshifted
     (shift,) = [t for t in trials if t.user_attrs.get("kind") == "shift"]
     parent = trials[shift.user_attrs["shift_from"]]
     assert shift.state.name == "COMPLETE" and len(trials) == 13 and parent.user_attrs.get("kind") != "shift"
+    # --shift-iters Adam steps (the losses list has the final evaluation too); the kept iterate is the lowest
+    losses = shift.user_attrs["gradient_losses"]
+    assert len(losses) == 11 and min(losses) < losses[0]
     # on the gmm the shift wins on validation by far: it is exported, with the shift in its meta
     (study_dir,) = [p for p in out.iterdir() if p.is_dir()]
     exported = Schedule.load(study_dir / "best_schedule.json")
@@ -206,7 +209,9 @@ def test_sweep_time_shift_adds_a_trial_exports_the_shift_and_shows_the_unshifted
 
 
 @pytest.mark.parametrize("flags, message", [(["--solver", "unipc"], "--time-shift is learned by gradient through ddim, dpmsolver++2m, dpmsolver++3m only, not unipc"),
-                                            (["--objective", "inversion"], "--time-shift lowers the recon of sampling: it needs --objective recon")])
+                                            (["--objective", "inversion"], "--time-shift lowers the recon of sampling: it needs --objective recon"),
+                                            (["--shift-iters", "0"], "--shift-iters must be an integer >= 1, got 0"),
+                                            (["--grad-lr-decay", "cosine", "--grad-lr", "0"], "--grad-lr")])
 def test_sweep_time_shift_bad_input_is_one_line(tmp_path, capsys, flags, message):
     from jobs.cli import main
 

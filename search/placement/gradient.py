@@ -6,7 +6,8 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
 2. Each iteration: the loss (per-seed MSE on the [0, 1] scale vs the teacher, averaged over the seeds) and
    its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `pool_grad_fn` over
    `SamplerPool.gradient`, each actor on its seed shard, summed and divided once by the seed count here).
-   One Adam step. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
+   One Adam step (constant learning rate, or annealed by a cosine: ``lr_decay``). The iterate with the lowest
+   loss is kept, not necessarily the last. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
 3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
@@ -42,6 +43,8 @@ from pipeline.evaluation.gradient import (params_from_timesteps, project_to_ball
                                          times_from_params)
 
 GradLoss = Literal["mse", "features", "lpips"]
+LrDecay = Literal["constant", "cosine"]
+LR_DECAYS: tuple[str, ...] = ("constant", "cosine")
 
 GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[float, torch.Tensor, "torch.Tensor | None"]]
 """``grad_fn(theta [n + 1] (or [2n + 1] with the time shift), delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
@@ -60,6 +63,11 @@ class GradientConfig:
             embeddings), "lpips" (where the lpips package and its weights are installed).
         time_shift: also learn a per-step shift (in log sigma) of where the model is asked, decoupled from where
             the step integrates (`pipeline.core.noise.model_levels`); starts at 0.
+        lr_decay: "constant" keeps `lr`; "cosine" anneals it to 0 over the iterations (SGDR's cosine, without
+            restarts). Measured on the default sweep's time shift (300 iterations, lr 0.05): at a constant rate the
+            tuning loss oscillates by +-10% but keeps finding lower basins (1.54e-3 -> 1.20e-3, held out 0.50x
+            uniform); the cosine settles by iteration ~150 in a higher one (1.26e-3, 0.54x). Either way the
+            lowest-loss iterate is kept (`GradientResult.best_iteration`).
     """
 
     iters: int = 100
@@ -67,6 +75,7 @@ class GradientConfig:
     slack_radius: float = 0.0
     loss: GradLoss = "mse"
     time_shift: bool = False
+    lr_decay: LrDecay = "constant"
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
@@ -76,6 +85,9 @@ class GradientConfig:
         if not (isinstance(self.slack_radius, (int, float)) and math.isfinite(self.slack_radius)
                 and self.slack_radius >= 0):
             raise StridelabError(f"must be a finite number >= 0, got {self.slack_radius!r}", param="slack_radius")
+        if self.lr_decay not in LR_DECAYS:
+            raise StridelabError(f"unknown learning-rate decay {self.lr_decay!r}; choose one of {', '.join(LR_DECAYS)}",
+                                 param="grad_lr_decay")
         from pipeline.evaluation.distances import check_available
 
         check_available(self.loss)
@@ -86,16 +98,19 @@ class GradientResult:
     """What a run learned.
 
     Attributes:
-        schedule: the projected integer schedule (name "gradient"; continuous steps in ``meta``).
+        schedule: the projected integer schedule of the kept iterate (name "gradient"; continuous steps in ``meta``).
         losses: the mean loss before each Adam step, one per iteration, and the final loss last ([iters + 1]).
         timesteps: the continuous steps after each iteration ([iters + 1] lists; entry 0 is the start).
-        theta: the final parameters: logits [n + 1], then the shift [n] with ``time_shift``.
+        theta: the kept parameters: logits [n + 1], then the shift [n] with ``time_shift``.
+        best_iteration: which evaluation was kept: the one with the lowest loss (``losses[best_iteration]``), so
+            the result is never worse on the tuning seeds than the start (iteration 0) or than where Adam stopped.
     """
 
     schedule: Schedule
     losses: tuple[float, ...]
     timesteps: tuple[tuple[float, ...], ...]
     theta: torch.Tensor = field(repr=False)
+    best_iteration: int = 0
 
 
 def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
@@ -221,8 +236,11 @@ def gradient_placement(
         delta = torch.zeros(num_seeds, *sample_shape, dtype=torch.float64, requires_grad=True)
         leaves.append(delta)
     opt = torch.optim.Adam(leaves, lr=config.lr)
+    decay = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters) if config.lr_decay == "cosine"
+             else None)
     losses: list[float] = []
     path: list[tuple[float, ...]] = []
+    best_it, best_theta = 0, theta.detach().clone()
     for it in range(config.iters + 1):
         total, g_theta, g_delta = grad_fn(theta.detach(), None if delta is None else delta.detach())
         loss = total / num_seeds
@@ -233,6 +251,8 @@ def gradient_placement(
             t_now = tuple(float(v) for v in times_from_params(split_params(theta, config.time_shift)[0], alphas_cumprod)[0])
         losses.append(loss)
         path.append(t_now)
+        if loss < losses[best_it]:
+            best_it, best_theta = it, theta.detach().clone()
         if callback is not None:
             callback(it, loss, t_now)
         if it == config.iters:
@@ -242,9 +262,12 @@ def gradient_placement(
         if delta is not None:
             delta.grad = g_delta.to(delta.dtype) / num_seeds
         opt.step()
+        if decay is not None:
+            decay.step()
         if delta is not None:
             with torch.no_grad():
                 delta.copy_(project_to_ball(delta, config.slack_radius))
-    sched = project_schedule(theta.detach(), alphas_cumprod, config.time_shift, final_loss=losses[-1], iters=config.iters,
-                             slack_radius=config.slack_radius)
-    return GradientResult(sched, tuple(losses), tuple(path), theta.detach().clone())
+    sched = project_schedule(best_theta, alphas_cumprod, config.time_shift, final_loss=losses[best_it],
+                             best_iteration=best_it, iters=config.iters, slack_radius=config.slack_radius,
+                             lr_decay=config.lr_decay)
+    return GradientResult(sched, tuple(losses), tuple(path), best_theta, best_it)

@@ -94,12 +94,15 @@ class SweepConfig:
     method: str = "optuna"  # "gradient": one more warm start, placed by `search.placement.gradient`
     grad_iters: int = 100
     grad_lr: float = 0.05
+    grad_lr_decay: str = "constant"  # or "cosine" (`search.placement.gradient.GradientConfig.lr_decay`)
     grad_loss: str = "mse"
     slack_radius: float = 0.0
     data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
     # After the search: the best trial's steps and a per-step model time shift learned together by gradient
-    # (``grad_iters``, ``grad_lr``, ``grad_loss``), one more trial; validation decides whether it is exported.
+    # (``shift_iters`` iterations; ``grad_lr``, ``grad_lr_decay``, ``grad_loss``, ``slack_radius``), one more trial;
+    # validation decides whether it is exported.
     time_shift: bool = False
+    shift_iters: int = DEFAULTS["shift_iters"]
     grad_init: str = "uniform"  # where the gradient placement starts: uniform steps, or the DP placement ("dp")
     inversion_pair: str = "symmetric"  # "joint": after the search, the encoder searched with the decoder (`search.placement.pair`)
     pair_evals: int = 60  # round trips the joint pair search may evaluate on the tuning images
@@ -137,7 +140,9 @@ class SweepConfig:
                  f"only, not {self.solver}")
             need(self.objective == "recon", "`time_shift` lowers the recon of sampling: it needs `objective` recon "
                  f"(got {self.objective})")
-            self.gradient_config()  # validates the gradient settings it uses
+            need(isinstance(self.shift_iters, int) and not isinstance(self.shift_iters, bool) and self.shift_iters >= 1,
+                 f"`shift_iters` must be an integer >= 1, got {self.shift_iters!r}")
+            self.shift_config()  # validates the gradient settings it uses
         if self.method == "gradient":
             self.gradient_config()  # validates the gradient settings
             from pipeline.evaluation.gradient import DIFFERENTIABLE
@@ -168,7 +173,15 @@ class SweepConfig:
         """The `search.placement.gradient.GradientConfig` of ``method = "gradient"``."""
         from search.placement.gradient import GradientConfig
 
-        return GradientConfig(iters=self.grad_iters, lr=self.grad_lr, slack_radius=self.slack_radius, loss=self.grad_loss)
+        return GradientConfig(iters=self.grad_iters, lr=self.grad_lr, slack_radius=self.slack_radius, loss=self.grad_loss,
+                              lr_decay=self.grad_lr_decay)
+
+    def shift_config(self):
+        """The `GradientConfig` of the ``time_shift`` stage: the gradient settings with its own iterations."""
+        from search.placement.gradient import GradientConfig
+
+        return GradientConfig(iters=self.shift_iters, lr=self.grad_lr, slack_radius=self.slack_radius,
+                              loss=self.grad_loss, lr_decay=self.grad_lr_decay, time_shift=True)
 
     @property
     def warm_trials(self) -> int:
