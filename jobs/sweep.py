@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "objective recon")
     p.add_argument("--shift-iters", type=int, default=d.shift_iters,
                    help="--time-shift: Adam iterations of the shift stage (default %(default)s; 100 gave 0.59x uniform "
-                        "held out on the default sweep, 300 gave 0.50x; each costs about 2.7 s on 2 CPUs)")
+                        "held out on the default sweep, 300 gave 0.51x; each costs about 2.5 s on 2 CPUs)")
     p.add_argument("--space", metavar="NAME", default=d.space,
                    help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) "
                         "(default %(default)s)")

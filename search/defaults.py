@@ -30,7 +30,7 @@ DEFAULTS = {
     # this is 0.63x the best baseline's held-out recon in 7.3 min on 2 CPU cores (60 TPE-only trials: 0.76x).
     "polish": 80,
     # --time-shift's Adam iterations: on the default sweep (256 tuning seeds) the held-out recon went 0.59x uniform
-    # at 100 -> 0.50x at 300 (about 13 min of the sweep's 18 on 2 CPUs); on 64 seeds it overfits (0.73x).
+    # at 100 -> 0.51x at 300 (about 12 min of the sweep's 18 on 2 CPUs); on 64 seeds it overfits (0.73x).
     "shift_iters": 300,
 }
 """Flag defaults shared by `search.sweep.SweepConfig` and `jobs.sweep`."""

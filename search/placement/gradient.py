@@ -65,7 +65,7 @@ class GradientConfig:
             the step integrates (`pipeline.core.noise.model_levels`); starts at 0.
         lr_decay: "constant" keeps `lr`; "cosine" anneals it to 0 over the iterations (SGDR's cosine, without
             restarts). Measured on the default sweep's time shift (300 iterations, lr 0.05): at a constant rate the
-            tuning loss oscillates by +-10% but keeps finding lower basins (1.54e-3 -> 1.20e-3, held out 0.50x
+            tuning loss oscillates by +-10% but keeps finding lower basins (1.54e-3 -> 1.20e-3, held out 0.51x
             uniform); the cosine settles by iteration ~150 in a higher one (1.26e-3, 0.54x). Either way the
             lowest-loss iterate is kept (`GradientResult.best_iteration`).
     """

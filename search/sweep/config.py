@@ -142,7 +142,7 @@ class SweepConfig:
                  f"(got {self.objective})")
             need(isinstance(self.shift_iters, int) and not isinstance(self.shift_iters, bool) and self.shift_iters >= 1,
                  f"`shift_iters` must be an integer >= 1, got {self.shift_iters!r}")
-            self.shift_config()  # validates the gradient settings it uses
+            self.gradient_config(time_shift=True)  # validates the gradient settings it uses
         if self.method == "gradient":
             self.gradient_config()  # validates the gradient settings
             from pipeline.evaluation.gradient import DIFFERENTIABLE
@@ -169,19 +169,14 @@ class SweepConfig:
         need(self.data is None or Objective(self.objective, self.fid_weight).needs_inversion,
              f"`data` holds images to round-trip: it needs `objective` inversion or recon,inversion, got {self.objective!r}")
 
-    def gradient_config(self):
-        """The `search.placement.gradient.GradientConfig` of ``method = "gradient"``."""
+    def gradient_config(self, time_shift: bool = False):
+        """The `search.placement.gradient.GradientConfig` of ``method = "gradient"``, or with `time_shift` of the
+        ``time_shift`` stage (the same settings, its own ``shift_iters``)."""
         from search.placement.gradient import GradientConfig
 
-        return GradientConfig(iters=self.grad_iters, lr=self.grad_lr, slack_radius=self.slack_radius, loss=self.grad_loss,
-                              lr_decay=self.grad_lr_decay)
-
-    def shift_config(self):
-        """The `GradientConfig` of the ``time_shift`` stage: the gradient settings with its own iterations."""
-        from search.placement.gradient import GradientConfig
-
-        return GradientConfig(iters=self.shift_iters, lr=self.grad_lr, slack_radius=self.slack_radius,
-                              loss=self.grad_loss, lr_decay=self.grad_lr_decay, time_shift=True)
+        return GradientConfig(iters=self.shift_iters if time_shift else self.grad_iters, lr=self.grad_lr,
+                              slack_radius=self.slack_radius, loss=self.grad_loss, lr_decay=self.grad_lr_decay,
+                              time_shift=time_shift)
 
     @property
     def warm_trials(self) -> int:

@@ -206,7 +206,7 @@ class Sweep:
         from search.placement.gradient import gradient_placement, local_grad_fn, pool_grad_fn
 
         t0 = time.perf_counter()
-        gc = self.cfg.shift_config() if time_shift else self.cfg.gradient_config()
+        gc = self.cfg.gradient_config(time_shift)
         pools = [ev for ev in (self.screen, self.rest) if ev is not None]
         if all(callable(getattr(ev, "submit_gradient", None)) for ev in pools):
             # screen seeds then the rest: together the tuning seeds in order (delta's rows)
