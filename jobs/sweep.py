@@ -43,14 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "backpropagation through the solver against the teacher (LD3-style; ddim, dpmsolver++2m/3m), projected to "
                         "integer timesteps and added to the study as a warm start (default %(default)s)")
     p.add_argument("--grad-iters", type=int, default=100, help="--method gradient: Adam iterations (default %(default)s)")
+    p.add_argument("--grad-batch", type=int, default=d.grad_batch,
+                   help="--method gradient: tuning seeds per Adam step, a fresh random subset each step (every 25th "
+                        "step and the last use all of them, and the best of those is kept); 0 = all "
+                        "(default %(default)s)")
     p.add_argument("--grad-init", choices=("uniform", "dp"), default="uniform",
                    help="--method gradient: start from uniform steps or from the DP placement (needs dp among "
                         "--schedules, as by default) (default %(default)s)")
     p.add_argument("--grad-lr", type=float, default=0.05, help="--method gradient and --time-shift: Adam learning rate (default %(default)s)")
     p.add_argument("--grad-lr-decay", choices=("constant", "cosine"), default="constant",
-                   help="--method gradient and --time-shift: keep the learning rate, or anneal it to 0 by a cosine "
-                        "over the iterations; either way the iterate with the lowest tuning loss is kept "
-                        "(default %(default)s)")
+                   help="--method gradient: keep the learning rate, or anneal it to 0 by a cosine over the iterations; "
+                        "either way the iterate with the lowest tuning loss is kept (default %(default)s)")
     p.add_argument("--grad-loss", choices=("mse", "features", "lpips"), default="mse",
                    help="--method gradient and --time-shift: distance to the teacher: mse on the [0, 1] scale, features (the bundled "
                         "digits feature network's embeddings), lpips (needs the lpips package and its weights "
@@ -66,8 +69,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "in the export); sigma lists and other diffusers schedulers drop it. ddim, dpmsolver++2m/3m; "
                         "objective recon")
     p.add_argument("--shift-iters", type=int, default=d.shift_iters,
-                   help="--time-shift: Adam iterations of the shift stage (default %(default)s; 100 gave 0.59x uniform "
-                        "held out on the default sweep, 300 gave 0.51x; each costs about 2.5 s on 2 CPUs)")
+                   help="--time-shift: Adam iterations of the shift stage (default %(default)s; on the default sweep "
+                        "300 gave 0.51x uniform held out, 100 gave 0.59x (all seeds per step))")
+    p.add_argument("--shift-batch", type=int, default=d.shift_batch,
+                   help="--time-shift: tuning seeds per Adam step, as --grad-batch (default %(default)s)")
+    p.add_argument("--shift-lr-decay", choices=("constant", "cosine"), default=d.shift_lr_decay,
+                   help="--time-shift: as --grad-lr-decay; the cosine quiets the mini-batches' noise by the end "
+                        "(default %(default)s)")
     p.add_argument("--space", metavar="NAME", default=d.space,
                    help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) "
                         "(default %(default)s)")
@@ -156,7 +164,9 @@ def run(args: argparse.Namespace) -> int:
         polish=args.polish, validation_seeds=args.validation_seeds, dtype=args.dtype, method=args.method,
         grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_lr_decay=args.grad_lr_decay,
         grad_loss=args.grad_loss, slack_radius=args.slack_radius,
-        data=args.data, time_shift=args.time_shift, shift_iters=args.shift_iters,
+        data=args.data, time_shift=args.time_shift, shift_iters=args.shift_iters, shift_batch=args.shift_batch,
+        shift_lr_decay=args.shift_lr_decay,
+        grad_batch=args.grad_batch,
         grad_init=args.grad_init, inversion_pair=args.inversion_pair, pair_evals=args.pair_evals,
     )
     study_name = args.study_name or default_study_name(cfg)

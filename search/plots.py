@@ -58,9 +58,11 @@ def steps_plot(schedules: Mapping[str, Schedule], alphas_cumprod: torch.Tensor, 
     return Path(path)
 
 
-def gradient_path_plot(path: Sequence[Sequence[float]], losses: Sequence[float], out: str | os.PathLike) -> Path:
+def gradient_path_plot(path: Sequence[Sequence[float]], losses: Sequence[float], out: str | os.PathLike,
+                       all_seeds: Sequence[int] | None = None) -> Path:
     """The gradient placement's course: each step's continuous timestep per iteration (left; path [iters + 1][n])
-    and the mean loss per iteration (right, log scale)."""
+    and the mean loss per iteration (right, log scale). With mini-batches, `all_seeds` are the iterations whose loss
+    is over all the seeds: those are drawn as the line, the batches' noisier losses as grey dots."""
     plt = _plt()
     steps = np.asarray(path, dtype=float)
     its = np.arange(steps.shape[0])
@@ -69,7 +71,15 @@ def gradient_path_plot(path: Sequence[Sequence[float]], losses: Sequence[float],
         axes[0].plot(its, steps[:, i], lw=1.2, label=f"step {i}")
     axes[0].set(xlabel="iteration", ylabel="timestep t_i (continuous)", title="step positions")
     axes[0].legend(fontsize=7, ncol=2)
-    axes[1].plot(its, np.asarray(losses, dtype=float), lw=1.5, color="black")
+    loss = np.asarray(losses, dtype=float)
+    full = np.arange(len(loss)) if all_seeds is None else np.asarray(sorted(all_seeds), dtype=int)
+    if len(full) < len(loss):
+        batch = np.setdiff1d(np.arange(len(loss)), full)
+        axes[1].plot(batch, loss[batch], ".", ms=3, color="0.65", label="mini-batch")
+        axes[1].plot(full, loss[full], "o-", ms=3, lw=1.5, color="black", label="all tuning seeds")
+        axes[1].legend(fontsize=8)
+    else:
+        axes[1].plot(its, loss, lw=1.5, color="black")
     axes[1].set_yscale("log")
     axes[1].set(xlabel="iteration", ylabel="mean loss vs teacher", title="gradient loss")
     fig.tight_layout()

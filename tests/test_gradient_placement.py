@@ -212,6 +212,98 @@ def test_pool_gradient_equals_in_process(ray_local, gmm, grad_fn):
     assert not torch.allclose(fns["ddim"](theta, delta)[1], fns["dpmsolver++2m"](theta, delta)[1])
 
 
+def test_batch_rows_are_balanced_over_strata_and_cover_each_epoch():
+    from search.placement.gradient import batch_rows
+
+    strata = [(0, 12), (12, 24), (24, 30)]  # two actors' shards of 12 seeds and one of 6
+    it = batch_rows(strata, 10, seed=3)
+    epoch = [next(it) for _ in range(3)]  # shares 4, 4, 2: three batches use up the 12-seed shards
+    for b in epoch:
+        assert torch.equal(b, torch.sort(b).values) and len(set(b.tolist())) == 10
+        assert [int(((b >= lo) & (b < hi)).sum()) for lo, hi in strata] == [4, 4, 2]
+    seen = torch.cat(epoch).tolist()
+    assert sorted(v for v in seen if v < 24) == list(range(24))  # each row of the full shards once per epoch
+    assert len(set(seen)) == len(seen)
+    again = batch_rows(strata, 10, seed=3)
+    assert all(torch.equal(next(again), b) for b in epoch)  # deterministic in the seed
+    assert not all(torch.equal(a, b) for a, b in zip(epoch, [next(batch_rows(strata, 10, seed=4)) for _ in range(3)]))
+    with pytest.raises(StridelabError, match="batch_seeds"):
+        next(batch_rows(strata, 31))
+
+
+def test_a_batch_is_the_gradient_of_its_seeds(gmm, grad_fn):
+    # rows of the full seed list give exactly what a grad function over those seeds alone gives (same teacher)
+    theta = params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod)
+    rows = torch.tensor([1, 4, 6])
+    delta = 0.03 * torch.randn(3, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss, g, gd = grad_fn(theta, delta, rows=rows)
+    want = local_grad_fn(gmm, [SEEDS[i] for i in rows], TEACHER_NFE, dtype=torch.float64)(theta, delta)
+    assert loss == pytest.approx(want[0], rel=1e-12)
+    assert torch.allclose(g, want[1], rtol=1e-10, atol=1e-14) and torch.allclose(gd, want[2], rtol=1e-10, atol=1e-14)
+
+
+def test_mini_batches_step_on_their_mean_and_keep_the_best_all_seed_iterate(gmm):
+    # Seed b's loss is (theta - c_b)^2 summed: a batch's mean gradient is 2 (theta - mean of its c_b). Every
+    # full_every-th step and the last see all seeds; only they can be kept.
+    n_seeds, iters, every = 8, 12, 5
+    init = [800, 500, 250, 100, 20]
+    start = params_from_timesteps(init, gmm.alphas_cumprod)
+    centres = start + 0.3 * torch.arange(n_seeds, dtype=torch.float64)[:, None] / n_seeds
+
+    def fn(theta, delta, rows=None):
+        fn.calls.append(None if rows is None else rows.tolist())
+        c = centres if rows is None else centres[rows]
+        d = theta[None] - c
+        return float((d * d).sum()), 2 * d.sum(0), None
+
+    fn.calls = []
+    fn.strata = [(0, 4), (4, 8)]
+    res = gradient_placement(fn, 5, gmm.alphas_cumprod,
+                             GradientConfig(iters=iters, lr=0.01, batch_seeds=4, full_every=every), num_seeds=n_seeds,
+                             init=init)
+    full = [0, 5, 10, 12]
+    assert res.full_iterations == tuple(full) and [i for i, c in enumerate(fn.calls) if c is None] == full
+    for i, rows in enumerate(fn.calls):
+        if rows is not None:  # two rows from each actor's shard
+            assert len(rows) == 4 and sum(r < 4 for r in rows) == 2
+    assert res.best_iteration in full and res.losses[res.best_iteration] == min(res.losses[i] for i in full)
+    assert res.schedule.meta["batch_seeds"] == 4
+    # a batch as large as the seeds is the full-batch run
+    whole = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=iters, lr=0.01, batch_seeds=8),
+                               num_seeds=n_seeds, init=init)
+    plain = gradient_placement(fn, 5, gmm.alphas_cumprod, GradientConfig(iters=iters, lr=0.01), num_seeds=n_seeds,
+                               init=init)
+    assert whole.losses == plain.losses and whole.full_iterations == tuple(range(iters + 1))
+
+
+@pytest.mark.parametrize("field, value", [("batch_seeds", -1), ("full_every", 0), ("batch_seed", 1.5)])
+def test_batch_settings_are_validated(field, value):
+    with pytest.raises(StridelabError, match=f"`{field}` must be an integer"):
+        GradientConfig(**{field: value})
+
+
+def test_pool_mini_batch_gradient_equals_in_process(ray_local, gmm, grad_fn):
+    # rows across two pools (a sweep's screen and rest) and their actors: each actor gets the rows of its shard
+    from pipeline.distributed.pool import SamplerPool
+    from search.placement.gradient import pool_grad_fn
+
+    theta = params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod)
+    rows = torch.tensor([0, 2, 5, 6, 7])
+    delta = 0.03 * torch.randn(len(rows), *gmm.sample_shape, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(5))
+    loss, g, gd = grad_fn(theta, delta, rows=rows)
+    with SamplerPool(GMM, SEEDS[:3], TEACHER_NFE, actors=1, num_cpus=0.5) as screen, \
+            SamplerPool(GMM, SEEDS[3:], TEACHER_NFE, actors=2, num_cpus=0.5) as rest:
+        fn = pool_grad_fn([screen, rest], dtype="float64")
+        assert fn.strata == [(0, 3), (3, 5), (5, 8)]  # shard_bounds: the larger shard last
+        ploss, pg, pgd = fn(theta, delta, rows=rows)
+        only_rest = fn(theta, delta[2:], rows=rows[2:])  # the screen's actor has no rows: it is not called
+    assert ploss == pytest.approx(loss, rel=1e-12)
+    assert torch.allclose(pg, g, rtol=1e-10, atol=1e-14) and torch.allclose(pgd, gd, rtol=1e-10, atol=1e-14)
+    want = grad_fn(theta, delta[2:], rows=rows[2:])
+    assert only_rest[0] == pytest.approx(want[0], rel=1e-12) and torch.allclose(only_rest[1], want[1], rtol=1e-10)
+
+
 def test_sweep_cli_gradient_end_to_end(tmp_path, capsys):
     import optuna
 

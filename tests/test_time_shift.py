@@ -208,10 +208,31 @@ def test_sweep_time_shift_adds_a_trial_exports_the_shift_and_shows_the_unshifted
     assert len(_study(out).trials) == 13
 
 
+def test_sweep_time_shift_on_mini_batches_tracks_both_curves(tmp_path, capsys):
+    # --shift-batch: steps 1..9 differentiate 8 of the 32 tuning seeds, steps 0 and 10 all of them; MLflow gets the
+    # all-seed loss as shift_loss and the batches' as shift_loss_batch, and the trial records which is which
+    from mlflow import MlflowClient
+
+    from jobs.cli import main
+
+    out, db = tmp_path / "sweep", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    flags = [a for a in GMM_SWEEP if a != "--no-mlflow"]
+    assert main([*flags, "--time-shift", "--shift-batch", "8", "--tracking-uri", db, "--out-dir", str(out)]) == 0
+    (shift,) = [t for t in _study(out).trials if t.user_attrs.get("kind") == "shift"]
+    assert shift.state.name == "COMPLETE" and shift.user_attrs["gradient_full_iterations"] == [0, 10]
+    assert len(shift.user_attrs["gradient_losses"]) == 11
+    client = MlflowClient(db)
+    (run,) = client.search_runs([client.get_experiment_by_name("stridelab-sweep").experiment_id],
+                                "tags.`stridelab.kind` = 'sweep'")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "shift_loss")] == [0, 10]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "shift_loss_batch")) == list(range(1, 10))
+
+
 @pytest.mark.parametrize("flags, message", [(["--solver", "unipc"], "--time-shift is learned by gradient through ddim, dpmsolver++2m, dpmsolver++3m only, not unipc"),
                                             (["--objective", "inversion"], "--time-shift lowers the recon of sampling: it needs --objective recon"),
                                             (["--shift-iters", "0"], "--shift-iters must be an integer >= 1, got 0"),
-                                            (["--grad-lr-decay", "cosine", "--grad-lr", "0"], "--grad-lr")])
+                                            (["--shift-batch", "-8"], "--shift-batch must be an integer >= 0 (0: all the tuning seeds), got -8"),
+                                            (["--shift-lr-decay", "cosine", "--grad-lr", "0"], "--grad-lr")])
 def test_sweep_time_shift_bad_input_is_one_line(tmp_path, capsys, flags, message):
     from jobs.cli import main
 

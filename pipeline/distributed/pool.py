@@ -301,22 +301,35 @@ class SamplerPool:
 
     def gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None,
                  dtype: str = "float32", solver: str = "ddim", loss: str = "mse",
-                 time_shift: bool = False) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+                 time_shift: bool = False, rows: torch.Tensor | None = None) -> tuple[float, torch.Tensor, torch.Tensor | None]:
         """Data-parallel `SamplerWorker.gradient` over the pool's seeds: each actor differentiates its shard
         (student: `solver`'s differentiable twin, distance `loss`, theta with the model time shift when
         `time_shift`) against its resident teacher; returns the
         sums over all seeds (a `GradFn`, see `search.placement.gradient`), delta's gradient in seed order.
-        `delta`: [len(seeds), ...] or None. ``submit_gradient(...)()`` is the same, started at once."""
-        return self.submit_gradient(theta, delta, dtype, solver, loss, time_shift)()
+        `delta`: [len(seeds), ...] or None. `rows`: a mini-batch, sorted indices into the pool's seeds (then the
+        sums are over those seeds and `delta` has one row per index); each actor differentiates the rows of its
+        shard against the shard's resident teacher, an actor with none is not called.
+        ``submit_gradient(...)()`` is the same, started at once."""
+        return self.submit_gradient(theta, delta, dtype, solver, loss, time_shift, rows)()
 
     def submit_gradient(self, theta: torch.Tensor, delta: torch.Tensor | None = None, dtype: str = "float32",
-                        solver: str = "ddim", loss: str = "mse", time_shift: bool = False):
+                        solver: str = "ddim", loss: str = "mse", time_shift: bool = False,
+                        rows: torch.Tensor | None = None):
         """Start `gradient` on every actor and return at once a ``wait()`` giving its result, so several pools'
         actors (a sweep's screen and rest) differentiate at the same time."""
         theta = theta.detach().cpu()
-        refs = [self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
-                           None if delta is None else delta[a:b].detach().cpu(), dtype, solver, loss, time_shift)
-                for i, (a, b) in enumerate(self.shards)]
+        refs = []
+        for i, (a, b) in enumerate(self.shards):
+            if rows is None:
+                local, part = None, None if delta is None else delta[a:b]
+            else:
+                mine = (rows >= a) & (rows < b)
+                if not bool(mine.any()):
+                    continue
+                local, part = (rows[mine] - a).tolist(), None if delta is None else delta[mine]
+            refs.append(self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
+                                   None if part is None else part.detach().cpu(), dtype, solver, loss, time_shift,
+                                   local))
 
         def wait() -> tuple[float, torch.Tensor, torch.Tensor | None]:
             parts = self._get(refs)

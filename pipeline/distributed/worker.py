@@ -199,18 +199,25 @@ class SamplerWorker:
     def gradient(self, seeds: Sequence[int], theta: torch.Tensor, teacher_nfe: int | None = None,
                  delta: torch.Tensor | None = None, dtype: str = "float32",
                  solver: str = "ddim", loss: str = "mse",
-                 time_shift: bool = False) -> tuple[float, torch.Tensor, torch.Tensor | None]:
+                 time_shift: bool = False,
+                 rows: Sequence[int] | None = None) -> tuple[float, torch.Tensor, torch.Tensor | None]:
         """(sum over the shard's seeds of the continuous student's loss, its gradient in theta, in delta) against
         the shard's resident teacher (`pipeline.evaluation.gradient.shard_loss_and_grad`; the student is
         `solver`'s differentiable twin, run in `dtype`; `loss` names the distance,
-        `pipeline.evaluation.distances`). The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
+        `pipeline.evaluation.distances`). `rows`: a mini-batch, indices into `seeds` (the teacher stays the whole
+        shard's: it is computed once); `delta` then has one row per index.
+        The raw denoiser is differentiated (no micro-batching: autograd needs one graph)."""
         self._calls += 1
         self._trace("gradient", "start")
         teach = self.teacher(seeds, teacher_nfe)
         if dtype not in ("float32", "float64"):  # the student's arithmetic, not the network's (`model_dtype`)
             raise StridelabError(f"`dtype` of the gradient must be float32 or float64, got {dtype!r}")
         dt = getattr(torch, dtype)
-        out = shard_loss_and_grad(self.model.denoiser, teach.x_T.to(dt), teach.x0.to(dt), theta,
+        x_T, x0 = teach.x_T, teach.x0
+        if rows is not None:
+            idx = torch.as_tensor(list(rows), dtype=torch.int64, device=x_T.device)
+            x_T, x0 = x_T[idx], x0[idx]
+        out = shard_loss_and_grad(self.model.denoiser, x_T.to(dt), x0.to(dt), theta,
                                   self.model.alphas_cumprod, delta=delta, solver=solver,
                                   distance=make_distance(loss, self.model.data_range), time_shift=time_shift)
         self._trace("gradient", "done")

@@ -7,7 +7,9 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
    its gradient, from a `grad_fn` (in-process: `local_grad_fn`; on Ray actors: `pool_grad_fn` over
    `SamplerPool.gradient`, each actor on its seed shard, summed and divided once by the seed count here).
    One Adam step (constant learning rate, or annealed by a cosine: ``lr_decay``). The iterate with the lowest
-   loss is kept, not necessarily the last. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
+   loss is kept, not necessarily the last. With ``batch_seeds`` each step differentiates a random subset of the
+   seeds (the actors' shards in proportion, `batch_rows`), every ``full_every``-th step and the last all of them:
+   the kept iterate is the best of those, the only losses that compare. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
 3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not
@@ -31,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,8 +48,12 @@ GradLoss = Literal["mse", "features", "lpips"]
 LrDecay = Literal["constant", "cosine"]
 LR_DECAYS: tuple[str, ...] = ("constant", "cosine")
 
-GradFn = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[float, torch.Tensor, "torch.Tensor | None"]]
-"""``grad_fn(theta [n + 1] (or [2n + 1] with the time shift), delta [N, ...] or None) -> (sum of per-seed losses, d/d theta, d/d delta or None)``."""
+GradFn = Callable[..., tuple[float, torch.Tensor, "torch.Tensor | None"]]
+"""``grad_fn(theta [n + 1] (or [2n + 1] with the time shift), delta [N, ...] or None) -> (sum of per-seed losses,
+d/d theta, d/d delta or None)``; with mini-batches (``GradientConfig.batch_seeds``) it is also called as
+``grad_fn(theta, delta [len(rows), ...] or None, rows=rows)``, ``rows`` a sorted int64 tensor of indices into the
+N seeds: the sums and delta's gradient are then over those seeds only. A function may carry ``strata``: a list of
+``(lo, hi)`` row ranges (the actors' shards) that each batch samples in proportion, so every actor gets its share."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ class GradientConfig:
             tuning loss oscillates by +-10% but keeps finding lower basins (1.54e-3 -> 1.20e-3, held out 0.51x
             uniform); the cosine settles by iteration ~150 in a higher one (1.26e-3, 0.54x). Either way the
             lowest-loss iterate is kept (`GradientResult.best_iteration`).
+        batch_seeds: seeds per Adam step; 0 = all of them (full-batch). Otherwise each step differentiates a
+            random subset of this many seeds (without replacement within an epoch, in proportion to the grad
+            function's ``strata``), and every `full_every`-th step and the last use all the seeds: only those
+            losses compare, so the kept iterate is chosen among them.
+        full_every: with `batch_seeds`, the all-seed steps' period (>= 1).
+        batch_seed: the seed of the batches' random order (the run stays deterministic).
     """
 
     iters: int = 100
@@ -76,6 +88,9 @@ class GradientConfig:
     loss: GradLoss = "mse"
     time_shift: bool = False
     lr_decay: LrDecay = "constant"
+    batch_seeds: int = 0
+    full_every: int = 25
+    batch_seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.iters, int) or isinstance(self.iters, bool) or self.iters < 1:
@@ -88,6 +103,10 @@ class GradientConfig:
         if self.lr_decay not in LR_DECAYS:
             raise StridelabError(f"unknown learning-rate decay {self.lr_decay!r}; choose one of {', '.join(LR_DECAYS)}",
                                  param="grad_lr_decay")
+        for name, value, least in (("batch_seeds", self.batch_seeds, 0), ("full_every", self.full_every, 1),
+                                   ("batch_seed", self.batch_seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise StridelabError(f"must be an integer >= {least}, got {value!r}", param=name)
         from pipeline.evaluation.distances import check_available
 
         check_available(self.loss)
@@ -99,11 +118,14 @@ class GradientResult:
 
     Attributes:
         schedule: the projected integer schedule of the kept iterate (name "gradient"; continuous steps in ``meta``).
-        losses: the mean loss before each Adam step, one per iteration, and the final loss last ([iters + 1]).
+        losses: the mean loss before each Adam step, one per iteration, and the final loss last ([iters + 1]);
+            with mini-batches the mean over the step's batch, except at `full_iterations`.
         timesteps: the continuous steps after each iteration ([iters + 1] lists; entry 0 is the start).
         theta: the kept parameters: logits [n + 1], then the shift [n] with ``time_shift``.
         best_iteration: which evaluation was kept: the one with the lowest loss (``losses[best_iteration]``), so
             the result is never worse on the tuning seeds than the start (iteration 0) or than where Adam stopped.
+            With mini-batches it is the lowest of the all-seed evaluations.
+        full_iterations: the iterations whose loss is over all the seeds (all of them without mini-batches).
     """
 
     schedule: Schedule
@@ -111,6 +133,7 @@ class GradientResult:
     timesteps: tuple[tuple[float, ...], ...]
     theta: torch.Tensor = field(repr=False)
     best_iteration: int = 0
+    full_iterations: tuple[int, ...] = ()
 
 
 def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
@@ -134,8 +157,9 @@ def local_grad_fn(model, seeds: Sequence[int], teacher_nfe: int | None = None,
     x0 = teacher.x0.to(dtype)
     x_T = teacher.x_T.to(x0.device, dtype)
 
-    def fn(theta: torch.Tensor, delta: torch.Tensor | None):
-        return shard_loss_and_grad(model.denoiser, x_T, x0, theta, model.alphas_cumprod,
+    def fn(theta: torch.Tensor, delta: torch.Tensor | None, rows: torch.Tensor | None = None):
+        xs, ts = (x_T, x0) if rows is None else (x_T[rows], x0[rows])
+        return shard_loss_and_grad(model.denoiser, xs, ts, theta, model.alphas_cumprod,
                                    delta=delta, solver=solver, distance=distance, time_shift=time_shift)
 
     fn.time_shift = time_shift  # `gradient_placement` checks it against its config: theta's length depends on it
@@ -148,27 +172,37 @@ def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", 
     differentiates its shard against its resident teacher, `SamplerPool.submit_gradient`, all pools at once).
 
     delta's rows follow the concatenated seeds: each pool gets its slice. The sums add up exactly, so the
-    Adam loop divides once by the seed count, as with `local_grad_fn`.
+    Adam loop divides once by the seed count, as with `local_grad_fn`. A mini-batch's ``rows`` go to the pools
+    (and there to the actors) that hold them; ``fn.strata`` are the actors' shards, so batches split evenly.
     """
     from pipeline.evaluation.gradient import differentiable
 
     differentiable(solver)
     pools = list(pools)
-    bounds, a = [], 0
+    bounds, strata, a = [], [], 0
     for p in pools:
         bounds.append((a, a + len(p.seeds)))
+        strata += [(a + lo, a + hi) for lo, hi in p.shards]
         a += len(p.seeds)
 
-    def fn(theta: torch.Tensor, delta: torch.Tensor | None):
+    def fn(theta: torch.Tensor, delta: torch.Tensor | None, rows: torch.Tensor | None = None):
         # every pool's actors start before any result is awaited: the pools differentiate concurrently
-        waits = [p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype, solver=solver, loss=loss,
-                                   time_shift=time_shift)
-                 for p, (lo, hi) in zip(pools, bounds)]
+        waits = []
+        for p, (lo, hi) in zip(pools, bounds):
+            if rows is None:
+                waits.append(p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype,
+                                               solver=solver, loss=loss, time_shift=time_shift))
+                continue
+            mine = (rows >= lo) & (rows < hi)
+            if bool(mine.any()):
+                waits.append(p.submit_gradient(theta, None if delta is None else delta[mine], dtype=dtype,
+                                               solver=solver, loss=loss, time_shift=time_shift, rows=rows[mine] - lo))
         parts = [w() for w in waits]
         g_delta = None if delta is None else torch.cat([q[2] for q in parts])
         return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
     fn.time_shift = time_shift
+    fn.strata = strata
     return fn
 
 
@@ -212,7 +246,8 @@ def gradient_placement(
         num_seeds: what the sums are divided by.
         sample_shape: per-seed shape of x (needed when ``config.slack_radius > 0``, for delta).
         init: starting integer schedule (default uniform with n steps).
-        callback: ``callback(iteration, mean_loss, continuous_timesteps)`` after each evaluation (0..iters).
+        callback: ``callback(iteration, mean_loss, continuous_timesteps, all_seeds)`` after each evaluation
+            (0..iters); ``all_seeds`` says whether the loss is over all the seeds or over a mini-batch.
     Returns:
         a `GradientResult`; deterministic for a deterministic `grad_fn` (no randomness is drawn here).
     """
@@ -238,12 +273,27 @@ def gradient_placement(
     opt = torch.optim.Adam(leaves, lr=config.lr)
     decay = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters) if config.lr_decay == "cosine"
              else None)
+    batches = (batch_rows(getattr(grad_fn, "strata", None) or [(0, num_seeds)], config.batch_seeds, config.batch_seed)
+               if 0 < config.batch_seeds < num_seeds else None)
     losses: list[float] = []
     path: list[tuple[float, ...]] = []
+    full_its: list[int] = []
     best_it, best_theta = 0, theta.detach().clone()
     for it in range(config.iters + 1):
-        total, g_theta, g_delta = grad_fn(theta.detach(), None if delta is None else delta.detach())
-        loss = total / num_seeds
+        full = batches is None or it % config.full_every == 0 or it == config.iters
+        if full:
+            total, g_theta, g_delta = grad_fn(theta.detach(), None if delta is None else delta.detach())
+            count = num_seeds
+            full_its.append(it)
+        else:
+            rows = next(batches)
+            total, g_theta, g_part = grad_fn(theta.detach(), None if delta is None else delta.detach()[rows], rows=rows)
+            count = len(rows)
+            if delta is not None:
+                # the batch mean's gradient: each seed's own offset moves only when the seed is drawn
+                g_delta = torch.zeros_like(delta)
+                g_delta[rows] = g_part.to(delta.dtype)
+        loss = total / count
         if not math.isfinite(loss):
             raise StridelabError(f"the loss became {loss} at iteration {it}; try a smaller learning rate",
                                  param="grad_lr")
@@ -251,16 +301,16 @@ def gradient_placement(
             t_now = tuple(float(v) for v in times_from_params(split_params(theta, config.time_shift)[0], alphas_cumprod)[0])
         losses.append(loss)
         path.append(t_now)
-        if loss < losses[best_it]:
+        if full and loss < losses[best_it]:
             best_it, best_theta = it, theta.detach().clone()
         if callback is not None:
-            callback(it, loss, t_now)
+            callback(it, loss, t_now, full)
         if it == config.iters:
             break  # the last evaluation only reports the final loss
         opt.zero_grad()
-        theta.grad = g_theta.to(theta.dtype) / num_seeds
+        theta.grad = g_theta.to(theta.dtype) / count
         if delta is not None:
-            delta.grad = g_delta.to(delta.dtype) / num_seeds
+            delta.grad = g_delta.to(delta.dtype) / count
         opt.step()
         if decay is not None:
             decay.step()
@@ -269,5 +319,36 @@ def gradient_placement(
                 delta.copy_(project_to_ball(delta, config.slack_radius))
     sched = project_schedule(best_theta, alphas_cumprod, config.time_shift, final_loss=losses[best_it],
                              best_iteration=best_it, iters=config.iters, slack_radius=config.slack_radius,
-                             lr_decay=config.lr_decay)
-    return GradientResult(sched, tuple(losses), tuple(path), best_theta, best_it)
+                             lr_decay=config.lr_decay, **({"batch_seeds": config.batch_seeds} if batches else {}))
+    return GradientResult(sched, tuple(losses), tuple(path), best_theta, best_it, tuple(full_its))
+
+
+def batch_rows(strata: Sequence[tuple[int, int]], batch: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Endless mini-batches of ``batch`` row indices (sorted int64 tensors) over the rows of `strata`.
+
+    Each stratum (a ``(lo, hi)`` range: one actor's shard) gives its share of every batch, in proportion to its
+    size (largest remainders), so the actors' work stays balanced; within a stratum the rows come in random
+    order without replacement, a fresh permutation (from ``seed``) each time one runs out (rows left over that
+    do not fill a share are skipped that epoch). Deterministic in ``seed``.
+    """
+    sizes = [hi - lo for lo, hi in strata]
+    total = sum(sizes)
+    if not 0 < batch <= total or min(sizes, default=0) < 0:
+        raise StridelabError(f"a batch of {batch} rows from strata {list(strata)} is impossible", param="batch_seeds")
+    exact = [batch * s / total for s in sizes]
+    share = [int(e) for e in exact]
+    for k in sorted(range(len(sizes)), key=lambda k: share[k] - exact[k])[: batch - sum(share)]:
+        share[k] += 1
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.empty(0, dtype=torch.int64) for _ in strata]
+    cursors = [0] * len(strata)
+    while True:
+        parts = []
+        for k, ((lo, hi), q) in enumerate(zip(strata, share)):
+            if q == 0:
+                continue
+            if cursors[k] + q > len(perms[k]):
+                perms[k], cursors[k] = lo + torch.randperm(hi - lo, generator=gen), 0
+            parts.append(perms[k][cursors[k]: cursors[k] + q])
+            cursors[k] += q
+        yield torch.sort(torch.cat(parts)).values

@@ -99,10 +99,16 @@ class SweepConfig:
     slack_radius: float = 0.0
     data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
     # After the search: the best trial's steps and a per-step model time shift learned together by gradient
-    # (``shift_iters`` iterations; ``grad_lr``, ``grad_lr_decay``, ``grad_loss``, ``slack_radius``), one more trial;
+    # (``shift_iters`` iterations of ``shift_batch`` seeds, ``shift_lr_decay``; ``grad_lr``, ``grad_loss``,
+    # ``slack_radius``), one more trial;
     # validation decides whether it is exported.
     time_shift: bool = False
     shift_iters: int = DEFAULTS["shift_iters"]
+    # Seeds per Adam step (0: all the tuning seeds): `search.placement.gradient.GradientConfig.batch_seeds`, of
+    # ``method = "gradient"`` (grad_batch) and of the time-shift stage (shift_batch).
+    grad_batch: int = DEFAULTS["grad_batch"]
+    shift_batch: int = DEFAULTS["shift_batch"]
+    shift_lr_decay: str = DEFAULTS["shift_lr_decay"]
     grad_init: str = "uniform"  # where the gradient placement starts: uniform steps, or the DP placement ("dp")
     inversion_pair: str = "symmetric"  # "joint": after the search, the encoder searched with the decoder (`search.placement.pair`)
     pair_evals: int = 60  # round trips the joint pair search may evaluate on the tuning images
@@ -133,6 +139,10 @@ class SweepConfig:
         need(len(self.baselines) <= self.trials,
              f"`trials` ({self.trials}) must cover the {len(self.baselines)} warm-start trials (baselines and dp)")
         need(self.method in METHODS, f"unknown `method` {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("grad_batch", "shift_batch"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"`{name}` must be an integer >= 0 (0: all the tuning seeds), got {v!r}")
         if self.time_shift:
             from pipeline.evaluation.gradient import DIFFERENTIABLE
 
@@ -142,6 +152,10 @@ class SweepConfig:
                  f"(got {self.objective})")
             need(isinstance(self.shift_iters, int) and not isinstance(self.shift_iters, bool) and self.shift_iters >= 1,
                  f"`shift_iters` must be an integer >= 1, got {self.shift_iters!r}")
+            from search.placement.gradient import LR_DECAYS
+
+            need(self.shift_lr_decay in LR_DECAYS,
+                 f"unknown `shift_lr_decay` {self.shift_lr_decay!r}; choose one of {', '.join(LR_DECAYS)}")
             self.gradient_config(time_shift=True)  # validates the gradient settings it uses
         if self.method == "gradient":
             self.gradient_config()  # validates the gradient settings
@@ -171,12 +185,14 @@ class SweepConfig:
 
     def gradient_config(self, time_shift: bool = False):
         """The `search.placement.gradient.GradientConfig` of ``method = "gradient"``, or with `time_shift` of the
-        ``time_shift`` stage (the same settings, its own ``shift_iters``)."""
+        ``time_shift`` stage (the same learning rate, loss and slack; its own ``shift_iters``, ``shift_batch`` and
+        ``shift_lr_decay``)."""
         from search.placement.gradient import GradientConfig
 
         return GradientConfig(iters=self.shift_iters if time_shift else self.grad_iters, lr=self.grad_lr,
-                              slack_radius=self.slack_radius, loss=self.grad_loss, lr_decay=self.grad_lr_decay,
-                              time_shift=time_shift)
+                              slack_radius=self.slack_radius, loss=self.grad_loss,
+                              lr_decay=self.shift_lr_decay if time_shift else self.grad_lr_decay,
+                              time_shift=time_shift, batch_seeds=self.shift_batch if time_shift else self.grad_batch)
 
     @property
     def warm_trials(self) -> int:

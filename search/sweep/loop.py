@@ -219,16 +219,18 @@ class Sweep:
 
         key = "shift_loss" if time_shift else "gradient_loss"
 
-        def on_iter(it: int, loss: float, t_now) -> None:
+        def on_iter(it: int, loss: float, t_now, all_seeds: bool) -> None:
+            # a mini-batch's loss is noisier and not comparable with the all-seed ones: a curve of its own
             if self.tracker is not None:
-                self.tracker.log_metrics({key: loss}, step=it)
+                self.tracker.log_metrics({key if all_seeds else f"{key}_batch": loss}, step=it)
 
         res = gradient_placement(fn, self.cfg.steps, self.model.alphas_cumprod, gc, num_seeds=self.cfg.num_seeds,
                                  sample_shape=self.model.sample_shape, init=init, callback=on_iter)
         self.log(f"{'time shift' if time_shift else 'gradient placement'} ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): loss "
                  f"{res.losses[0]:.3g} -> {res.losses[-1]:.3g}; {list(res.schedule.timesteps)}")
         return res.schedule, {"continuous_timesteps": list(res.schedule.meta["continuous_timesteps"]),
-                              "gradient_losses": list(res.losses), "gradient_path": [list(t) for t in res.timesteps]}
+                              "gradient_losses": list(res.losses), "gradient_path": [list(t) for t in res.timesteps],
+                              "gradient_full_iterations": list(res.full_iterations)}
 
     def _add_fixed(self, scheds: list[Schedule], kind: str, extra: dict[str, Any] | None = None) -> None:
         """Evaluate fixed schedules (warm starts) on all tuning seeds and add each to the study as a trial of `kind`

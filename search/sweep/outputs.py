@@ -91,19 +91,21 @@ def write_files(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held:
             from search import plots
 
             figs.append(plots.gradient_path_plot(grad["continuous_timesteps"], grad["loss"],
-                                                 run_dir / "gradient_path.png"))
+                                                 run_dir / "gradient_path.png", all_seeds=grad["all_seeds"]))
     return Written(export_path, table_path, parquet_path, tuple(figs), tuple(extra))
 
 
 def gradient_path(study: optuna.Study) -> dict[str, Any] | None:
     """The gradient placement's course, from its trial (kind ``gradient``): ``iteration`` [iters + 1],
     ``continuous_timesteps`` [iters + 1][n] (entry 0 is the start), ``loss`` [iters + 1] (the mean per-seed
-    loss before each Adam step, the final loss last) and the projected integer ``timesteps``; None without one."""
+    loss before each Adam step, the final loss last; over a mini-batch except at ``all_seeds`` iterations) and the
+    projected integer ``timesteps``; None without one."""
     for t in study.get_trials(deepcopy=False):
         path = t.user_attrs.get("gradient_path") if t.user_attrs.get("kind") == "gradient" else None
         if path:
             return {"trial": t.number, "iteration": list(range(len(path))), "continuous_timesteps": path,
-                    "loss": t.user_attrs.get("gradient_losses"), "timesteps": t.user_attrs.get("timesteps")}
+                    "loss": t.user_attrs.get("gradient_losses"), "timesteps": t.user_attrs.get("timesteps"),
+                    "all_seeds": t.user_attrs.get("gradient_full_iterations", list(range(len(path))))}
     return None
 
 
