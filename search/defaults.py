@@ -29,15 +29,16 @@ DEFAULTS = {
     # 11 warm starts + 59 TPE trials over the warp family + 80 polish trials: on the bundled model at NFE 10
     # this is 0.63x the best baseline's held-out recon in 7.3 min on 2 CPU cores (60 TPE-only trials: 0.76x).
     "polish": 80,
-    # --time-shift's Adam iterations: on the default sweep (256 tuning seeds) the held-out recon went 0.59x uniform
-    # at 100 -> 0.51x at 300 (about 12 min of the sweep's 18 on 2 CPUs); on 64 seeds it overfits (0.73x).
+    # --time-shift's Adam iterations: on the default sweep (256 tuning seeds, all per step) the held-out recon went
+    # 0.59x uniform at 100 -> 0.51x at 300 (12 min of the sweep's 18 on 2 CPUs); on 64 seeds it overfits (0.73x).
     "shift_iters": 300,
     # --method gradient's tuning seeds per Adam step (0: all)
     "grad_batch": 0,
     # --time-shift's seeds per Adam step (0: all 256) and learning-rate decay. Measured in process on the default
     # sweep's best trial (300 iterations, lr 0.05, held out vs uniform): all 256 seeds at a constant rate 0.51x;
     # 64 per step at a constant rate 0.55x (the batches' noise; 600 iterations 0.51x); 64 per step annealed by
-    # a cosine 0.506x and 0.507x (two batch orders) at about a third of the full batch's cost.
+    # a cosine 0.506x and 0.507x (two batch orders) at about a third of the full batch's cost. The fresh-clone
+    # default sweep with --time-shift then measured 0.46x in 11.9 min (the shift stage 5.8 of them).
     "shift_batch": 64,
     "shift_lr_decay": "cosine",
 }

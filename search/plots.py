@@ -24,12 +24,16 @@ def _plt():
 
 
 def _log_ticks(ax: Any, xfmt: str = "{:.0e}", yfmt: str = "{:g}") -> None:
-    """Ticks at 1, 2, 3, 5 x 10^k on both (log) axes: an axis spanning under a decade otherwise shows one label,
-    and matplotlib's minor labels overlap."""
+    """Ticks at 1, 2, 3, 5 x 10^k on both (log) axes (1, 3 x 10^k past 1.5 decades, 10^k past 3, where the denser
+    labels would run into each other): an axis spanning under a decade otherwise shows one label, and
+    matplotlib's minor labels overlap. Call it once the data are drawn (it reads the axis limits)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    for axis, fmt in ((ax.xaxis, xfmt), (ax.yaxis, yfmt)):
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    for axis, fmt, lim in ((ax.xaxis, xfmt, ax.get_xlim()), (ax.yaxis, yfmt, ax.get_ylim())):
+        lo, hi = sorted(lim)
+        decades = math.log10(hi / lo) if lo > 0 else 0.0
+        subs = (1.0, 2.0, 3.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 3 else (1.0,)
+        axis.set_major_locator(LogLocator(subs=subs))
         axis.set_major_formatter(FuncFormatter(lambda v, _, f=fmt: f.format(v)))
         axis.set_minor_formatter(NullFormatter())
 
@@ -176,8 +180,11 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
         y = top if clipped else fid
         ax.scatter([rec], [y], s=110 if bold else 30, marker="^" if clipped else "*" if bold else "o",
                    c="black" if bold else "tab:red" if clipped else "tab:blue", zorder=5 if bold else 3)
-        label = f"{name} (FID {fid:.1f})" if clipped else name
-        ax.annotate(label, (rec, y), textcoords="offset points", xytext=(5, -11 if i % 2 and not clipped else 4),
+        if clipped:  # pinned side by side on one line: slanted up into a band of their own, so they do not collide
+            ax.annotate(f"{name} (FID {fid:.1f})", (rec, y), textcoords="offset points", xytext=(1, 5), rotation=30,
+                        rotation_mode="anchor", ha="left", va="bottom", fontsize=7, color="tab:red")
+            continue
+        ax.annotate(name, (rec, y), textcoords="offset points", xytext=(5, -11 if i % 2 else 4),
                     fontsize=8, fontweight="bold" if bold else "normal")
     if floor is not None:
         ax.axhline(floor[1], ls="--", c="gray", lw=1)
@@ -186,7 +193,7 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
     ax.set(xscale="log", yscale="log", xlabel="held-out recon (MSE vs the teacher)", ylabel="held-out FID",
            title="every schedule of the final table on held-out seeds (lower left is better)")
     if top is not None:
-        ax.set_ylim(top=top * 1.15)
+        ax.set_ylim(top=top * (2.2 if any(f > top for _, f, _ in pts) else 1.15))
     _log_ticks(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
