@@ -124,6 +124,28 @@ def ddim_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: tor
     raise AssertionError("unreachable")
 
 
+def ddim_invert_continuous(denoiser, x0: torch.Tensor, t_up: torch.Tensor, abar_up: torch.Tensor,
+                           model_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Deterministic DDIM inversion (eta = 0) of data x0 [B, ...] up through levels abar_up [n] (least noisy first,
+    fractional timesteps t_up [n]), differentiable: the tensor twin of `pipeline.solvers.ddim.ddim_invert`.
+
+    Each jump to level i evaluates eps at the current point labelled with that level (the standard
+    approximation eps(x_{i+1}) ~ eps(x_i), as `ddim_invert` and diffusers' DDIMInverseScheduler do), or at
+    `model_at` (t [n], abar [n]): a per-step shift of that label (`model_levels`) can correct the
+    approximation. Returns the code x_T [B, ...] at level abar_up[-1], in x0's dtype.
+    """
+    x = x0
+    t_m, a_m = model_at if model_at is not None else (t_up, abar_up)
+    a_prev = torch.ones((), dtype=torch.float64)
+    for i in range(abar_up.numel()):
+        a_i = abar_up[i].to(x.dtype)
+        eps = continuous_eps(denoiser, x, t_m[i], a_m[i])
+        x0_pred = (x - (1 - a_prev).to(x.dtype).sqrt() * eps) / a_prev.to(x.dtype).sqrt()
+        x = a_i.sqrt() * x0_pred + (1 - a_i).sqrt() * eps
+        a_prev = abar_up[i]
+    return x
+
+
 def dpmpp_multistep_continuous(denoiser, x_T: torch.Tensor, t_frac: torch.Tensor, abar: torch.Tensor,
                                solver_order: int = 2,
                                model_at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
