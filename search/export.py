@@ -42,7 +42,7 @@ from pipeline.interop.apply import alphas_cumprod_sha256, check_compatible, warn
 from pipeline.interop.reuse import solver_record
 from pipeline.interop.sigma_lists import comfyui_sigma_string
 from pipeline.io.files import atomic_write_json
-from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule
+from pipeline.core.schedules import INVERSE_MODEL_SHIFT_KEY, MODEL_SHIFT_KEY, Schedule
 from pipeline.solvers.registry import DEFAULT_SOLVER
 
 EXPORT_FIELDS = ("timesteps", "sigmas", "num_train_timesteps", "nfe", "model", "alphas_cumprod_sha256",
@@ -180,9 +180,10 @@ def schedule_of_trial(trial: Any, num_train_timesteps: int) -> Schedule:
     ua = trial.user_attrs
     if "timesteps" not in ua:
         raise StridelabError(f"trial {trial.number} has no recorded schedule")
-    shift = ua.get(MODEL_SHIFT_KEY)  # a time-shift trial ran its steps with this shift (search.sweep.loop)
-    return Schedule(tuple(ua["timesteps"]), num_train_timesteps, ua.get("schedule", "learned"), dict(trial.params),
-                    {MODEL_SHIFT_KEY: list(shift)} if shift is not None else {})
+    # a time-shift trial ran its steps with these shifts (search.sweep.loop): the decoder's, and the encoder's
+    # with the inversion objective
+    meta = {k: list(ua[k]) for k in (MODEL_SHIFT_KEY, INVERSE_MODEL_SHIFT_KEY) if ua.get(k) is not None}
+    return Schedule(tuple(ua["timesteps"]), num_train_timesteps, ua.get("schedule", "learned"), dict(trial.params), meta)
 
 
 def study_solver(study: Any, trial: Any | None = None) -> str | None:

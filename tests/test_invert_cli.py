@@ -183,3 +183,37 @@ def test_the_bundled_digits_and_a_sample_parquet_invert(tmp_path, capsys):
     assert main(["invert", "--images", str(tmp_path / "over.npy"), "--schedule", "uniform", "--nfe", "5",
                  "--out-dir", str(tmp_path / "inv2")]) == 0
     capsys.readouterr()
+
+
+def test_a_schedule_with_model_time_shifts_inverts_with_both(tmp_path, digits, model, capsys):
+    """A schedule file carrying the encoder's and the decoder's shifts (what `sweep --objective inversion
+    --time-shift` exports): `stridelab invert` runs both, reports them, records them in the noise file, and its
+    schedule.json keeps both; another decoder keeps the encoder's shift only."""
+    from pipeline.core.schedules import INVERSE_MODEL_SHIFT_KEY, MODEL_SHIFT_KEY
+    from pipeline.evaluation.inprocess import shifted_round_trip
+
+    steps = (999, 700, 420, 200, 60)
+    enc, dec = [0.3, -0.2, 0.1, 0.4, 0.0], [0.0, -0.3, 0.2, 0.1, -0.4]
+    path = Schedule(steps, 1000, "learned", meta={INVERSE_MODEL_SHIFT_KEY: enc, MODEL_SHIFT_KEY: dec}).save(tmp_path / "s.json")
+    out = tmp_path / "inv"
+    assert main(["invert", "--images", "digits:test:4", "--schedule", str(path), "--out-dir", str(out)]) == 0
+    assert "model time shifts: encoder and decoder" in capsys.readouterr().out
+    errs = [float(r["mse"]) for r in _rows(out / "errors.csv")]
+    want = shifted_round_trip(model.denoiser, digits, steps[::-1], steps, model.alphas_cumprod, model.to_unit, enc, dec)
+    plain = shifted_round_trip(model.denoiser, digits, steps[::-1], steps, model.alphas_cumprod, model.to_unit)
+    np.testing.assert_allclose(errs, want.errors.numpy(), rtol=1e-6)
+    assert not np.allclose(errs, plain.errors.numpy(), rtol=1e-3)
+    saved = Schedule.load(out / "schedule.json")
+    assert saved.inverse_model_shift == tuple(enc) and saved.model_shift == tuple(dec)
+    _, _, meta = read_noise(out / "noise.safetensors")
+    assert meta["encode_shift"] == enc and meta["decode_shift"] == dec
+    # decoding with another (unshifted) schedule: the encoder's shift stays, the decoder runs plain
+    other = Schedule(steps, 1000, "plain").save(tmp_path / "d.json")
+    out2 = tmp_path / "inv2"
+    assert main(["invert", "--images", "digits:test:4", "--schedule", str(path), "--decode-schedule", str(other),
+                 "--out-dir", str(out2)]) == 0
+    assert "model time shifts: encoder)" in capsys.readouterr().out
+    saved2 = Schedule.load(out2 / "schedule.json")
+    assert saved2.inverse_model_shift == tuple(enc) and saved2.model_shift is None
+    half = shifted_round_trip(model.denoiser, digits, steps[::-1], steps, model.alphas_cumprod, model.to_unit, enc, None)
+    np.testing.assert_allclose([float(r["mse"]) for r in _rows(out2 / "errors.csv")], half.errors.numpy(), rtol=1e-6)

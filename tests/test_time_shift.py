@@ -229,7 +229,9 @@ def test_sweep_time_shift_on_mini_batches_tracks_both_curves(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--solver", "unipc"], "--time-shift is learned by gradient through ddim, dpmsolver++2m, dpmsolver++3m only, not unipc"),
-                                            (["--objective", "inversion"], "--time-shift lowers the recon of sampling: it needs --objective recon"),
+                                            (["--objective", "fid"], "--time-shift lowers the recon of sampling (--objective recon) or the DDIM round trip (--objective inversion), got --objective fid"),
+                                            (["--objective", "inversion", "--grad-loss", "features"], "learns on the round trip's MSE"),
+                                            (["--objective", "inversion", "--inversion-pair", "joint"], "--inversion-pair joint gives the encoder other steps: choose one"),
                                             (["--shift-iters", "0"], "--shift-iters must be an integer >= 1, got 0"),
                                             (["--shift-batch", "-8"], "--shift-batch must be an integer >= 0 (0: all the tuning seeds), got -8"),
                                             (["--shift-lr-decay", "cosine", "--grad-lr", "0"], "--grad-lr")])

@@ -38,6 +38,14 @@ MODEL_SHIFT_KEY = "model_log_sigma_shift"
 network is told it sees log sigma_i + shift_i (`pipeline.core.noise.model_levels`). Only samplers that
 can feed the model another time than the one they integrate at honour it (stridelab's solvers and
 `pipeline.interop.ddim_scheduler.StrideDDIMScheduler`); sigma lists (k-diffusion, ComfyUI) cannot carry it."""
+
+INVERSE_MODEL_SHIFT_KEY = "inverse_model_log_sigma_shift"
+"""``meta`` key of the encoder's per-step model time shift (one float per step of `Schedule.encode_timesteps`, in
+its order, least noisy first; log sigma): DDIM inversion's jump i lands at its own level but the network is told
+log sigma_i + shift_i. Inversion evaluates eps at the point it jumps from, labelled with the level it jumps to; a
+shift of that label corrects part of the approximation (``sweep --objective inversion --time-shift``). Honoured by
+stridelab's round trip (`pipeline.metrics.recon.round_trip`) and
+`pipeline.interop.ddim_inverse_scheduler.StrideDDIMInverseScheduler`."""
 """Top-level fields of a schedule file that `Schedule.from_dict` also keeps in ``meta`` (plain JSON has no meta)."""
 
 
@@ -155,14 +163,15 @@ class Schedule:
                 raise StridelabError(f"inverse_timesteps ends at {inv[-1]} but decoding starts at timesteps[0] = "
                                      f"{self.timesteps[0]}: the encoder must end at the decoder's first noise level")
             object.__setattr__(self, "inverse_timesteps", None if inv == self.timesteps[::-1] else inv)
-        shift = self.meta.get(MODEL_SHIFT_KEY)
-        if shift is not None:
-            ok = (isinstance(shift, (list, tuple)) and len(shift) == len(self.timesteps)
+        for key, steps in ((MODEL_SHIFT_KEY, len(self.timesteps)), (INVERSE_MODEL_SHIFT_KEY, len(self.encode_timesteps))):
+            shift = self.meta.get(key)
+            if shift is None:
+                continue
+            ok = (isinstance(shift, (list, tuple)) and len(shift) == steps
                   and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in shift))
             if not ok:
-                raise StridelabError(f"meta {MODEL_SHIFT_KEY} must be a list of {len(self.timesteps)} finite numbers "
-                                     f"(one per step), got {shift!r}")
-            self.meta[MODEL_SHIFT_KEY] = [float(v) for v in shift]
+                raise StridelabError(f"meta {key} must be a list of {steps} finite numbers (one per step), got {shift!r}")
+            self.meta[key] = [float(v) for v in shift]
 
     @property
     def nfe(self) -> int:
@@ -173,6 +182,13 @@ class Schedule:
         """The per-step model time shift (`MODEL_SHIFT_KEY` in meta; log sigma, one per step), or None. All zeros is
         the schedule itself."""
         shift = self.meta.get(MODEL_SHIFT_KEY)
+        return None if shift is None or not any(shift) else tuple(shift)
+
+    @property
+    def inverse_model_shift(self) -> tuple[float, ...] | None:
+        """The encoder's per-step model time shift (`INVERSE_MODEL_SHIFT_KEY` in meta; one per step of
+        `encode_timesteps`, least noisy first), or None. All zeros is plain DDIM inversion."""
+        shift = self.meta.get(INVERSE_MODEL_SHIFT_KEY)
         return None if shift is None or not any(shift) else tuple(shift)
 
     @property

@@ -318,6 +318,26 @@ class SamplerPool:
         """Start `gradient` on every actor and return at once a ``wait()`` giving its result, so several pools'
         actors (a sweep's screen and rest) differentiate at the same time."""
         theta = theta.detach().cpu()
+        return self._submit_rows(lambda i, part, local: self._call(
+            i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe, part, dtype, solver, loss, time_shift, local),
+            delta, rows)
+
+    def submit_round_trip_gradient(self, shifts: torch.Tensor, encode_timesteps: Sequence[int],
+                                   decode_timesteps: Sequence[int], dtype: str = "float32",
+                                   rows: torch.Tensor | None = None):
+        """Start `SamplerWorker.round_trip_gradient` (the round trip's error on each actor's images, and its
+        gradient in the model time shifts) on every actor; returns a ``wait()`` like `submit_gradient`. The pool
+        must have been built with ``inversion=True`` (the actors hold their shard's images)."""
+        if not self.inversion:
+            raise StridelabError("the round trip's gradient needs the pool's images: build it with inversion=True")
+        shifts = shifts.detach().cpu()
+        enc, dec = [int(v) for v in encode_timesteps], [int(v) for v in decode_timesteps]
+        return self._submit_rows(lambda i, part, local: self._call(
+            i, "round_trip_gradient", self._shard_seeds(i), shifts, enc, dec, dtype, local), None, rows)
+
+    def _submit_rows(self, call, delta: torch.Tensor | None, rows: torch.Tensor | None):
+        """``call(actor index, its rows of delta or None, its mini-batch rows or None)`` on every actor that holds
+        some of `rows` (all of them without rows); a ``wait()`` summing the (loss, gradient, delta's gradient)."""
         refs = []
         for i, (a, b) in enumerate(self.shards):
             if rows is None:
@@ -327,9 +347,7 @@ class SamplerPool:
                 if not bool(mine.any()):
                     continue
                 local, part = (rows[mine] - a).tolist(), None if delta is None else delta[mine]
-            refs.append(self._call(i, "gradient", self._shard_seeds(i), theta, self.teacher_nfe,
-                                   None if part is None else part.detach().cpu(), dtype, solver, loss, time_shift,
-                                   local))
+            refs.append(call(i, None if part is None else part.detach().cpu(), local))
 
         def wait() -> tuple[float, torch.Tensor, torch.Tensor | None]:
             parts = self._get(refs)
@@ -391,11 +409,13 @@ class SamplerPool:
 
 
 def _schedule_kwargs(schedule: Schedule) -> dict[str, list]:
-    """The worker's ``encode_timesteps`` for a schedule with an encoder of its own and ``model_shift`` for one
-    with a model time shift; nothing for a plain schedule (so its call is the call it always was)."""
+    """The worker's ``encode_timesteps`` for a schedule with an encoder of its own, ``model_shift`` and
+    ``encode_shift`` for one with model time shifts (decoder, encoder); nothing for a plain schedule (so its call is the call it always was)."""
     out: dict[str, list] = {}
     if schedule.inverse_timesteps is not None:
         out["encode_timesteps"] = list(schedule.inverse_timesteps)
     if schedule.model_shift is not None:
         out["model_shift"] = list(schedule.model_shift)
+    if schedule.inverse_model_shift is not None:
+        out["encode_shift"] = list(schedule.inverse_model_shift)
     return out

@@ -29,7 +29,7 @@ from pipeline.core.schedules import validate_timesteps
 from pipeline.core.seeds import initial_noise
 from pipeline.errors import StridelabError
 from pipeline.evaluation.distances import make_distance
-from pipeline.evaluation.gradient import shard_loss_and_grad
+from pipeline.evaluation.gradient import round_trip_loss_and_grad, shard_loss_and_grad
 from pipeline.evaluation.inprocess import evaluate_shard
 from pipeline.io.files import atomic_write_bytes
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
@@ -223,6 +223,27 @@ class SamplerWorker:
         self._trace("gradient", "done")
         return out
 
+    def round_trip_gradient(self, seeds: Sequence[int], shifts: torch.Tensor, encode_timesteps: Sequence[int],
+                            decode_timesteps: Sequence[int], dtype: str = "float32",
+                            rows: Sequence[int] | None = None) -> tuple[float, torch.Tensor, None]:
+        """(sum over the shard's images of the DDIM round trip's error, its gradient in the model time shifts
+        [n_e + n_d], None) (`pipeline.evaluation.gradient.round_trip_loss_and_grad`); the images are the shard's
+        data (``sample_data`` of its seeds, kept like the teacher). `rows`: a mini-batch, indices into `seeds`."""
+        self._calls += 1
+        self._trace("round_trip_gradient", "start")
+        if dtype not in ("float32", "float64"):
+            raise StridelabError(f"`dtype` of the gradient must be float32 or float64, got {dtype!r}")
+        data = self.teacher(seeds, None, recon=False, inversion=True).data
+        if data is None:
+            raise StridelabError(f"{self.model.spec} cannot draw data images (sample_data): no round trip to learn from")
+        if rows is not None:
+            data = data[torch.as_tensor(list(rows), dtype=torch.int64, device=data.device)]
+        lo, hi = self.model.data_range
+        out = round_trip_loss_and_grad(self.model.denoiser, data.to(getattr(torch, dtype)), encode_timesteps,
+                                       decode_timesteps, shifts, self.model.alphas_cumprod, scale=1.0 / (hi - lo))
+        self._trace("round_trip_gradient", "done")
+        return out
+
     def _features(self, x0: torch.Tensor) -> np.ndarray:
         from pipeline.metrics.fid import features_in_chunks, make_feature_fn
 
@@ -245,10 +266,12 @@ class SamplerWorker:
         solver: str = DEFAULT_SOLVER,
         encode_timesteps: Sequence[int] | None = None,
         model_shift: Sequence[float] | None = None,
+        encode_shift: Sequence[float] | None = None,
     ) -> dict[str, Any]:
         """Per-seed metrics of one schedule run by `solver` on this shard (the inversion round trip encodes
         along `encode_timesteps` where the schedule has an encoder of its own, else along `timesteps` reversed;
-        `model_shift`: the schedule's per-step model time shift, `Schedule.model_shift`).
+        `model_shift`: the schedule's per-step model time shift, `Schedule.model_shift`; `encode_shift`: its
+        encoder's, `Schedule.inverse_model_shift`).
 
         Returns:
             {"recon": float64 [b] or None, "inversion": float64 [b] or None, "seconds": float,
@@ -265,7 +288,8 @@ class SamplerWorker:
         out: dict[str, Any] = {"recon": None, "inversion": None, "feats": None}
         m = evaluate_shard(self.denoiser, self.model.alphas_cumprod, self.model.to_unit, ts, teach.x_T,
                            teach.x0, teach.timesteps, teach.data if inversion else None, solver, enc,
-                           None if model_shift is None else [float(v) for v in model_shift])
+                           None if model_shift is None else [float(v) for v in model_shift],
+                           None if encode_shift is None else [float(v) for v in encode_shift])
         x0 = m.x0
         if recon:
             out["recon"] = m.recon.cpu()

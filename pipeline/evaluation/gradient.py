@@ -222,6 +222,62 @@ def sample_with_shift(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], shi
         return differentiable(solver)(denoiser, x_T, t.to(torch.float64).to(x_T.device), abar.to(x_T.device), model_at)
 
 
+def invert_with_shift(denoiser, x0: torch.Tensor, encode_timesteps: Sequence[int], shift: Sequence[float] | None,
+                      alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDIM inversion of x0 [B, ...] up the integer, strictly increasing `encode_timesteps` [n] with the network told
+    log sigma_i + shift_i at jump i (`model_levels`; no gradient). With no shift it is `ddim_invert` (to float
+    tolerance). Returns the code [B, ...] at the last level."""
+    ac = alphas_cumprod.to(torch.float64)
+    t = torch.as_tensor([int(v) for v in encode_timesteps], dtype=torch.long)
+    abar = ac[t]
+    model_at = None if shift is None else model_levels(abar, torch.as_tensor(list(shift), dtype=torch.float64), ac)
+    if model_at is not None:
+        model_at = tuple(v.to(x0.device) for v in model_at)
+    with torch.no_grad():
+        return ddim_invert_continuous(denoiser, x0, t.to(torch.float64).to(x0.device), abar.to(x0.device), model_at)
+
+
+def round_trip_loss_and_grad(
+    denoiser,
+    x0: torch.Tensor,
+    encode_timesteps: Sequence[int],
+    decode_timesteps: Sequence[int],
+    shifts: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    scale: float = 0.5,
+) -> tuple[float, torch.Tensor, None]:
+    """Sum over the images of the DDIM round trip's error and its gradient in the model time shifts.
+
+    Args:
+        x0: the images [B, ...] in the model's data range.
+        encode_timesteps: the encoder's integer steps [n_e], strictly increasing, ending at decode_timesteps[0].
+        decode_timesteps: the decoder's [n_d], strictly decreasing.
+        shifts: [n_e + n_d] log-sigma shifts, the encoder's (least noisy first) then the decoder's
+            (`INVERSE_MODEL_SHIFT_KEY`, `MODEL_SHIFT_KEY` of `pipeline.core.schedules`).
+        scale: 1 / width of the data range: the error is the per-image MSE on the [0, 1] scale.
+    Returns:
+        (sum of per-image errors, d sum / d shifts [n_e + n_d] float64 CPU, None): a `GradFn` triple (no delta).
+    """
+    ac = alphas_cumprod.to(torch.float64)
+    enc = torch.as_tensor([int(v) for v in encode_timesteps], dtype=torch.long)
+    dec = torch.as_tensor([int(v) for v in decode_timesteps], dtype=torch.long)
+    if shifts.ndim != 1 or shifts.numel() != enc.numel() + dec.numel():
+        raise StridelabError(f"the round trip's shifts must be 1-D with {enc.numel()} + {dec.numel()} entries, got "
+                             f"shape {tuple(shifts.shape)}")
+    theta = shifts.detach().to(torch.float64).clone().requires_grad_(True)
+    dev = x0.device
+    with torch.enable_grad():
+        s_enc, s_dec = theta[: enc.numel()], theta[enc.numel():]
+        enc_at = tuple(v.to(dev) for v in model_levels(ac[enc], s_enc, ac))
+        dec_at = tuple(v.to(dev) for v in model_levels(ac[dec], s_dec, ac))
+        code = ddim_invert_continuous(denoiser, x0, enc.to(torch.float64).to(dev), ac[enc].to(dev), enc_at)
+        rec = ddim_continuous(denoiser, code, dec.to(torch.float64).to(dev), ac[dec].to(dev), dec_at)
+        loss = per_seed_mse(rec, x0, scale).sum()
+        (grad,) = torch.autograd.grad(loss, [theta])
+    return float(loss.detach()), grad.detach().cpu(), None
+
+
 def shard_loss_and_grad(
     denoiser,
     x_T: torch.Tensor,

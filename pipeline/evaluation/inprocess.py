@@ -14,7 +14,8 @@ import torch
 from pipeline.core.batching import DEFAULT_FORWARD_BATCH, BatchInvariant, run_fixed_batches
 from pipeline.solvers.ddim import Denoiser
 from pipeline.solvers.registry import DEFAULT_SOLVER, solve
-from pipeline.metrics.recon import inversion_errors, per_sample_mse, recon_sem
+from pipeline.errors import StridelabError
+from pipeline.metrics.recon import RoundTrip, per_sample_mse, recon_sem, round_trip
 from pipeline.metrics.teacher import run_teacher, teacher_timesteps
 from pipeline.models.load import LoadedModel
 from pipeline.core.schedules import Schedule
@@ -77,6 +78,39 @@ def sample_shifted(denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[in
                              [x_T], size)
 
 
+def shifted_round_trip(
+    denoiser: Denoiser,
+    x_0: torch.Tensor,
+    encode_timesteps: Sequence[int],
+    decode_timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    to_unit: Callable[[torch.Tensor], torch.Tensor],
+    encode_shift: Sequence[float] | None = None,
+    decode_shift: Sequence[float] | None = None,
+) -> RoundTrip:
+    """`pipeline.metrics.recon.round_trip` with per-step model time shifts: `encode_shift` [n_e]
+    (`Schedule.inverse_model_shift`) and `decode_shift` [n_d] (`Schedule.model_shift`); the network is told
+    log sigma_i + shift_i while each jump keeps its own level (`pipeline.evaluation.gradient.invert_with_shift`,
+    `sample_with_shift`). Without shifts it is `round_trip` itself."""
+    enc, dec = tuple(encode_timesteps), tuple(decode_timesteps)
+    if encode_shift is None and decode_shift is None:
+        return round_trip(denoiser, x_0, enc, dec, alphas_cumprod, to_unit)
+    from pipeline.evaluation.gradient import invert_with_shift, sample_with_shift
+
+    if enc and dec and enc[-1] != dec[0]:
+        raise StridelabError(f"the encoder ends at timestep {enc[-1]} but decoding starts at {dec[0]}: "
+                             "the code must be at the decoder's first noise level")
+    for what, shift, steps in (("encode", encode_shift, enc), ("decode", decode_shift, dec)):
+        if shift is not None and len(shift) != len(steps):
+            raise StridelabError(f"{what}_shift has {len(shift)} entries for {len(steps)} steps")
+    # the shifted levels are fractional: the raw network (eps_at_time) is asked, in the wrapper's fixed chunks, so
+    # a row's bits never depend on its batch (`pipeline.core.batching.BatchInvariant`)
+    raw, size = getattr(denoiser, "inner", denoiser), int(getattr(denoiser, "micro_batch", 0))
+    x_T = run_fixed_batches(lambda x: invert_with_shift(raw, x, enc, encode_shift, alphas_cumprod), [x_0], size)
+    x_rec = run_fixed_batches(lambda x: sample_with_shift(raw, x, dec, decode_shift, alphas_cumprod), [x_T], size)
+    return RoundTrip(x_T, x_rec, per_sample_mse(to_unit(x_rec), to_unit(x_0)))
+
+
 def evaluate_shard(
     denoiser: Denoiser,
     alphas_cumprod: torch.Tensor,
@@ -89,6 +123,7 @@ def evaluate_shard(
     solver: str = DEFAULT_SOLVER,
     encode_timesteps: Sequence[int] | None = None,
     model_shift: Sequence[float] | None = None,
+    encode_shift: Sequence[float] | None = None,
 ) -> ShardMetrics:
     """Sample `timesteps` with `solver` from the shard's x_T [b, ...] and score it against the teacher.
 
@@ -98,7 +133,8 @@ def evaluate_shard(
     is DDIM's job) when `data` (x_0 drawn from the data, [b, ...]) is given, encoding along `encode_timesteps`
     where the schedule has an encoder of its own (`Schedule.inverse_timesteps`; None: `timesteps` reversed).
     `model_shift` (`Schedule.model_shift`, n floats): the network is asked at log sigma_i + shift_i while the
-    solver integrates at the steps' own levels (sampling only; the round trip stays unshifted).
+    solver integrates at the steps' own levels; the round trip decodes with it too (what the schedule runs),
+    and encodes with `encode_shift` (`Schedule.inverse_model_shift`) where it has one.
     """
     if model_shift is not None:
         x0 = sample_shifted(denoiser, x_T, timesteps, model_shift, alphas_cumprod, solver)
@@ -107,7 +143,8 @@ def evaluate_shard(
     else:
         x0 = solve(solver, denoiser, x_T, timesteps, alphas_cumprod)
     rec = per_sample_mse(to_unit(x0), to_unit(teacher_x0)) if teacher_x0 is not None else None  # = recon_errors
-    inv = (inversion_errors(denoiser, data, timesteps, alphas_cumprod, to_unit, encode_timesteps)
+    enc = tuple(timesteps)[::-1] if encode_timesteps is None else tuple(encode_timesteps)
+    inv = (shifted_round_trip(denoiser, data, enc, timesteps, alphas_cumprod, to_unit, encode_shift, model_shift).errors
            if data is not None else None)
     return ShardMetrics(x0, rec, inv)
 
@@ -120,7 +157,8 @@ def evaluate_schedule(
 ) -> dict[str, float]:
     """Mean recon MSE vs the teacher (and inversion round-trip MSE when data is given), [0, 1] scale, DDIM."""
     m = evaluate_shard(model.denoiser, model.alphas_cumprod, model.to_unit, schedule.timesteps, teacher.x_T, teacher.x0,
-                       teacher.timesteps, data_x0, "ddim", schedule.inverse_timesteps, schedule.model_shift)
+                       teacher.timesteps, data_x0, "ddim", schedule.inverse_timesteps, schedule.model_shift,
+                       schedule.inverse_model_shift)
     out = {"recon": m.recon.mean().item(), "recon_sem": recon_sem(m.recon)}
     if m.inversion is not None:
         out["inversion"] = m.inversion.mean().item()
@@ -184,6 +222,6 @@ class InProcessEvaluator:
             t0 = time.perf_counter()
             m = evaluate_shard(self.model.denoiser, self.model.alphas_cumprod, self.model.to_unit, s.timesteps,
                                self.teacher.x_T, self.teacher.x0, self.teacher.timesteps, self.data, solver,
-                               s.inverse_timesteps, s.model_shift)
+                               s.inverse_timesteps, s.model_shift, s.inverse_model_shift)
             out.append(ScheduleResult(s, m.recon, m.inversion, time.perf_counter() - t0))
         return out

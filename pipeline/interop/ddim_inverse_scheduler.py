@@ -48,9 +48,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from pipeline.core.schedules import Schedule, validate_timesteps
+from pipeline.core.schedules import INVERSE_MODEL_SHIFT_KEY, Schedule, validate_timesteps
 from pipeline.errors import StridelabError
-from pipeline.interop.ddim_scheduler import StrideDDIMScheduler, choose_timesteps, timestep_index
+from pipeline.interop.ddim_scheduler import (StrideDDIMScheduler, choose_timesteps, shifted_index, shifted_model_levels,
+                                             timestep_index)
 from pipeline.models.denoisers import eps_from_prediction
 from pipeline.solvers.ddim import ddim_step
 
@@ -66,6 +67,10 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
             stridelab's schedules assume); False from abar_0, as diffusers' ``initial_alpha_cumprod``.
         inverse_timesteps: a strictly increasing list this scheduler walks whenever
             ``set_timesteps(len(inverse_timesteps))`` or ``set_timesteps()`` is called.
+        model_log_sigma_shift: the encoder's per-step model time shift for ``inverse_timesteps`` (one float per
+            step, log sigma; `pipeline.core.schedules.INVERSE_MODEL_SHIFT_KEY`): ``self.timesteps`` then holds the
+            fractional labels the network is called with (log sigma_i + shift_i), while step i still lands at
+            ``inverse_timesteps[i]``'s level, as `StrideDDIMScheduler` runs a decoder's shift.
     """
 
     _compatibles = ["DDIMInverseScheduler"]
@@ -85,6 +90,7 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         steps_offset: int = 0,
         timestep_spacing: str = "leading",
         inverse_timesteps: Sequence[int] | None = None,
+        model_log_sigma_shift: Sequence[float] | None = None,
         clip_sample: bool = False,
         thresholding: bool = False,
         rescale_betas_zero_snr: bool = False,
@@ -106,20 +112,34 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         if inverse_timesteps is not None:
             ts = validate_timesteps(list(inverse_timesteps), int(num_train_timesteps), increasing=True)
             self.register_to_config(inverse_timesteps=list(ts))  # JSON-shaped, so configs compare equal
+        self._shift: tuple[float, ...] | None = None
+        if model_log_sigma_shift is not None:
+            if inverse_timesteps is None:
+                raise StridelabError("model_log_sigma_shift needs inverse_timesteps: the shift is per step of that list")
+            # the one validation rule of an encoder's shift (pipeline.core.schedules.Schedule)
+            ts = list(self.config.inverse_timesteps)
+            self._shift = Schedule(ts[::-1], int(num_train_timesteps),
+                                   meta={INVERSE_MODEL_SHIFT_KEY: list(model_log_sigma_shift)}).inverse_model_shift
+            self.register_to_config(model_log_sigma_shift=[float(v) for v in model_log_sigma_shift])
         self.num_inference_steps: int | None = None
         self.timesteps: torch.Tensor | None = None
+        self._steps: torch.Tensor | None = None  # where each step lands (the listed integers)
+        self._model_abar: torch.Tensor | None = None  # the levels the network is told, with a shift
 
     @classmethod
     def from_schedule(
         cls, schedule: Schedule, config: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> "StrideDDIMInverseScheduler":
-        """The encoder of `schedule`: ``from_config(config, inverse_timesteps=schedule.encode_timesteps)``.
+        """The encoder of `schedule`: ``from_config(config, inverse_timesteps=schedule.encode_timesteps)``, with its
+        encoder's model time shift (`Schedule.inverse_model_shift`) when it has one.
 
         Refuses a schedule made for another T or noise schedule, as `StrideDDIMScheduler.from_schedule` does.
         """
         from pipeline.interop.apply import check_compatible
 
-        sched = cls.from_config(dict(config or {}), inverse_timesteps=list(schedule.encode_timesteps), **kwargs)
+        shift = schedule.inverse_model_shift
+        sched = cls.from_config(dict(config or {}), inverse_timesteps=list(schedule.encode_timesteps),
+                                model_log_sigma_shift=None if shift is None else list(shift), **kwargs)
         check_compatible(schedule, sched.alphas_cumprod, what=cls.__name__)
         return sched
 
@@ -153,15 +173,29 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
         ts = choose_timesteps(type(self).__name__, "inverse_timesteps", "list", self.config.inverse_timesteps,
                               num_inference_steps, timesteps, self.config.num_train_timesteps, spaced, increasing=True)
         self.num_inference_steps = len(ts)
-        self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
+        self._steps = torch.tensor(ts, dtype=torch.int64)
+        self._model_abar = None
+        if self._shift is not None:
+            if ts != tuple(self.config.inverse_timesteps):
+                raise StridelabError(
+                    f"this {type(self).__name__} holds a model time shift for its list {list(self.config.inverse_timesteps)}; "
+                    f"set_timesteps(timesteps={list(ts)}) would walk other steps: call set_timesteps() or build a "
+                    "scheduler without model_log_sigma_shift")
+            t_model, self._model_abar = shifted_model_levels(ts, self._shift, self._abar)
+            # float32, as the network gets it: step() matches the pipeline's t against these exact values
+            self.timesteps = t_model.to(torch.float32).to(device)
+        else:
+            self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
+        if self._model_abar is not None:
+            return shifted_index(self.timesteps, timestep)
         return timestep_index(self.timesteps, timestep, type(self).__name__)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep whose level the step to `timestep` comes from: the listed one before, or -1 (the start)."""
         i = self._index(timestep)
-        return int(self.timesteps[i - 1]) if i > 0 else -1
+        return int(self._steps[i - 1]) if i > 0 else -1
 
     def step(
         self,
@@ -174,17 +208,20 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output: the network's output at (sample, timestep): eps, v or x0 per ``prediction_type``.
-            timestep: one of ``self.timesteps``, the label the model was called with and the level reached.
+            timestep: one of ``self.timesteps``, the label the model was called with (and, without a shift, the
+                level reached).
             sample: x at the previous listed level (clean data before the first step), shape [B, ...].
             return_dict: return a ``DDIMSchedulerOutput`` rather than a tuple.
         Returns:
             ``(prev_sample, pred_original_sample)``: x at abar_t (diffusers' name for the output) and x0_pred.
         """
         i = self._index(timestep)
-        t_to = int(self.timesteps[i])
-        a_from = float(self._abar[int(self.timesteps[i - 1])]) if i > 0 else float(self.initial_alpha_cumprod)
+        t_to = int(self._steps[i])
+        a_from = float(self._abar[int(self._steps[i - 1])]) if i > 0 else float(self.initial_alpha_cumprod)
         a_to = float(self._abar[t_to])
-        abar_batch = torch.full((sample.shape[0],), a_to, dtype=torch.float64, device=sample.device)
+        # the level the network was told it sees (shifted or not) turns its v / x0 output into eps
+        a_model = a_to if self._model_abar is None else float(self._model_abar[i])
+        abar_batch = torch.full((sample.shape[0],), a_model, dtype=torch.float64, device=sample.device)
         eps = eps_from_prediction(model_output, sample, abar_batch, self.config.prediction_type).to(sample.dtype)
         x_to, x0_pred = ddim_step(sample, eps, a_from, a_to, eta=0.0)
         if not return_dict:

@@ -98,6 +98,17 @@ def choose_timesteps(owner: str, key: str, what: str, stored: Sequence[int] | No
     return tuple(spaced(int(num_inference_steps)))
 
 
+def shifted_index(timesteps: torch.Tensor, timestep: int | float | torch.Tensor) -> int:
+    """The index of `timestep` among a shifted scheduler's fractional labels (float32 as the network got them, so
+    matched within 1e-3); raises StridelabError naming them when it is not one."""
+    t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+    hits = (timesteps.cpu().double() - t).abs() <= 1e-3
+    if not bool(hits.any()):
+        raise StridelabError(f"timestep {t} is not one of this scheduler's (shifted) timesteps "
+                             f"{[round(v, 3) for v in timesteps.tolist()]}")
+    return int(hits.nonzero()[0, 0])
+
+
 def shifted_model_levels(timesteps: Sequence[int], shift: Sequence[float],
                          alphas_cumprod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(fractional timesteps [n], their abar [n]), float64, that the network is asked at when integer steps
@@ -286,12 +297,7 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
 
     def _index(self, timestep: int | torch.Tensor) -> int:
         if self._model_abar is not None and self.num_inference_steps is not None:
-            t = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
-            hits = (self.timesteps.cpu().double() - t).abs() <= 1e-3
-            if not bool(hits.any()):
-                raise StridelabError(f"timestep {t} is not one of this scheduler's (shifted) timesteps "
-                                     f"{[round(v, 3) for v in self.timesteps.tolist()]}")
-            return int(hits.nonzero()[0, 0])
+            return shifted_index(self.timesteps, timestep)
         return timestep_index(self.timesteps if self.num_inference_steps is not None else None, timestep,
                               type(self).__name__)
 

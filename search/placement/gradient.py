@@ -179,6 +179,17 @@ def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", 
     from pipeline.evaluation.gradient import differentiable
 
     differentiable(solver)
+    fn = fan_out(pools, lambda p, theta, delta, rows: p.submit_gradient(
+        theta, delta, dtype=dtype, solver=solver, loss=loss, time_shift=time_shift, rows=rows))
+    fn.time_shift = time_shift
+    return fn
+
+
+def fan_out(pools: Sequence, submit: Callable) -> GradFn:
+    """A `GradFn` over the seeds of `pools` together, in their order: ``submit(pool, theta, its delta rows or None,
+    its rows or None) -> wait()`` starts one pool's actors; every pool starts before any result is awaited, so
+    they differentiate concurrently. A mini-batch's ``rows`` go to the pools that hold them (shifted to each
+    pool's own indices); the sums add up exactly. ``fn.strata`` are the actors' shards."""
     pools = list(pools)
     bounds, strata, a = [], [], 0
     for p in pools:
@@ -187,22 +198,18 @@ def pool_grad_fn(pools: Sequence, solver: str = "ddim", dtype: str = "float32", 
         a += len(p.seeds)
 
     def fn(theta: torch.Tensor, delta: torch.Tensor | None, rows: torch.Tensor | None = None):
-        # every pool's actors start before any result is awaited: the pools differentiate concurrently
         waits = []
         for p, (lo, hi) in zip(pools, bounds):
             if rows is None:
-                waits.append(p.submit_gradient(theta, None if delta is None else delta[lo:hi], dtype=dtype,
-                                               solver=solver, loss=loss, time_shift=time_shift))
+                waits.append(submit(p, theta, None if delta is None else delta[lo:hi], None))
                 continue
             mine = (rows >= lo) & (rows < hi)
             if bool(mine.any()):
-                waits.append(p.submit_gradient(theta, None if delta is None else delta[mine], dtype=dtype,
-                                               solver=solver, loss=loss, time_shift=time_shift, rows=rows[mine] - lo))
+                waits.append(submit(p, theta, None if delta is None else delta[mine], rows[mine] - lo))
         parts = [w() for w in waits]
         g_delta = None if delta is None else torch.cat([q[2] for q in parts])
         return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
-    fn.time_shift = time_shift
     fn.strata = strata
     return fn
 
@@ -263,13 +270,69 @@ def gradient_placement(
     theta = params_from_timesteps(start, alphas_cumprod)
     if config.time_shift:
         theta = torch.cat([theta, torch.zeros(n, dtype=theta.dtype)])
-    theta = theta.clone().requires_grad_(True)
-    leaves = [theta]
-    delta = None
+    delta_shape = None
     if config.slack_radius > 0:
         if sample_shape is None:
             raise StridelabError("slack_radius > 0 needs the sample shape (for the student's input offsets)")
-        delta = torch.zeros(num_seeds, *sample_shape, dtype=torch.float64, requires_grad=True)
+        delta_shape = (num_seeds, *sample_shape)
+    path: list[tuple[float, ...]] = []
+
+    def on_eval(it: int, loss: float, th: torch.Tensor, full: bool) -> None:
+        with torch.no_grad():
+            t_now = tuple(float(v) for v in times_from_params(split_params(th, config.time_shift)[0], alphas_cumprod)[0])
+        path.append(t_now)
+        if callback is not None:
+            callback(it, loss, t_now, full)
+
+    d = adam_descent(grad_fn, theta, config, num_seeds=num_seeds, delta_shape=delta_shape, on_eval=on_eval)
+    sched = project_schedule(d.best_theta, alphas_cumprod, config.time_shift, final_loss=d.losses[d.best_iteration],
+                             best_iteration=d.best_iteration, iters=config.iters, slack_radius=config.slack_radius,
+                             lr_decay=config.lr_decay, **({"batch_seeds": config.batch_seeds} if d.batched else {}))
+    return GradientResult(sched, d.losses, tuple(path), d.best_theta, d.best_iteration, d.full_iterations)
+
+
+@dataclass(frozen=True)
+class Descent:
+    """What `adam_descent` found.
+
+    Attributes:
+        losses: the mean loss before each Adam step and after the last ([iters + 1]; a mini-batch's mean at the
+            iterations not in `full_iterations`).
+        best_iteration: the all-seed evaluation with the lowest loss (0 is the start).
+        best_theta: the parameters there.
+        full_iterations: the iterations whose loss is over all the seeds.
+        batched: whether mini-batches were drawn (``0 < config.batch_seeds < num_seeds``).
+    """
+
+    losses: tuple[float, ...]
+    best_iteration: int
+    best_theta: torch.Tensor = field(repr=False)
+    full_iterations: tuple[int, ...]
+    batched: bool
+
+
+def adam_descent(
+    grad_fn: GradFn,
+    theta: torch.Tensor,
+    config: GradientConfig,
+    *,
+    num_seeds: int,
+    delta_shape: Sequence[int] | None = None,
+    on_eval: Callable[[int, float, torch.Tensor, bool], None] | None = None,
+) -> Descent:
+    """Adam from `theta` on the mean per-seed loss that `grad_fn` reports: the one descent policy of every gradient
+    search (step placement here, the round trip's time shifts in `search.placement.inversion_shift`).
+
+    ``config``'s learning rate and its decay, its mini-batches (`batch_rows` over ``grad_fn.strata``, all the seeds
+    every ``full_every``-th step and the last) and, with ``delta_shape`` ([num_seeds, ...]), LD3's slack offsets
+    delta (Adam with theta, then projected onto their ``slack_radius`` ball). ``on_eval(iteration, mean loss,
+    theta, all_seeds)`` after each evaluation. The kept parameters are the all-seed evaluation with the lowest loss.
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    leaves = [theta]
+    delta = None
+    if delta_shape is not None:
+        delta = torch.zeros(*delta_shape, dtype=torch.float64, requires_grad=True)
         leaves.append(delta)
     opt = torch.optim.Adam(leaves, lr=config.lr)
     decay = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters) if config.lr_decay == "cosine"
@@ -277,7 +340,6 @@ def gradient_placement(
     batches = (batch_rows(getattr(grad_fn, "strata", None) or [(0, num_seeds)], config.batch_seeds, config.batch_seed)
                if 0 < config.batch_seeds < num_seeds else None)
     losses: list[float] = []
-    path: list[tuple[float, ...]] = []
     full_its: list[int] = []
     best_it, best_theta = 0, theta.detach().clone()
     for it in range(config.iters + 1):
@@ -298,14 +360,11 @@ def gradient_placement(
         if not math.isfinite(loss):
             raise StridelabError(f"the loss became {loss} at iteration {it}; try a smaller learning rate",
                                  param="grad_lr")
-        with torch.no_grad():
-            t_now = tuple(float(v) for v in times_from_params(split_params(theta, config.time_shift)[0], alphas_cumprod)[0])
         losses.append(loss)
-        path.append(t_now)
         if full and loss < losses[best_it]:
             best_it, best_theta = it, theta.detach().clone()
-        if callback is not None:
-            callback(it, loss, t_now, full)
+        if on_eval is not None:
+            on_eval(it, loss, theta.detach(), full)
         if it == config.iters:
             break  # the last evaluation only reports the final loss
         opt.zero_grad()
@@ -318,10 +377,7 @@ def gradient_placement(
         if delta is not None:
             with torch.no_grad():
                 delta.copy_(project_to_ball(delta, config.slack_radius))
-    sched = project_schedule(best_theta, alphas_cumprod, config.time_shift, final_loss=losses[best_it],
-                             best_iteration=best_it, iters=config.iters, slack_radius=config.slack_radius,
-                             lr_decay=config.lr_decay, **({"batch_seeds": config.batch_seeds} if batches else {}))
-    return GradientResult(sched, tuple(losses), tuple(path), best_theta, best_it, tuple(full_its))
+    return Descent(tuple(losses), best_it, best_theta, tuple(full_its), batches is not None)
 
 
 def batch_rows(strata: Sequence[tuple[int, int]], batch: int, seed: int = 0) -> Iterator[torch.Tensor]:

@@ -100,8 +100,9 @@ class SweepConfig:
     data: str | None = None  # the user's images for an inversion objective (`search.sweep.data`); None: the model's
     # After the search: the best trial's steps and a per-step model time shift learned together by gradient
     # (``shift_iters`` iterations of ``shift_batch`` seeds, ``shift_lr_decay``; ``grad_lr``, ``grad_loss``,
-    # ``slack_radius``), one more trial;
-    # validation decides whether it is exported.
+    # ``slack_radius``), one more trial; with ``objective = "inversion"`` the steps stay and the encoder's and
+    # decoder's shifts are learned on the tuning images' round trip (`search.placement.inversion_shift`).
+    # Validation decides whether it is exported.
     time_shift: bool = False
     shift_iters: int = DEFAULTS["shift_iters"]
     # Seeds per Adam step (0: all the tuning seeds): `search.placement.gradient.GradientConfig.batch_seeds`, of
@@ -146,10 +147,17 @@ class SweepConfig:
         if self.time_shift:
             from pipeline.evaluation.gradient import DIFFERENTIABLE
 
-            need(self.solver in DIFFERENTIABLE, f"`time_shift` is learned by gradient through {', '.join(DIFFERENTIABLE)} "
-                 f"only, not {self.solver}")
-            need(self.objective == "recon", "`time_shift` lowers the recon of sampling: it needs `objective` recon "
-                 f"(got {self.objective})")
+            need(self.objective in ("recon", "inversion"), "`time_shift` lowers the recon of sampling (`objective` "
+                 f"recon) or the DDIM round trip (`objective` inversion), got `objective` {self.objective}")
+            if self.objective == "recon":
+                need(self.solver in DIFFERENTIABLE, f"`time_shift` is learned by gradient through "
+                     f"{', '.join(DIFFERENTIABLE)} only, not {self.solver}")
+            else:  # the round trip is DDIM's whatever the solver; its loss is the round trip's own MSE
+                need(self.grad_loss == "mse" and self.slack_radius == 0,
+                     "`time_shift` with `objective` inversion learns on the round trip's MSE: it takes no `grad_loss` "
+                     f"other than mse and no `slack_radius` (got {self.grad_loss}, {self.slack_radius})")
+                need(self.inversion_pair == "symmetric", "`time_shift` learns shifts for the searched steps both ways; "
+                     "`inversion_pair` joint gives the encoder other steps: choose one")
             need(isinstance(self.shift_iters, int) and not isinstance(self.shift_iters, bool) and self.shift_iters >= 1,
                  f"`shift_iters` must be an integer >= 1, got {self.shift_iters!r}")
             from search.placement.gradient import LR_DECAYS

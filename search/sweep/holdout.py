@@ -164,6 +164,8 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
             row["encode_timesteps"] = " ".join(map(str, s.inverse_timesteps))
         if s.model_shift is not None:  # a time-shift trial (``time_shift``): where the network was asked instead
             row["model_shift"] = " ".join(f"{v:+.3f}" for v in s.model_shift)
+        if s.inverse_model_shift is not None:  # ... and, with the inversion objective, the encoder's
+            row["encode_shift"] = " ".join(f"{v:+.3f}" for v in s.inverse_model_shift)
         rows.append(row)
     best_fid = _add_ratios(rows, per_seed)
     _add_recon_ratio(rows, per_seed_inv, "inv_x_best_baseline", lambda r: _is_baseline(r["schedule"]), "inversion")

@@ -28,7 +28,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.core.schedules import MODEL_SHIFT_KEY, Schedule, make_schedule, with_noisiest_step
+from pipeline.core.schedules import INVERSE_MODEL_SHIFT_KEY, MODEL_SHIFT_KEY, Schedule, make_schedule, with_noisiest_step
 from pipeline.errors import StridelabError
 from pipeline.evaluation.inprocess import ScheduleResult
 from pipeline.io.console import progress
@@ -189,11 +189,49 @@ class Sweep:
         except ValueError:
             self.log("time shift: no complete trial to start from; skipped")
             return
+        if self.cfg.objective == "inversion":
+            self._inversion_shift(bt)
+            return
         sched, extra = self._gradient_placement(list(bt.user_attrs["timesteps"]), time_shift=True)
         shift = sched.meta[MODEL_SHIFT_KEY]
         self.log(f"time shift from trial {bt.number}: model log sigma shift {' '.join(f'{v:+.2f}' for v in shift)}")
         self._add_fixed([Schedule(sched.timesteps, sched.num_train_timesteps, "shift", meta={MODEL_SHIFT_KEY: shift})],
                         "shift", {**extra, MODEL_SHIFT_KEY: shift, "shift_from": bt.number})
+
+    def _inversion_shift(self, bt: optuna.trial.FrozenTrial) -> None:
+        """The inversion objective's time shift: the best trial's steps kept, the encoder's and the decoder's model
+        time shifts learned on the tuning images' round trip (`search.placement.inversion_shift`; on the actor pools,
+        each on its images, when the evaluators are pools), added as a trial of kind ``shift``."""
+        from search.placement.inversion_shift import (learn_inversion_shift, local_round_trip_grad_fn,
+                                                      pool_round_trip_grad_fn)
+
+        t0 = time.perf_counter()
+        steps = Schedule(tuple(bt.user_attrs["timesteps"]), self.model.num_train_timesteps, "shift")
+        gc = self.cfg.gradient_config(time_shift=True)
+        pools = [ev for ev in (self.screen, self.rest) if ev is not None]
+        if all(callable(getattr(ev, "submit_round_trip_gradient", None)) for ev in pools):
+            fn = pool_round_trip_grad_fn(pools, steps)
+            where = "in process" if all(getattr(ev, "local", False) for ev in pools) else "on the actor pools"
+        else:
+            import torch
+
+            fn = local_round_trip_grad_fn(self.model, torch.cat([ev.data for ev in pools]), steps)
+            where = "in process"
+
+        def on_iter(it: int, loss: float, all_images: bool) -> None:
+            if self.tracker is not None:
+                self.tracker.log_metrics({"shift_loss" if all_images else "shift_loss_batch": loss}, step=it)
+
+        res = learn_inversion_shift(fn, steps, gc, num_seeds=self.cfg.num_seeds, callback=on_iter)
+        s = res.schedule
+        self.log(f"time shift from trial {bt.number} ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): "
+                 f"tuning round trip {res.losses[0]:.3g} -> {res.losses[res.best_iteration]:.3g}; encoder shift "
+                 f"{' '.join(f'{v:+.2f}' for v in s.meta[INVERSE_MODEL_SHIFT_KEY])}, decoder shift "
+                 f"{' '.join(f'{v:+.2f}' for v in s.meta[MODEL_SHIFT_KEY])}")
+        shifts = {k: s.meta[k] for k in (MODEL_SHIFT_KEY, INVERSE_MODEL_SHIFT_KEY)}
+        self._add_fixed([Schedule(s.timesteps, s.num_train_timesteps, "shift", meta=shifts)], "shift",
+                        {**shifts, "shift_from": bt.number, "gradient_losses": list(res.losses),
+                         "gradient_full_iterations": list(res.full_iterations)})
 
     def _gradient_placement(self, init: list[int] | None = None,
                             time_shift: bool = False) -> tuple[Schedule, dict[str, Any]]:

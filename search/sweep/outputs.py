@@ -177,6 +177,10 @@ def print_summary(log: Callable[[str], None], cfg: SweepConfig, held: HeldOut, c
     if held.learned.inverse_timesteps is not None:
         log(f"the learned round trip encodes along {list(held.learned.inverse_timesteps)} "
             f"(its own encoder: inversion_pair joint)")
+    if held.learned.inverse_model_shift is not None:
+        log(f"the learned round trip's encoder asks the network at shifted levels (log sigma "
+            f"{' '.join(f'{v:+.2f}' for v in held.learned.inverse_model_shift)}; time_shift, inversion): "
+            "StrideDDIMInverseScheduler.from_schedule and stridelab invert run it")
     if held.learned.model_shift is not None:
         log(f"the learned schedule asks the network at shifted levels (log sigma "
             f"{' '.join(f'{v:+.2f}' for v in held.learned.model_shift)}; time_shift): StrideDDIMScheduler.from_schedule "

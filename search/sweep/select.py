@@ -21,7 +21,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.core.schedules import MODEL_SHIFT_KEY
+from pipeline.core.schedules import INVERSE_MODEL_SHIFT_KEY, MODEL_SHIFT_KEY
 from pipeline.metrics.recon import paired_ratio_interval
 from search import export
 from search.evaluators import Objective, TrialFailed
@@ -60,7 +60,8 @@ def candidates(study: optuna.Study, top: int = VALIDATION_TOP) -> list[optuna.tr
     out: list[optuna.trial.FrozenTrial] = []
     seen: set[tuple[int, ...]] = set()
     for t in done:
-        ts = (tuple(t.user_attrs["timesteps"]), tuple(t.user_attrs.get(MODEL_SHIFT_KEY) or ()))
+        ts = (tuple(t.user_attrs["timesteps"]), tuple(t.user_attrs.get(MODEL_SHIFT_KEY) or ()),
+              tuple(t.user_attrs.get(INVERSE_MODEL_SHIFT_KEY) or ()))
         if ts not in seen and (len(out) < top or t.user_attrs.get("kind") in ALWAYS_CANDIDATES):
             out.append(t)
             seen.add(ts)
