@@ -67,7 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "remedy for exposure bias, learned), as one more trial; exported where it wins on validation. "
                         "Only stridelab's solvers and StrideDDIMScheduler run the shift (it is meta.model_log_sigma_shift "
                         "in the export); sigma lists and other diffusers schedulers drop it. ddim, dpmsolver++2m/3m; "
-                        "objective recon")
+                        "objective recon. With --objective inversion: the best trial's steps stay and the round trip's "
+                        "encoder and decoder shifts are learned on the tuning images (--shift-iters, --shift-batch, "
+                        "--grad-lr; MSE); StrideDDIMInverseScheduler and stridelab invert run the encoder's "
+                        "(meta.inverse_model_log_sigma_shift)")
     p.add_argument("--shift-iters", type=int, default=d.shift_iters,
                    help="--time-shift: Adam iterations of the shift stage (default %(default)s; on the default sweep "
                         "300 gave 0.51x uniform held out, 100 gave 0.59x (all seeds per step))")

@@ -201,6 +201,36 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
     return Path(path)
 
 
+def round_trip_grid(model: Any, schedules: Mapping[str, Schedule], images: torch.Tensor,
+                    path: str | os.PathLike) -> Path:
+    """Images [N, C, H, W] (the model's data range) in the top row and below them, a row per schedule, their DDIM
+    round trip (encode along `Schedule.encode_timesteps`, decode along the steps, with the schedule's model time
+    shifts: `pipeline.evaluation.inprocess.shifted_round_trip`), each row titled with its mean per-image MSE on
+    [0, 1]: where a round trip loses strokes, people see it before they read it."""
+    from pipeline.evaluation.inprocess import shifted_round_trip
+    from pipeline.io.images import tile
+
+    plt = _plt()
+    rows = [("images", model.to_unit(images), None)]
+    for name, s in schedules.items():
+        rt = shifted_round_trip(model.denoiser, images, s.encode_timesteps, s.timesteps, model.alphas_cumprod,
+                                model.to_unit, s.inverse_model_shift, s.model_shift)
+        rows.append((name, model.to_unit(rt.x_rec), float(rt.errors.double().mean())))
+    n = images.shape[0]
+    up = 4 if max(model.sample_shape[1:]) <= 16 else 1
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6.0, 0.55 * n), 1.15 * len(rows) + 0.4))
+    for ax, (name, x, err) in zip(np.atleast_1d(axes), rows):
+        ax.imshow(tile(x, n, up), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.axis("off")
+        shifted = " (shifted)" if name in schedules and (schedules[name].model_shift or schedules[name].inverse_model_shift) else ""
+        label = name if err is None else f"{name}{shifted}: {schedules[name].nfe} steps each way, round-trip MSE {err:.2e}"
+        ax.set_title(label, fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[int], path: str | os.PathLike,
                 reference: torch.Tensor | None = None, solver: str = "ddim") -> Path:
     """Samples of each schedule run by `solver` from the same x_T (same seeds), side by side; images as grids
@@ -209,10 +239,17 @@ def sample_grid(model: Any, schedules: Mapping[str, Schedule], seeds: Sequence[i
     from pipeline.io.images import tile
     from pipeline.solvers.registry import solve
 
+    from pipeline.evaluation.inprocess import sample_shifted
+
     plt = _plt()
     x_T, _ = initial_noise(list(seeds), model.sample_shape)
-    outs = {name: model.to_unit(solve(solver, model.denoiser, x_T, s.timesteps, model.alphas_cumprod))
-            for name, s in schedules.items()}
+
+    def run(s: Schedule) -> torch.Tensor:  # with its model time shift where it has one, as the evaluators run it
+        if s.model_shift is not None:
+            return sample_shifted(model.denoiser, x_T, s.timesteps, s.model_shift, model.alphas_cumprod, solver)
+        return solve(solver, model.denoiser, x_T, s.timesteps, model.alphas_cumprod)
+
+    outs = {name: model.to_unit(run(s)) for name, s in schedules.items()}
     panels = list(outs.items()) + ([("reference", reference)] if reference is not None else [])
     is_image = len(model.sample_shape) == 3
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4))

@@ -33,7 +33,7 @@ def test_quick_run_learns_both_variants_and_reports_them(tmp_path):
         assert r["best_baseline_holdout"] == min(cell["baselines_holdout"].values())
     text = doc.read_text()
     assert text.startswith("# head") and text.endswith("tail\n") and "OLD-SECTION" not in text
-    assert "| gmm:ring8 | encoder+decoder shift |" in text and "verdict:" in text
+    assert "| gmm:ring8 | 5 | encoder+decoder shift |" in text and "verdict:" in text
     doc2 = tmp_path / "C.md"
     doc2.write_text("")
     assert b.main(["--from-json", str(out), "--doc", str(doc2)]) == 0
@@ -53,3 +53,17 @@ def test_zero_shift_is_the_plain_round_trip():
     assert torch.allclose(b.round_trip_errors(m, x0, ts), want.double(), rtol=1e-6, atol=1e-12)
     assert torch.allclose(b.round_trip_errors(m, x0, ts, z, z), want.double(), rtol=1e-4, atol=1e-10)
     assert not torch.allclose(b.round_trip_errors(m, x0, ts, z + 0.3, z), want.double(), rtol=1e-4, atol=1e-10)
+
+
+def test_merge_adds_cells_and_keeps_the_other_rows(tmp_path):
+    out = tmp_path / "inv.json"
+    assert b.main(["--quick", "--json", str(out)]) == 0
+    first = json.loads(out.read_text())
+    assert b.main(["--quick", "--json", str(out), "--nfes", "3", "--variants", "encoder+decoder shift", "--merge"]) == 0
+    raw = json.loads(out.read_text())
+    got = [(r["nfe"], r["variant"]) for c in raw["cells"] for r in c["rows"]]
+    assert got == [(3, "encoder+decoder shift"), (5, "encoder shift"), (5, "encoder+decoder shift")]
+    assert [r["enc"] for r in raw["cells"][1]["rows"]] == [r["enc"] for r in first["cells"][0]["rows"]]
+    assert "| gmm:ring8 | 3 | encoder+decoder shift |" in b.render(raw)
+    with pytest.raises(SystemExit):
+        b.main(["--quick", "--variants", "nope"])

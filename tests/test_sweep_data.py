@@ -138,3 +138,14 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert want in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_sweep_on_a_png_folder_with_time_shift_draws_the_round_trips(pngs, tmp_path, capsys):
+    # the user's images end to end through the CLI: the round trip's shifts learned on the tuning part, and the
+    # figure of the held-out part's round trips (originals, best baseline, learned, learned unshifted)
+    assert _sweep_cli(tmp_path, pngs, "--time-shift", "--shift-iters", "3") == 0
+    printed = capsys.readouterr().out
+    assert "time shift from trial" in printed
+    (run_dir,) = [p for p in (tmp_path / "out").iterdir() if p.is_dir()]
+    fig = Image.open(run_dir / "inversion.png")
+    assert fig.size[0] > 300 and fig.size[1] > 300

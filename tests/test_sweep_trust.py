@@ -115,6 +115,11 @@ def test_verdict_reads_the_interval(lo, hi, kind):
     if kind == "worse":
         assert "exported anyway" in v.text
     assert verdict(_rows(1.0, 1.0, "900 0")).kind == "baseline"
+    # the baseline's steps with a model time shift (a time-shift trial started from it) are another schedule
+    for extra in ({"model_shift": "+0.100 -0.200"}, {"encode_shift": "+0.300 +0.000"}):
+        rows = _rows(0.5, 0.9, "900 0")
+        rows[0].update(extra)
+        assert verdict(rows).kind == "better"
 
 
 # -- validation selection ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
    loss is kept, not necessarily the last. With ``batch_seeds`` each step differentiates a random subset of the
    seeds (the actors' shards in proportion, `batch_rows`), every ``full_every``-th step and the last all of them:
    the kept iterate is the best of those, the only losses that compare. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
+   The descent itself is `adam_descent`, shared with the round trip's time shifts (`search.placement.inversion_shift`).
 3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
    times (Adam on both, then delta is projected back onto its ball), so the few step parameters need not

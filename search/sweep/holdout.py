@@ -168,7 +168,7 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
             row["encode_shift"] = " ".join(f"{v:+.3f}" for v in s.inverse_model_shift)
         rows.append(row)
     best_fid = _add_ratios(rows, per_seed)
-    _add_recon_ratio(rows, per_seed_inv, "inv_x_best_baseline", lambda r: _is_baseline(r["schedule"]), "inversion")
+    _add_recon_ratio(rows, per_seed_inv, "inv_x_best_baseline", lambda r: is_baseline(r["schedule"]), "inversion")
     teacher_rows = [r for r in rows if r["schedule"].startswith(TEACHER_PREFIX)]
     if teacher_rows and "holdout_fid" in teacher_rows[0]:
         _add_fid_gap(rows, teacher_rows[0]["holdout_fid"], best_fid)
@@ -180,8 +180,8 @@ def holdout_rows(named: Mapping[str, Schedule], results: Sequence[ScheduleResult
 def _add_ratios(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray]) -> float | None:
     """Add ``x_best_baseline`` (and its interval) and ``fid_x_best_baseline`` in place; returns the best
     baseline's FID."""
-    _add_recon_ratio(rows, per_seed, "x_best_baseline", lambda r: _is_baseline(r["schedule"]))
-    base_fids = [r["holdout_fid"] for r in rows if _is_baseline(r["schedule"]) and "holdout_fid" in r]
+    _add_recon_ratio(rows, per_seed, "x_best_baseline", lambda r: is_baseline(r["schedule"]))
+    base_fids = [r["holdout_fid"] for r in rows if is_baseline(r["schedule"]) and "holdout_fid" in r]
     best_fid = min(base_fids, default=None)
     for r in rows:
         if best_fid and "holdout_fid" in r:
@@ -209,7 +209,7 @@ def _add_recon_ratio(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarr
                                                                        per_seed[best["schedule"]])
 
 
-def _is_baseline(name: str) -> bool:
+def is_baseline(name: str) -> bool:
     """A row of the sweep's own solver under a named spacing (its diffusers default included)."""
     return name in SCHEDULES or name == "default"
 
@@ -218,7 +218,7 @@ def _add_best_any(rows: list[dict[str, Any]], per_seed: Mapping[str, np.ndarray]
     """Add ``x_best_default_pair`` (and its interval) in place: holdout_recon / min over the baselines and every
     other solver's default spacing (the strongest zero-search pick a user has at this budget)."""
     _add_recon_ratio(rows, per_seed, "x_best_default_pair",
-                     lambda r: _is_baseline(r["schedule"]) or r["schedule"].endswith(REFERENCE_SUFFIX))
+                     lambda r: is_baseline(r["schedule"]) or r["schedule"].endswith(REFERENCE_SUFFIX))
 
 
 def _add_fid_gap(rows: list[dict[str, Any]], floor: float, best_fid: float | None) -> None:
@@ -252,13 +252,14 @@ def verdict(rows: Sequence[Mapping[str, Any]], metric: str = "recon") -> Verdict
     learned, col, key = rows[0], RATIO_COLUMNS[metric], f"holdout_{metric}"
     if f"{col}_lo" not in learned:
         return Verdict("unknown", "no held-out ratio to the best baseline: cannot say whether the learned schedule wins")
-    base = min((r for r in rows if _is_baseline(r["schedule"]) and key in r), key=lambda r: r[key])
+    base = min((r for r in rows if is_baseline(r["schedule"]) and key in r), key=lambda r: r[key])
     lo, hi = learned[f"{col}_lo"], learned[f"{col}_hi"]
     what = "" if metric == "recon" else f" {metric} round-trip error"
     ratio = (f"{learned[col]:.2f}x the best baseline {base['schedule']}{what} "
              f"(95% interval {lo:.2f} to {hi:.2f})")
     more = "run with more tuning and validation seeds (`num_seeds`, `validation_seeds`)"
-    if learned["timesteps"] == base["timesteps"]:
+    # the same steps with a model time shift (or an encoder of its own) is another schedule, not the baseline
+    if all(learned.get(k) == base.get(k) for k in ("timesteps", "encode_timesteps", "model_shift", "encode_shift")):
         return Verdict("baseline", f"the learned schedule is the best baseline {base['schedule']}: no trial beat it on "
                                    f"the validation seeds, so that is what was exported; to find a better one, {more}")
     if hi < 1:

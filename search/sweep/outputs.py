@@ -21,7 +21,7 @@ import optuna
 from pipeline.core.schedules import Schedule, make_schedule
 from pipeline.models.load import LoadedModel
 from search.sweep.config import HOLDOUT_OFFSET, VALIDATION_OFFSET, SweepConfig
-from search.sweep.holdout import Verdict, verdict
+from search.sweep.holdout import UNSHIFTED, Verdict, is_baseline, verdict
 
 TABLE_COLUMNS = ["schedule", "solver", "nfe", "holdout_recon", "x_best_baseline", "x_best_baseline 95%", "x_best_default_pair",
                  "x_best_default_pair 95%", "holdout_inversion", "inv_x_best_baseline", "inv_x_best_baseline 95%", "holdout_fid", "fid_x_best_baseline", "fid_gap_x_best_baseline", "tuning_recon",
@@ -137,6 +137,15 @@ def _draw(cfg: SweepConfig, model: LoadedModel, study: optuna.Study, held: HeldO
     uniform_n = make_schedule("uniform", cfg.steps, model.alphas_cumprod)
     figs.append(plots.sample_grid(model, {"uniform": uniform_n, "learned": held.learned}, grid_seeds,
                                   run_dir / "samples.png", solver=cfg.solver))
+    inv = [r for r in held.rows if "holdout_inversion" in r and r.get("solver", cfg.solver) == cfg.solver]
+    base = [r for r in inv if is_baseline(r["schedule"])]
+    if base and len(model.sample_shape) == 3:  # an inversion objective on images: the round trips side by side
+        best = min(base, key=lambda r: r["holdout_inversion"])["schedule"]
+        shown = {f"best baseline ({best})": held.named[best], held.learned_name: held.learned}
+        if UNSHIFTED in held.named:
+            shown[UNSHIFTED] = held.named[UNSHIFTED]
+        images = model.denoiser.sample_data(grid_seeds[:16])
+        figs.append(plots.round_trip_grid(model, shown, images, run_dir / "inversion.png"))
     return figs
 
 
