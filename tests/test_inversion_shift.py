@@ -197,7 +197,7 @@ def test_inverse_scheduler_shift_errors_are_one_line():
     with pytest.raises(StridelabError, match="must be a list of 5 finite numbers"):
         StrideDDIMInverseScheduler(inverse_timesteps=list(STEPS[::-1]), model_log_sigma_shift=[0.1] * 4)
     s = StrideDDIMInverseScheduler(inverse_timesteps=list(STEPS[::-1]), model_log_sigma_shift=[0.1] * 5)
-    with pytest.raises(StridelabError, match="would walk other steps"):
+    with pytest.raises(StridelabError, match="would run other steps"):
         s.set_timesteps(timesteps=[10, 200, 999])
     s.set_timesteps()
     with pytest.raises(StridelabError, match="is not one of this scheduler's \\(shifted\\) timesteps"):

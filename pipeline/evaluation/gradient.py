@@ -212,14 +212,8 @@ def sample_with_shift(denoiser, x_T: torch.Tensor, timesteps: Sequence[int], shi
                       alphas_cumprod: torch.Tensor, solver: str = "ddim") -> torch.Tensor:
     """`solver` stepping through the integer `timesteps` [n] with the network asked at log sigma_i + shift_i
     (`model_levels`; no gradient). With no shift (or zeros) it is the solver itself. x_T [B, ...] -> x0 [B, ...]."""
-    ac = alphas_cumprod.to(torch.float64)
-    t = torch.as_tensor([int(v) for v in timesteps], dtype=torch.long)
-    abar = ac[t]
-    model_at = None if shift is None else model_levels(abar, torch.as_tensor(list(shift), dtype=torch.float64), ac)
-    if model_at is not None:
-        model_at = tuple(v.to(x_T.device) for v in model_at)
     with torch.no_grad():
-        return differentiable(solver)(denoiser, x_T, t.to(torch.float64).to(x_T.device), abar.to(x_T.device), model_at)
+        return differentiable(solver)(denoiser, x_T, *integer_levels(timesteps, shift, alphas_cumprod, x_T.device))
 
 
 def invert_with_shift(denoiser, x0: torch.Tensor, encode_timesteps: Sequence[int], shift: Sequence[float] | None,
@@ -227,14 +221,21 @@ def invert_with_shift(denoiser, x0: torch.Tensor, encode_timesteps: Sequence[int
     """DDIM inversion of x0 [B, ...] up the integer, strictly increasing `encode_timesteps` [n] with the network told
     log sigma_i + shift_i at jump i (`model_levels`; no gradient). With no shift it is `ddim_invert` (to float
     tolerance). Returns the code [B, ...] at the last level."""
+    with torch.no_grad():
+        return ddim_invert_continuous(denoiser, x0, *integer_levels(encode_timesteps, shift, alphas_cumprod, x0.device))
+
+
+def integer_levels(timesteps: Sequence[int], shift: Sequence[float] | None, alphas_cumprod: torch.Tensor,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(t [n] as float64, abar [n], model_at or None) of integer `timesteps` on `device`: the continuous twins'
+    arguments for steps at trained levels, the network asked at log sigma_i + shift_i (`model_levels`)."""
     ac = alphas_cumprod.to(torch.float64)
-    t = torch.as_tensor([int(v) for v in encode_timesteps], dtype=torch.long)
+    t = torch.as_tensor([int(v) for v in timesteps], dtype=torch.long)
     abar = ac[t]
     model_at = None if shift is None else model_levels(abar, torch.as_tensor(list(shift), dtype=torch.float64), ac)
     if model_at is not None:
-        model_at = tuple(v.to(x0.device) for v in model_at)
-    with torch.no_grad():
-        return ddim_invert_continuous(denoiser, x0, t.to(torch.float64).to(x0.device), abar.to(x0.device), model_at)
+        model_at = tuple(v.to(device) for v in model_at)
+    return t.to(torch.float64).to(device), abar.to(device), model_at
 
 
 def round_trip_loss_and_grad(

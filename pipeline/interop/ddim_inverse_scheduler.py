@@ -50,7 +50,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from pipeline.core.schedules import INVERSE_MODEL_SHIFT_KEY, Schedule, validate_timesteps
 from pipeline.errors import StridelabError
-from pipeline.interop.ddim_scheduler import (StrideDDIMScheduler, choose_timesteps, shifted_index, shifted_model_levels,
+from pipeline.interop.ddim_scheduler import (StrideDDIMScheduler, choose_timesteps, scheduler_timesteps, shifted_index,
                                              timestep_index)
 from pipeline.models.denoisers import eps_from_prediction
 from pipeline.solvers.ddim import ddim_step
@@ -174,18 +174,8 @@ class StrideDDIMInverseScheduler(SchedulerMixin, ConfigMixin):
                               num_inference_steps, timesteps, self.config.num_train_timesteps, spaced, increasing=True)
         self.num_inference_steps = len(ts)
         self._steps = torch.tensor(ts, dtype=torch.int64)
-        self._model_abar = None
-        if self._shift is not None:
-            if ts != tuple(self.config.inverse_timesteps):
-                raise StridelabError(
-                    f"this {type(self).__name__} holds a model time shift for its list {list(self.config.inverse_timesteps)}; "
-                    f"set_timesteps(timesteps={list(ts)}) would walk other steps: call set_timesteps() or build a "
-                    "scheduler without model_log_sigma_shift")
-            t_model, self._model_abar = shifted_model_levels(ts, self._shift, self._abar)
-            # float32, as the network gets it: step() matches the pipeline's t against these exact values
-            self.timesteps = t_model.to(torch.float32).to(device)
-        else:
-            self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
+        self.timesteps, self._model_abar = scheduler_timesteps(type(self).__name__, "list", self.config.inverse_timesteps,
+                                                               ts, self._shift, self._abar, device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
         if self._model_abar is not None:

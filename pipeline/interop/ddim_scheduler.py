@@ -98,6 +98,23 @@ def choose_timesteps(owner: str, key: str, what: str, stored: Sequence[int] | No
     return tuple(spaced(int(num_inference_steps)))
 
 
+def scheduler_timesteps(owner: str, what: str, listed: Sequence[int] | None, ts: Sequence[int],
+                        shift: Sequence[float] | None, abar: torch.Tensor, device: str | torch.device | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``self.timesteps``, the levels the network is told or None) of a scheduler about to run `ts`: the integers
+    themselves, or with a model time `shift` (per step of its `listed` steps, which `ts` must then be) the
+    fractional labels of log sigma_i + shift_i, float32 as the network gets them (step() matches the pipeline's
+    t against these exact values). The one policy of both directions' schedulers."""
+    if shift is None:
+        return torch.tensor(list(ts), dtype=torch.int64, device=device), None
+    if tuple(ts) != tuple(listed):
+        raise StridelabError(
+            f"this {owner} holds a model time shift for its {what} {list(listed)}; set_timesteps(timesteps={list(ts)}) "
+            "would run other steps: call set_timesteps() or build a scheduler without model_log_sigma_shift")
+    t_model, model_abar = shifted_model_levels(ts, shift, abar)
+    return t_model.to(torch.float32).to(device), model_abar
+
+
 def shifted_index(timesteps: torch.Tensor, timestep: int | float | torch.Tensor) -> int:
     """The index of `timestep` among a shifted scheduler's fractional labels (float32 as the network got them, so
     matched within 1e-3); raises StridelabError naming them when it is not one."""
@@ -282,18 +299,9 @@ class StrideDDIMScheduler(SchedulerMixin, ConfigMixin):
                               num_inference_steps, timesteps, self.config.num_train_timesteps, spaced)
         self.num_inference_steps = len(ts)
         self._steps = torch.tensor(ts, dtype=torch.int64)  # where each step integrates from
-        self._model_abar: torch.Tensor | None = None
-        if self._shift is not None:
-            if ts != tuple(self.config.schedule_timesteps):
-                raise StridelabError(
-                    f"this StrideDDIMScheduler holds a model time shift for its schedule {list(self.config.schedule_timesteps)}; "
-                    f"set_timesteps(timesteps={list(ts)}) would run other steps: call set_timesteps() or build a "
-                    "scheduler without model_log_sigma_shift")
-            t_model, self._model_abar = shifted_model_levels(ts, self._shift, self._abar)
-            # float32, as the network gets it: step() matches the pipeline's t against these exact values
-            self.timesteps = t_model.to(torch.float32).to(device)
-        else:
-            self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
+        self.timesteps, self._model_abar = scheduler_timesteps(type(self).__name__, "schedule",
+                                                               self.config.schedule_timesteps, ts, self._shift,
+                                                               self._abar, device)
 
     def _index(self, timestep: int | torch.Tensor) -> int:
         if self._model_abar is not None and self.num_inference_steps is not None:
