@@ -169,6 +169,16 @@ def merge_cells(old: dict[str, Any], new: list[dict[str, Any]]) -> list[dict[str
     return sorted(cells, key=lambda c: (order.index(c["model"]), c["rows"][0]["nfe"]))
 
 
+def command_flags(meta: dict[str, Any]) -> str:
+    """The flags of the run `meta` describes, where they are not the full run's defaults."""
+    flags = " --quick" if meta["mode"] == "quick" else ""
+    base = QUICK if meta["mode"] == "quick" else FULL
+    for key in ("models", "nfes", "variants"):
+        if key in meta and meta[key] != base[key]:
+            flags += f' --{key} "{meta[key]}"' if " " in str(meta[key]) else f" --{key} {meta[key]}"
+    return flags + (" --merge" if meta.get("merge") else "")
+
+
 def render(raw: dict[str, Any]) -> str:
     meta = raw["meta"]
     rows = [r for c in raw["cells"] for r in c["rows"]]
@@ -178,7 +188,7 @@ def render(raw: dict[str, Any]) -> str:
 
     lines = [BEGIN, "## DDIM inversion with a learned model time shift (issue 16)", "",
              f"Measured {meta['date']} on {meta['machine']} (load average {meta['load']}); "
-             f"`python benchmarks/bench_inversion_shift.py{' --quick' if meta['mode'] == 'quick' else ''}`, "
+             f"`python benchmarks/bench_inversion_shift.py{command_flags(meta)}`, "
              f"{meta['wall_min']:.1f} min in all (the last run; each row says when it was measured). The same NFE "
              "each way; shifts learned on "
              f"{raw['cells'][0]['n_tune']} tuning images by {meta['iters']} Adam steps (lr {meta['lr']}, cosine), "
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = [run_model(spec, nfe, plan, variants) for spec in plan["models"].split(",") for nfe in nfes]
     meta = {"date": dt.date.today().isoformat(), "mode": "quick" if args.quick else "full", "machine": machine(),
             "load": f"{load0} at the start, {load_averages()} at the end",
-            "wall_min": (time.perf_counter() - t_all) / 60, **plan}
+            "wall_min": (time.perf_counter() - t_all) / 60, "merge": bool(args.merge), **plan}
     if args.merge and json_path and json_path.is_file():
         cells = merge_cells(json.loads(json_path.read_text()), cells)
     raw = {"meta": meta, "cells": cells}
