@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from budget import add_budget_args, add_report_args, budget_plan, load_averages, machine, report_paths  # noqa: E402  (beside this file)
+from budget import add_budget_args, add_report_args, budget_plan, load_averages, machine, publish, report_paths  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_inversion_shift.json"
@@ -226,8 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         replace_section(Path(args.doc) if args.doc else OUT, render(json.loads(Path(args.from_json).read_text())),
                         BEGIN, END)
         return 0
-    from pipeline.io.files import atomic_write_json
-
     plan = budget_plan(args, FULL, QUICK)
     variants = [v.strip() for v in plan["variants"].split(",")]
     bad = [v for v in variants if v not in VARIANTS]
@@ -246,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and json_path and json_path.is_file():
         cells = merge_cells(json.loads(json_path.read_text()), cells)
     raw = {"meta": meta, "cells": cells}
-    if json_path:
-        atomic_write_json(Path(json_path), raw)
-    text = render(raw)
-    if doc:
-        replace_section(Path(doc), text, BEGIN, END)
-    print(text)
+    publish(raw, json_path, doc, render(raw), BEGIN, END)
     return 0
 
 

@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from budget import add_budget_args, add_report_args, budget_plan, load_averages, machine, report_paths  # noqa: E402  (beside this file)
+from budget import add_budget_args, add_report_args, budget_plan, load_averages, machine, publish, report_paths  # noqa: E402  (beside this file)
 
 OUT = ROOT / "docs" / "BENCHMARKS.md"
 RAW = ROOT / "docs" / "bench_time_shift.json"
@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.core.seeds import initial_noise
-    from pipeline.io.files import atomic_write_json
     from pipeline.metrics.teacher import run_teacher, teacher_timesteps
     from pipeline.models.load import load_model
     from search.sweep.config import HOLDOUT_OFFSET
@@ -194,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             "load": f"{load0} at the start, {load_averages()} at the end", "wall_min": (time.perf_counter() - t_all) / 60, **plan}
     raw = {"meta": meta, "cells": cells}
     json_path, doc = report_paths(args, RAW, OUT)
-    if json_path:
-        atomic_write_json(Path(json_path), raw)
-    text = render(raw)
-    if doc:
-        replace_section(Path(doc), text, BEGIN, END)
-    print(text)
+    publish(raw, json_path, doc, render(raw), BEGIN, END)
     return 0
 
 

@@ -51,3 +51,16 @@ def machine() -> str:
     import torch
 
     return "GPU" if torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU"
+
+
+def publish(raw: Mapping[str, Any], json_path: Path | None, doc: Path | None, text: str, begin: str, end: str) -> None:
+    """Write a run's raw figures (atomically) and its section between `begin` and `end` of `doc`, where given (see
+    `report_paths`); print the section."""
+    from pipeline.io.files import atomic_write_json
+    from pipeline.io.reports import replace_section
+
+    if json_path:
+        atomic_write_json(Path(json_path), raw)
+    if doc:
+        replace_section(Path(doc), text, begin, end)
+    print(text)
