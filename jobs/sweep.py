@@ -79,6 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shift-lr-decay", choices=("constant", "cosine"), default=d.shift_lr_decay,
                    help="--time-shift: as --grad-lr-decay; the cosine quiets the mini-batches' noise by the end "
                         "(default %(default)s)")
+    p.add_argument("--shift-sides", choices=("both", "encoder"), default=d.shift_sides,
+                   help="--time-shift with --objective inversion: learn the encoder's and the decoder's shifts (both), "
+                        "or the encoder's only, so a plain decoder (any scheduler, a sigma list) decodes its codes "
+                        "(measured at NFE 10 on fixed steps: both 0.47x the best baseline, encoder 0.78x; default %(default)s)")
     p.add_argument("--space", metavar="NAME", default=d.space,
                    help="warp (5 parameters), free (log sigma gaps), free_t (t gaps) or steps (integer timesteps) "
                         "(default %(default)s)")
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         grad_iters=args.grad_iters, grad_lr=args.grad_lr, grad_lr_decay=args.grad_lr_decay,
         grad_loss=args.grad_loss, slack_radius=args.slack_radius,
         data=args.data, time_shift=args.time_shift, shift_iters=args.shift_iters, shift_batch=args.shift_batch,
-        shift_lr_decay=args.shift_lr_decay,
+        shift_lr_decay=args.shift_lr_decay, shift_sides=args.shift_sides,
         grad_batch=args.grad_batch,
         grad_init=args.grad_init, inversion_pair=args.inversion_pair, pair_evals=args.pair_evals,
     )

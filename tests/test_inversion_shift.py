@@ -275,3 +275,30 @@ def test_sweep_on_actor_pools_learns_the_in_process_shifts_and_tracks_both_curve
                                 "tags.`stridelab.kind` = 'sweep'")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "shift_loss")] == [0, 12]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "shift_loss_batch")) == list(range(1, 12))
+
+
+def test_encoder_only_keeps_the_decoder_plain(gmm):
+    s = Schedule(STEPS, 1000, meta={MODEL_SHIFT_KEY: [0.5] * 5})  # a decoder shift it had is not kept either
+    fn = local_round_trip_grad_fn(gmm, images(gmm, 16), s, dtype=torch.float64)
+    r = learn_inversion_shift(fn, s, GradientConfig(iters=10, lr=0.05), num_seeds=16, sides="encoder")
+    assert torch.equal(r.shifts[5:], torch.zeros(5, dtype=torch.float64)) and r.shifts[:5].abs().max() > 0
+    assert r.losses[r.best_iteration] < r.losses[0]
+    assert r.schedule.model_shift is None and MODEL_SHIFT_KEY not in r.schedule.meta
+    assert r.schedule.inverse_model_shift == tuple(r.shifts[:5].tolist())
+    with pytest.raises(StridelabError, match="unknown shift sides 'decoder'"):
+        learn_inversion_shift(fn, s, GradientConfig(iters=1), num_seeds=16, sides="decoder")
+
+
+def test_sweep_shift_sides_encoder_exports_a_plain_decoder(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "sweep"
+    assert main([*SWEEP, "--actors", "0", "--no-mlflow", "--shift-sides", "encoder", "--out-dir", str(out)]) == 0
+    assert "decoder plain (shift_sides encoder)" in capsys.readouterr().out
+    (shift,) = [t for t in _study(out).trials if t.user_attrs.get("kind") == "shift"]
+    assert MODEL_SHIFT_KEY not in shift.user_attrs and len(shift.user_attrs[INVERSE_MODEL_SHIFT_KEY]) == 5
+    # without --time-shift (or with another objective) the flag has nothing to choose: one line, exit 2
+    flags = [a for a in SWEEP if a != "--time-shift"]
+    assert main([*flags, "--actors", "0", "--no-mlflow", "--shift-sides", "encoder", "--out-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shift-sides encoder chooses" in err[0] and "--time-shift" in err[0], err

@@ -77,9 +77,14 @@ class InversionShiftResult:
     shifts: torch.Tensor = field(repr=False)
 
 
+SIDES: tuple[str, ...] = ("both", "encoder")
+"""What the round trip's time shift learns: the encoder's and the decoder's shifts, or the encoder's only (the
+decoder stays plain DDIM, so any scheduler or sigma list decodes the codes)."""
+
+
 def learn_inversion_shift(grad_fn: GradFn, schedule: Schedule, config: GradientConfig = GradientConfig(), *,
-                          num_seeds: int, callback: Callable[[int, float, bool], None] | None = None
-                          ) -> InversionShiftResult:
+                          num_seeds: int, callback: Callable[[int, float, bool], None] | None = None,
+                          sides: str = "both") -> InversionShiftResult:
     """Learn the round trip's encoder and decoder shifts for `schedule`'s steps (which stay fixed).
 
     Args:
@@ -88,13 +93,33 @@ def learn_inversion_shift(grad_fn: GradFn, schedule: Schedule, config: GradientC
         config: iterations, learning rate and its decay, mini-batches (``slack_radius``, ``loss`` and
             ``time_shift`` do not apply: the loss is the round trip's MSE on the [0, 1] scale).
         callback: ``callback(iteration, mean_loss, all_images)`` after each evaluation.
+        sides: `SIDES`: "encoder" learns the encoder's shifts only (the decoder's gradient is held at zero, so Adam
+            never moves them; the schedule then carries no decoder shift).
     """
+    from pipeline.errors import StridelabError
+
+    if sides not in SIDES:
+        raise StridelabError(f"unknown shift sides {sides!r}; choose one of {', '.join(SIDES)}", param="shift_sides")
     n_e, n_d = len(schedule.encode_timesteps), len(schedule.timesteps)
-    d = adam_descent(grad_fn, torch.zeros(n_e + n_d, dtype=torch.float64), config, num_seeds=num_seeds,
+    fn = grad_fn if sides == "both" else _encoder_only(grad_fn, n_e)
+    d = adam_descent(fn, torch.zeros(n_e + n_d, dtype=torch.float64), config, num_seeds=num_seeds,
                      on_eval=None if callback is None else (lambda it, loss, th, full: callback(it, loss, full)))
     enc, dec = [float(v) for v in d.best_theta[:n_e]], [float(v) for v in d.best_theta[n_e:]]
-    meta = {**schedule.meta, INVERSE_MODEL_SHIFT_KEY: enc, MODEL_SHIFT_KEY: dec,
+    meta = {**{k: v for k, v in schedule.meta.items() if k != MODEL_SHIFT_KEY}, INVERSE_MODEL_SHIFT_KEY: enc,
+            **({MODEL_SHIFT_KEY: dec} if sides == "both" else {}),
             "shift_tuning_inversion": d.losses[d.best_iteration], "shift_best_iteration": d.best_iteration}
     learned = Schedule(schedule.timesteps, schedule.num_train_timesteps, schedule.name, schedule.params, meta,
                        schedule.inverse_timesteps)
     return InversionShiftResult(learned, d.losses, d.best_iteration, d.full_iterations, d.best_theta)
+
+
+def _encoder_only(grad_fn: GradFn, n_e: int) -> GradFn:
+    """`grad_fn` with the decoder's entries of the gradient zeroed (the shifts after the first `n_e`)."""
+    def fn(shifts, delta=None, rows=None):
+        total, g, g_delta = grad_fn(shifts, delta) if rows is None else grad_fn(shifts, delta, rows=rows)
+        g = g.clone()
+        g[n_e:] = 0
+        return total, g, g_delta
+
+    fn.strata = getattr(grad_fn, "strata", None)
+    return fn

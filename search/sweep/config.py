@@ -110,6 +110,7 @@ class SweepConfig:
     grad_batch: int = DEFAULTS["grad_batch"]
     shift_batch: int = DEFAULTS["shift_batch"]
     shift_lr_decay: str = DEFAULTS["shift_lr_decay"]
+    shift_sides: str = DEFAULTS["shift_sides"]  # objective inversion: "encoder" learns the encoder's shifts only
     grad_init: str = "uniform"  # where the gradient placement starts: uniform steps, or the DP placement ("dp")
     inversion_pair: str = "symmetric"  # "joint": after the search, the encoder searched with the decoder (`search.placement.pair`)
     pair_evals: int = 60  # round trips the joint pair search may evaluate on the tuning images
@@ -165,6 +166,12 @@ class SweepConfig:
             need(self.shift_lr_decay in LR_DECAYS,
                  f"unknown `shift_lr_decay` {self.shift_lr_decay!r}; choose one of {', '.join(LR_DECAYS)}")
             self.gradient_config(time_shift=True)  # validates the gradient settings it uses
+        from search.placement.inversion_shift import SIDES
+
+        need(self.shift_sides in SIDES, f"unknown `shift_sides` {self.shift_sides!r}; choose one of {', '.join(SIDES)}")
+        need(self.shift_sides == "both" or (self.time_shift and self.objective == "inversion"),
+             "`shift_sides` encoder chooses which of the round trip's shifts `time_shift` learns: it needs "
+             "`time_shift` and `objective` inversion")
         if self.method == "gradient":
             self.gradient_config()  # validates the gradient settings
             from pipeline.evaluation.gradient import DIFFERENTIABLE

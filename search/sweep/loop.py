@@ -222,13 +222,15 @@ class Sweep:
             if self.tracker is not None:
                 self.tracker.log_metrics({"shift_loss" if all_images else "shift_loss_batch": loss}, step=it)
 
-        res = learn_inversion_shift(fn, steps, gc, num_seeds=self.cfg.num_seeds, callback=on_iter)
+        res = learn_inversion_shift(fn, steps, gc, num_seeds=self.cfg.num_seeds, callback=on_iter,
+                                    sides=self.cfg.shift_sides)
         s = res.schedule
+        dec = s.meta.get(MODEL_SHIFT_KEY)
         self.log(f"time shift from trial {bt.number} ({gc.iters} iterations, {where}, {time.perf_counter() - t0:.1f} s): "
                  f"tuning round trip {res.losses[0]:.3g} -> {res.losses[res.best_iteration]:.3g}; encoder shift "
-                 f"{' '.join(f'{v:+.2f}' for v in s.meta[INVERSE_MODEL_SHIFT_KEY])}, decoder shift "
-                 f"{' '.join(f'{v:+.2f}' for v in s.meta[MODEL_SHIFT_KEY])}")
-        shifts = {k: s.meta[k] for k in (MODEL_SHIFT_KEY, INVERSE_MODEL_SHIFT_KEY)}
+                 f"{' '.join(f'{v:+.2f}' for v in s.meta[INVERSE_MODEL_SHIFT_KEY])}, decoder "
+                 + (f"shift {' '.join(f'{v:+.2f}' for v in dec)}" if dec is not None else "plain (shift_sides encoder)"))
+        shifts = {k: s.meta[k] for k in (MODEL_SHIFT_KEY, INVERSE_MODEL_SHIFT_KEY) if k in s.meta}
         self._add_fixed([Schedule(s.timesteps, s.num_train_timesteps, "shift", meta=shifts)], "shift",
                         {**shifts, "shift_from": bt.number, "gradient_losses": list(res.losses),
                          "gradient_full_iterations": list(res.full_iterations)})
