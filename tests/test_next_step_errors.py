@@ -63,8 +63,11 @@ def test_schedules_names_its_model(tmp_path):
 
 
 def test_interrupted_sweep_prints_the_command_that_continues_it(tmp_path):
+    # a shell starts a background job with SIGINT ignored, and exec keeps that: the child gets the default back so
+    # that Ctrl-C reaches it however pytest was started
     p = subprocess.Popen([sys.executable, "-m", "jobs.cli", *SWEEP, "--trials", "400", "--study-name", "i"], cwd=tmp_path,
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in p.stdout:  # wait until trials are running, then Ctrl-C
         if line.startswith("  trials "):
             break
