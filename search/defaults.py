@@ -31,6 +31,8 @@ DEFAULTS = {
     "polish": 80,
     # --time-shift's Adam iterations: on the default sweep (256 tuning seeds, all per step) the held-out recon went
     # 0.59x uniform at 100 -> 0.51x at 300 (12 min of the sweep's 18 on 2 CPUs); on 64 seeds it overfits (0.73x).
+    # With 64-seed batches and the cosine, shorter budgets are unreliable: 100 iterations gave 0.46x, 0.67x and
+    # 0.67x for three batch orders, 150 0.56x, 200 0.61x; 300 gave 0.506x and 0.507x (docs/BENCHMARKS.md).
     "shift_iters": 300,
     # --method gradient's tuning seeds per Adam step (0: all)
     "grad_batch": 0,
