@@ -40,7 +40,8 @@ DEFAULTS = {
     # sweep's best trial (300 iterations, lr 0.05, held out vs uniform): all 256 seeds at a constant rate 0.51x;
     # 64 per step at a constant rate 0.55x (the batches' noise; 600 iterations 0.51x); 64 per step annealed by
     # a cosine 0.506x and 0.507x (two batch orders) at about a third of the full batch's cost. The fresh-clone
-    # default sweep with --time-shift then measured 0.46x in 11.9 min (the shift stage 5.8 of them).
+    # default sweep with --time-shift then measured 0.46x in 11.9 min (the shift stage 5.8 of them), and with each
+    # batch drawn from one pool (`batch_rows` groups) 0.50x in 10.0 min (the stage 3.8 of them; another batch order).
     "shift_batch": 64,
     "shift_lr_decay": "cosine",
     # --time-shift with --objective inversion: the encoder's and the decoder's shifts (on fixed steps at NFE 10,

@@ -255,6 +255,32 @@ def test_batch_rows_are_balanced_over_strata_and_cover_each_epoch():
         next(batch_rows(strata, 31))
 
 
+def test_grouped_batch_rows_come_from_one_pool_each_in_proportion():
+    from search.placement.gradient import batch_rows
+
+    # the sweep's layout: a screen pool of 16 rows and a rest pool of 48, two actors each
+    strata, groups = [(0, 8), (8, 16), (16, 40), (40, 64)], [(0, 16), (16, 64)]
+    it = batch_rows(strata, 16, seed=0, groups=groups)
+    cycle = [next(it) for _ in range(4)]  # weights 16 : 48, so one screen batch per three rest batches
+    pools = []
+    for b in cycle:
+        assert len(set(b.tolist())) == 16
+        per_stratum = [int(((b >= lo) & (b < hi)).sum()) for lo, hi in strata]
+        in_screen = sum(per_stratum[:2])
+        assert in_screen in (0, 16)  # never split over the two pools
+        pools.append("screen" if in_screen else "rest")
+        assert per_stratum in ([8, 8, 0, 0], [0, 0, 8, 8])  # the pool's actors share it evenly
+    assert pools.count("screen") == 1 and pools.count("rest") == 3
+    assert sorted(torch.cat(cycle).tolist()) == list(range(64))  # each row once per cycle
+    # a pool smaller than a batch joins its neighbour; without groups it is the proportional rule unchanged
+    small = batch_rows([(0, 4), (4, 20), (20, 36)], 16, seed=1, groups=[(0, 4), (4, 20), (20, 36)])
+    assert [int(((b < 20)).sum()) for b in [next(small) for _ in range(9)]].count(16) == 5
+    plain, single = batch_rows(strata, 16, seed=2), batch_rows(strata, 16, seed=2, groups=[(0, 64)])
+    assert all(torch.equal(next(plain), next(single)) for _ in range(6))
+    with pytest.raises(StridelabError, match="partition"):
+        next(batch_rows(strata, 16, groups=[(0, 12), (12, 64)]))
+
+
 def test_a_batch_is_the_gradient_of_its_seeds(gmm, grad_fn):
     # rows of the full seed list give exactly what a grad function over those seeds alone gives (same teacher)
     theta = params_from_timesteps([850, 600, 330, 140, 25], gmm.alphas_cumprod)
@@ -320,6 +346,7 @@ def test_pool_mini_batch_gradient_equals_in_process(ray_local, gmm, grad_fn):
             SamplerPool(GMM, SEEDS[3:], TEACHER_NFE, actors=2, num_cpus=0.5) as rest:
         fn = pool_grad_fn([screen, rest], dtype="float64")
         assert fn.strata == [(0, 3), (3, 5), (5, 8)]  # shard_bounds: the larger shard last
+        assert fn.groups == [(0, 3), (3, 8)]  # each mini-batch from one pool (batch_rows)
         ploss, pg, pgd = fn(theta, delta, rows=rows)
         only_rest = fn(theta, delta[2:], rows=rows[2:])  # the screen's actor has no rows: it is not called
     assert ploss == pytest.approx(loss, rel=1e-12)

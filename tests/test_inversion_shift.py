@@ -124,7 +124,7 @@ def test_pool_round_trip_gradient_equals_in_process(ray_local, gmm):
         fn = pool_round_trip_grad_fn([a, b], s, dtype="float64")
         ploss, pg, _ = fn(shifts, None)
         pbl, pbg, _ = fn(shifts, None, rows=rows)
-        assert fn.strata == [(0, 3), (3, 5), (5, 8)]
+        assert fn.strata == [(0, 3), (3, 5), (5, 8)] and fn.groups == [(0, 3), (3, 8)]
     assert ploss == pytest.approx(loss, rel=1e-12) and torch.allclose(pg, g, rtol=1e-10, atol=1e-14)
     assert pbl == pytest.approx(bl, rel=1e-12) and torch.allclose(pbg, bg, rtol=1e-10, atol=1e-14)
 

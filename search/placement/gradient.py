@@ -8,8 +8,9 @@ backpropagation through deterministic DDIM against the teacher's endpoint from t
    `SamplerPool.gradient`, each actor on its seed shard, summed and divided once by the seed count here).
    One Adam step (constant learning rate, or annealed by a cosine: ``lr_decay``). The iterate with the lowest
    loss is kept, not necessarily the last. With ``batch_seeds`` each step differentiates a random subset of the
-   seeds (the actors' shards in proportion, `batch_rows`), every ``full_every``-th step and the last all of them:
-   the kept iterate is the best of those, the only losses that compare. The student is any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
+   seeds (from one pool at a time, its actors' shards in proportion: `batch_rows`), every ``full_every``-th step
+   and the last all of them: the kept iterate is the best of those, the only losses that compare. The student is
+   any solver of `pipeline.evaluation.gradient.DIFFERENTIABLE`.
    The descent itself is `adam_descent`, shared with the round trip's time shifts (`search.placement.inversion_shift`).
 3. Soft teacher forcing (LD3's surrogate loss): with ``slack_radius`` r > 0 the student starts from
    x'_T = x_T + delta with ||delta_b|| <= r sqrt(D) per seed, and delta is optimised jointly with the step
@@ -54,7 +55,8 @@ GradFn = Callable[..., tuple[float, torch.Tensor, "torch.Tensor | None"]]
 d/d theta, d/d delta or None)``; with mini-batches (``GradientConfig.batch_seeds``) it is also called as
 ``grad_fn(theta, delta [len(rows), ...] or None, rows=rows)``, ``rows`` a sorted int64 tensor of indices into the
 N seeds: the sums and delta's gradient are then over those seeds only. A function may carry ``strata``: a list of
-``(lo, hi)`` row ranges (the actors' shards) that each batch samples in proportion, so every actor gets its share."""
+``(lo, hi)`` row ranges (the actors' shards) that each batch samples in proportion, so every actor gets its share,
+and ``groups``: ranges that partition them (the pools), each batch then drawn from one group (`batch_rows`)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def fan_out(pools: Sequence, submit: Callable) -> GradFn:
     """A `GradFn` over the seeds of `pools` together, in their order: ``submit(pool, theta, its delta rows or None,
     its rows or None) -> wait()`` starts one pool's actors; every pool starts before any result is awaited, so
     they differentiate concurrently. A mini-batch's ``rows`` go to the pools that hold them (shifted to each
-    pool's own indices); the sums add up exactly. ``fn.strata`` are the actors' shards."""
+    pool's own indices); the sums add up exactly. ``fn.strata`` are the actors' shards, ``fn.groups`` the pools' row
+    ranges (`batch_rows` draws each batch from one pool)."""
     pools = list(pools)
     bounds, strata, a = [], [], 0
     for p in pools:
@@ -212,6 +215,7 @@ def fan_out(pools: Sequence, submit: Callable) -> GradFn:
         return sum(q[0] for q in parts), torch.stack([q[1] for q in parts]).sum(0), g_delta
 
     fn.strata = strata
+    fn.groups = bounds
     return fn
 
 
@@ -338,7 +342,8 @@ def adam_descent(
     opt = torch.optim.Adam(leaves, lr=config.lr)
     decay = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters) if config.lr_decay == "cosine"
              else None)
-    batches = (batch_rows(getattr(grad_fn, "strata", None) or [(0, num_seeds)], config.batch_seeds, config.batch_seed)
+    batches = (batch_rows(getattr(grad_fn, "strata", None) or [(0, num_seeds)], config.batch_seeds, config.batch_seed,
+                          getattr(grad_fn, "groups", None))
                if 0 < config.batch_seeds < num_seeds else None)
     losses: list[float] = []
     full_its: list[int] = []
@@ -381,32 +386,78 @@ def adam_descent(
     return Descent(tuple(losses), best_it, best_theta, tuple(full_its), batches is not None)
 
 
-def batch_rows(strata: Sequence[tuple[int, int]], batch: int, seed: int = 0) -> Iterator[torch.Tensor]:
+def batch_rows(strata: Sequence[tuple[int, int]], batch: int, seed: int = 0,
+               groups: Sequence[tuple[int, int]] | None = None) -> Iterator[torch.Tensor]:
     """Endless mini-batches of ``batch`` row indices (sorted int64 tensors) over the rows of `strata`.
 
     Each stratum (a ``(lo, hi)`` range: one actor's shard) gives its share of every batch, in proportion to its
     size (largest remainders), so the actors' work stays balanced; within a stratum the rows come in random
     order without replacement, a fresh permutation (from ``seed``) each time one runs out (rows left over that
     do not fill a share are skipped that epoch). Deterministic in ``seed``.
+
+    ``groups``: ``(lo, hi)`` ranges that partition the strata (the pools: a sweep holds its tuning seeds in a
+    screen pool and a rest pool, two actors each). Each batch then comes from one group's strata, the groups
+    taking turns in proportion to their sizes (smooth weighted round robin), so a step keeps one pool's actors
+    busy with a batch's full share each instead of every actor with a sliver: on 2 CPU cores, 64 rows over the
+    sweep's 4 actors took 1.10 s a step, over one pool's 2 actors 0.6-0.75 s. Every row is still drawn at the
+    same rate. Groups smaller than a batch are merged with their neighbour.
     """
     sizes = [hi - lo for lo, hi in strata]
     total = sum(sizes)
     if not 0 < batch <= total or min(sizes, default=0) < 0:
         raise StridelabError(f"a batch of {batch} rows from strata {list(strata)} is impossible", param="batch_seeds")
-    exact = [batch * s / total for s in sizes]
-    share = [int(e) for e in exact]
-    for k in sorted(range(len(sizes)), key=lambda k: share[k] - exact[k])[: batch - sum(share)]:
-        share[k] += 1
+    members = _group_strata(strata, groups, batch)
+    shares = [_shares([sizes[k] for k in ks], batch) for ks in members]
+    weights = [sum(sizes[k] for k in ks) for ks in members]
+    credit = [0] * len(members)
     gen = torch.Generator().manual_seed(seed)
     perms = [torch.empty(0, dtype=torch.int64) for _ in strata]
     cursors = [0] * len(strata)
     while True:
+        # smooth weighted round robin: group g is picked weights[g] / total of the time, evenly spread
+        credit = [c + w for c, w in zip(credit, weights)]
+        g = max(range(len(members)), key=lambda j: credit[j])
+        credit[g] -= total
         parts = []
-        for k, ((lo, hi), q) in enumerate(zip(strata, share)):
+        for k, q in zip(members[g], shares[g]):
             if q == 0:
                 continue
+            lo, hi = strata[k]
             if cursors[k] + q > len(perms[k]):
                 perms[k], cursors[k] = lo + torch.randperm(hi - lo, generator=gen), 0
             parts.append(perms[k][cursors[k]: cursors[k] + q])
             cursors[k] += q
         yield torch.sort(torch.cat(parts)).values
+
+
+def _shares(sizes: Sequence[int], batch: int) -> list[int]:
+    """``batch`` rows split over strata of `sizes` in proportion (largest remainders)."""
+    total = sum(sizes)
+    exact = [batch * s / total for s in sizes]
+    share = [int(e) for e in exact]
+    for k in sorted(range(len(sizes)), key=lambda k: share[k] - exact[k])[: batch - sum(share)]:
+        share[k] += 1
+    return share
+
+
+def _group_strata(strata: Sequence[tuple[int, int]], groups: Sequence[tuple[int, int]] | None,
+                  batch: int) -> list[list[int]]:
+    """The strata's indices per group (all in one without `groups`), groups under ``batch`` rows merged onward."""
+    if not groups:
+        return [list(range(len(strata)))]
+    members: list[list[int]] = []
+    for lo, hi in groups:
+        ks = [k for k, (a, b) in enumerate(strata) if lo <= a and b <= hi]
+        if ks:
+            members.append(ks)
+    if sorted(k for ks in members for k in ks) != list(range(len(strata))):
+        raise StridelabError(f"groups {list(groups)} do not partition the strata {list(strata)}")
+    merged: list[list[int]] = []
+    for ks in members:
+        if merged and sum(strata[k][1] - strata[k][0] for k in merged[-1]) < batch:
+            merged[-1] += ks
+        else:
+            merged.append(list(ks))
+    if len(merged) > 1 and sum(strata[k][1] - strata[k][0] for k in merged[-1]) < batch:
+        merged[-2] += merged.pop()
+    return merged

@@ -122,4 +122,5 @@ def _encoder_only(grad_fn: GradFn, n_e: int) -> GradFn:
         return total, g, g_delta
 
     fn.strata = getattr(grad_fn, "strata", None)
+    fn.groups = getattr(grad_fn, "groups", None)
     return fn
