@@ -172,20 +172,21 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
             floor = (name, fid)
         elif rec > 0 and fid > 0:
             pts.append((rec, fid, name))
+    pts = merge_coincident(pts, highlight)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     top = min(f for _, f, _ in pts) * fid_span if pts else None
-    # Neighbours along x get labels above and below in turn: baselines often sit close together.
-    for i, (rec, fid, name) in enumerate(sorted(pts)):
-        bold, clipped = name == highlight, top is not None and fid > top
+    labels, markers = [], []
+    for rec, fid, name in sorted(pts):
+        bold, clipped = highlight in name.split(", "), top is not None and fid > top
         y = top if clipped else fid
         ax.scatter([rec], [y], s=110 if bold else 30, marker="^" if clipped else "*" if bold else "o",
                    c="black" if bold else "tab:red" if clipped else "tab:blue", zorder=5 if bold else 3)
+        markers.append((rec, y))
         if clipped:  # pinned side by side on one line: slanted up into a band of their own, so they do not collide
             ax.annotate(f"{name} (FID {fid:.1f})", (rec, y), textcoords="offset points", xytext=(1, 5), rotation=30,
                         rotation_mode="anchor", ha="left", va="bottom", fontsize=7, color="tab:red")
             continue
-        ax.annotate(name, (rec, y), textcoords="offset points", xytext=(5, -11 if i % 2 else 4),
-                    fontsize=8, fontweight="bold" if bold else "normal")
+        labels.append((rec, y, name, bold))
     if floor is not None:
         ax.axhline(floor[1], ls="--", c="gray", lw=1)
         ax.annotate(f"{floor[0]}: FID floor {floor[1]:.2f}", (0.01, floor[1]), xycoords=("axes fraction", "data"),
@@ -193,12 +194,85 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
     ax.set(xscale="log", yscale="log", xlabel="held-out recon (MSE vs the teacher)", ylabel="held-out FID",
            title="every schedule of the final table on held-out seeds (lower left is better)")
     if top is not None:
-        ax.set_ylim(top=top * (2.2 if any(f > top for _, f, _ in pts) else 1.15))
+        # room below the lowest point for its label, and above for the pinned band
+        low = min([f for _, f, _ in pts] + ([floor[1]] if floor is not None else []))
+        ax.set_ylim(low / 1.08, top * (2.2 if any(f > top for _, f, _ in pts) else 1.15))
     _log_ticks(ax)
     fig.tight_layout()
+    place_labels(ax, labels, markers)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def merge_coincident(pts: Sequence[tuple[float, float, str]], first: str = "",
+                     rtol: float = 1e-3) -> list[tuple[float, float, str]]:
+    """Points ``(x, y, name)`` that coincide to `rtol` (relative, on both axes) as one, names joined by ", " (`first`
+    leading): a solver's default spacing often equals a DDIM baseline (euler's and linspace's timesteps), and two
+    labels on one marker cannot both be read. Sorted by x."""
+    groups: list[list[tuple[float, float, str]]] = []
+    for p in sorted(pts):
+        near = next((g for g in groups
+                     if abs(math.log(p[0] / g[0][0])) < rtol and abs(math.log(p[1] / g[0][1])) < rtol), None)
+        if near is None:
+            groups.append([p])
+        else:
+            near.append(p)
+    return [(g[0][0], g[0][1], ", ".join(sorted((n for _, _, n in g), key=lambda n: (n != first, n)))) for g in groups]
+
+
+# Where a point's label may go, tried in order: (dx, dy) in points from the point, then the text's alignment there.
+_LABEL_OFFSETS = ((7, 0, "left", "center"), (-7, 0, "right", "center"), (5, 5, "left", "bottom"),
+                  (5, -5, "left", "top"), (-5, 5, "right", "bottom"), (-5, -5, "right", "top"),
+                  (0, 7, "center", "bottom"), (0, -7, "center", "top"), (5, 14, "left", "bottom"),
+                  (5, -14, "left", "top"), (-5, 14, "right", "bottom"), (-5, -14, "right", "top"))
+
+
+def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, bool]],
+                 markers: Sequence[tuple[float, float]]) -> list[Any]:
+    """Annotate each ``(x, y, text, bold)`` (data coordinates) at the first of `_LABEL_OFFSETS` whose box overlaps
+    no text already on the axes or placed before it, no other marker (`markers`, data coordinates) and stays
+    inside the axes, and is no nearer another marker than its own; else where it costs least. Returns the
+    annotations. Call it once the limits and the layout are final: it measures the boxes in display pixels."""
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed = [t.get_window_extent(renderer) for t in ax.texts]
+    anns = []
+    marks = [ax.transData.transform(m) for m in markers]
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    def gap(box, px: float, py: float) -> float:
+        return math.hypot(max(box.x0 - px, 0, px - box.x1), max(box.y0 - py, 0, py - box.y1))
+
+    for x, y, text, bold in labels:
+        own = ax.transData.transform((x, y))
+        others = [(mx, my) for mx, my in marks if abs(mx - own[0]) + abs(my - own[1]) > 0.5]
+        best = None
+        for dx, dy, ha, va in _LABEL_OFFSETS:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, va=va, fontsize=8,
+                              fontweight="bold" if bold else "normal")
+            box = ann.get_window_extent(renderer)
+            cost = sum(overlap(box, b) for b in placed)
+            cost += sum(overlap(box, type(box).from_bounds(mx - 4, my - 4, 8, 8)) for mx, my in others)
+            # a label nearer another marker than its own reads as that marker's
+            d_own = gap(box, *own)
+            cost += sum(50 * (d_own + 3 - gap(box, mx, my)) for mx, my in others if gap(box, mx, my) < d_own + 3)
+            cost += 10 * (box.width * box.height - overlap(box, frame))  # the part outside the axes
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        placed.append(best[2])
+        anns.append(best[1])
+    return anns
 
 
 def round_trip_grid(model: Any, schedules: Mapping[str, Schedule], images: torch.Tensor,

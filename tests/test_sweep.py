@@ -358,3 +358,31 @@ def test_holdout_plot_skips_rows_it_cannot_place(tmp_path):
             {"schedule": "teacher (250-step DDIM)", "holdout_recon": 0.0, "holdout_fid": 2.1}]  # the floor line
     path = holdout_plot(rows, tmp_path / "h.png")
     assert path == tmp_path / "h.png" and Image.open(path).format == "PNG" and Image.open(path).size[0] > 500
+
+
+def test_holdout_labels_do_not_collide_and_coincident_points_share_one():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from search.plots import merge_coincident, place_labels
+
+    # euler's default spacing and linspace give the same row to 4 digits: one marker, one label, the highlight first
+    pts = merge_coincident([(0.0138, 4.5060, "linspace"), (0.0138, 4.5061, "euler default"), (1.1e-3, 3.0, "learned"),
+                            (1.1e-3, 3.2, "uniform")], first="euler default")
+    assert [n for _, _, n in pts] == ["learned", "uniform", "euler default, linspace"]
+    # a cluster where every label on the right of its point would run into the next one
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xy = [(1.0e-3, 2.0), (1.15e-3, 2.05), (1.3e-3, 2.0), (1.2e-3, 1.95), (5e-3, 3.0)]
+    ax.scatter(*zip(*xy))
+    ax.set(xscale="log", yscale="log", xlim=(5e-4, 1e-2), ylim=(1.5, 4))
+    fig.tight_layout()
+    anns = place_labels(ax, [(x, y, f"dpmsolver++{i} default", False) for i, (x, y) in enumerate(xy)], xy)
+    r = fig.canvas.get_renderer()
+    boxes = [a.get_window_extent(r) for a in anns]
+    assert len(anns) == len(xy) and len(ax.texts) == len(xy)  # the rejected candidates are removed
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (anns[i].get_text(), anns[j].get_text())
+    plt.close(fig)
