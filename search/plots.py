@@ -176,8 +176,9 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     top = min(f for _, f, _ in pts) * fid_span if pts else None
     labels, markers = [], []
-    for rec, fid, name in sorted(pts):
-        bold, clipped = highlight in name.split(", "), top is not None and fid > top
+    for rec, fid, names in pts:
+        name = ", ".join(names)
+        bold, clipped = highlight in names, top is not None and fid > top
         y = top if clipped else fid
         ax.scatter([rec], [y], s=110 if bold else 30, marker="^" if clipped else "*" if bold else "o",
                    c="black" if bold else "tab:red" if clipped else "tab:blue", zorder=5 if bold else 3)
@@ -206,10 +207,10 @@ def holdout_plot(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, hig
 
 
 def merge_coincident(pts: Sequence[tuple[float, float, str]], first: str = "",
-                     rtol: float = 1e-3) -> list[tuple[float, float, str]]:
-    """Points ``(x, y, name)`` that coincide to `rtol` (relative, on both axes) as one, names joined by ", " (`first`
-    leading): a solver's default spacing often equals a DDIM baseline (euler's and linspace's timesteps), and two
-    labels on one marker cannot both be read. Sorted by x."""
+                     rtol: float = 1e-3) -> list[tuple[float, float, tuple[str, ...]]]:
+    """Points ``(x, y, name)`` that coincide to `rtol` (relative, on both axes) as one ``(x, y, names)`` (`first`
+    leading, then alphabetical): a solver's default spacing often equals a DDIM baseline (euler's and linspace's
+    timesteps), and two labels on one marker cannot both be read. Sorted by x."""
     groups: list[list[tuple[float, float, str]]] = []
     for p in sorted(pts):
         near = next((g for g in groups
@@ -218,7 +219,7 @@ def merge_coincident(pts: Sequence[tuple[float, float, str]], first: str = "",
             groups.append([p])
         else:
             near.append(p)
-    return [(g[0][0], g[0][1], ", ".join(sorted((n for _, _, n in g), key=lambda n: (n != first, n)))) for g in groups]
+    return [(g[0][0], g[0][1], tuple(sorted((n for _, _, n in g), key=lambda n: (n != first, n)))) for g in groups]
 
 
 # Where a point's label may go, tried in order: (dx, dy) in points from the point, then the text's alignment there.
@@ -234,6 +235,8 @@ def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, bool]],
     no text already on the axes or placed before it, no other marker (`markers`, data coordinates) and stays
     inside the axes, and is no nearer another marker than its own; else where it costs least. Returns the
     annotations. Call it once the limits and the layout are final: it measures the boxes in display pixels."""
+    from matplotlib.transforms import Bbox
+
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     placed = [t.get_window_extent(renderer) for t in ax.texts]
@@ -257,10 +260,10 @@ def place_labels(ax: Any, labels: Sequence[tuple[float, float, str, bool]],
                               fontweight="bold" if bold else "normal")
             box = ann.get_window_extent(renderer)
             cost = sum(overlap(box, b) for b in placed)
-            cost += sum(overlap(box, type(box).from_bounds(mx - 4, my - 4, 8, 8)) for mx, my in others)
+            cost += sum(overlap(box, Bbox.from_bounds(mx - 4, my - 4, 8, 8)) for mx, my in others)
             # a label nearer another marker than its own reads as that marker's
             d_own = gap(box, *own)
-            cost += sum(50 * (d_own + 3 - gap(box, mx, my)) for mx, my in others if gap(box, mx, my) < d_own + 3)
+            cost += sum(50 * max(0.0, d_own + 3 - gap(box, mx, my)) for mx, my in others)
             cost += 10 * (box.width * box.height - overlap(box, frame))  # the part outside the axes
             if best is None or cost < best[0]:
                 if best is not None:

@@ -361,17 +361,14 @@ def test_holdout_plot_skips_rows_it_cannot_place(tmp_path):
 
 
 def test_holdout_labels_do_not_collide_and_coincident_points_share_one():
-    import matplotlib
+    from search.plots import _plt, merge_coincident, place_labels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from search.plots import merge_coincident, place_labels
+    plt = _plt()
 
     # euler's default spacing and linspace give the same row to 4 digits: one marker, one label, the highlight first
     pts = merge_coincident([(0.0138, 4.5060, "linspace"), (0.0138, 4.5061, "euler default"), (1.1e-3, 3.0, "learned"),
                             (1.1e-3, 3.2, "uniform")], first="euler default")
-    assert [n for _, _, n in pts] == ["learned", "uniform", "euler default, linspace"]
+    assert [names for _, _, names in pts] == [("learned",), ("uniform",), ("euler default", "linspace")]
     # a cluster where every label on the right of its point would run into the next one
     fig, ax = plt.subplots(figsize=(6, 4))
     xy = [(1.0e-3, 2.0), (1.15e-3, 2.05), (1.3e-3, 2.0), (1.2e-3, 1.95), (5e-3, 3.0)]

@@ -452,12 +452,16 @@ def _group_strata(strata: Sequence[tuple[int, int]], groups: Sequence[tuple[int,
             members.append(ks)
     if sorted(k for ks in members for k in ks) != list(range(len(strata))):
         raise StridelabError(f"groups {list(groups)} do not partition the strata {list(strata)}")
+
+    def rows(ks: list[int]) -> int:
+        return sum(strata[k][1] - strata[k][0] for k in ks)
+
     merged: list[list[int]] = []
     for ks in members:
-        if merged and sum(strata[k][1] - strata[k][0] for k in merged[-1]) < batch:
+        if merged and rows(merged[-1]) < batch:
             merged[-1] += ks
         else:
             merged.append(list(ks))
-    if len(merged) > 1 and sum(strata[k][1] - strata[k][0] for k in merged[-1]) < batch:
+    if len(merged) > 1 and rows(merged[-1]) < batch:
         merged[-2] += merged.pop()
     return merged
